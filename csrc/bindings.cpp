@@ -1,0 +1,148 @@
+// pybind11 module gmfast._C: argument checks at the boundary, then the kernels with the
+// GIL released. Takes numpy buffers (zero-copy views of CPU tensors); no libtorch.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <omp.h>
+
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+using gmfast::index_t;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+// Checks an array's dtype, shape (-1: any) and that it is C-contiguous.
+template <class T>
+const T* need(const py::array& a, const char* name, std::vector<index_t> shape, bool contiguous = true) {
+  if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
+    fail(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) + ", got " +
+         std::string(py::str(a.dtype())));
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
+  if (!ok) {
+    std::ostringstream s;
+    s << name << ": expected shape (";
+    for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
+    s << ")" << ", got " << shape_str(a);
+    fail(s.str());
+  }
+  if (contiguous && !(a.flags() & py::array::c_style)) fail(std::string(name) + ": expected a C-contiguous array");
+  return static_cast<const T*>(a.data());
+}
+
+// Z may have any row stride but unit inner stride.
+template <class T>
+const T* need_rows(const py::array& Z, index_t* B, index_t* d, index_t* ldz) {
+  need<T>(Z, "Z", {-1, -1}, false);
+  *B = Z.shape(0);
+  *d = Z.shape(1);
+  const index_t s0 = Z.strides(0) / static_cast<index_t>(sizeof(T));
+  const index_t s1 = Z.strides(1) / static_cast<index_t>(sizeof(T));
+  if (*B > 0 && *d > 1 && s1 != 1) fail("Z: expected unit stride along features (make it contiguous)");
+  if (*B > 1 && (Z.strides(0) % static_cast<index_t>(sizeof(T)) != 0 || s0 < *d))
+    fail("Z: rows must not overlap and be aligned to the element size");
+  *ldz = (*B > 1) ? s0 : std::max<index_t>(*d, 1);
+  return static_cast<const T*>(Z.data());
+}
+
+template <class T>
+py::tuple tied_certify(const py::array& Z, const py::array& A, const py::array& beta,
+                       std::optional<py::array> table, std::optional<py::array> alpha,
+                       std::optional<py::array> eps) {
+  index_t B, d, ldz;
+  const T* z = need_rows<T>(Z, &B, &d, &ldz);
+  const T* a = need<T>(A, "A", {-1, d});
+  const index_t K = A.shape(0);
+  if (K < 1) fail("A: expected at least one class");
+  const T* b = need<T>(beta, "beta", {K});
+  const double* tab = table ? need<double>(*table, "table", {K, K}) : nullptr;
+  if (static_cast<bool>(alpha) != static_cast<bool>(eps)) fail("alpha and eps must both be given or both None");
+  const double* al = alpha ? need<double>(*alpha, "alpha", {K}) : nullptr;
+  const double* ep = eps ? need<double>(*eps, "eps", {K}) : nullptr;
+  py::array_t<int64_t> pred(B);
+  py::array_t<double> radius(tab ? B : 0);
+  int64_t* p = pred.mutable_data();
+  double* r = tab ? radius.mutable_data() : nullptr;
+  {
+    py::gil_scoped_release nogil;
+    gmfast::tied_certify<T>(z, B, d, ldz, a, b, K, tab, al, ep, p, r);
+  }
+  if (!tab) return py::make_tuple(pred, py::none());
+  return py::make_tuple(pred, radius);
+}
+
+template <class T>
+py::tuple perclass_certify(const py::array& Z, int kind, const py::array& mu, const py::array& prec,
+                           const py::array& prec_mu, const py::array& kappa, const py::array& prec_abs_up,
+                           const py::array& mu_norm_up, std::optional<py::array> lam, bool fp_sound) {
+  index_t B, d, ldz;
+  const T* z = need_rows<T>(Z, &B, &d, &ldz);
+  const T* m = need<T>(mu, "mu", {-1, d});
+  const index_t K = mu.shape(0);
+  if (K < 1) fail("mu: expected at least one class");
+  const T* p;
+  if (kind == 0) p = need<T>(prec, "prec", {K, d, d});
+  else if (kind == 1) p = need<T>(prec, "prec", {K, d});
+  else if (kind == 2) p = need<T>(prec, "prec", {K});
+  else fail("kind: expected 0 (full), 1 (diag) or 2 (spherical), got " + std::to_string(kind));
+  const T* pm = need<T>(prec_mu, "prec_mu", {K, d});
+  const double* kap = need<double>(kappa, "kappa", {K});
+  const double* pa = need<double>(prec_abs_up, "prec_abs_up", {K});
+  const double* mn = need<double>(mu_norm_up, "mu_norm_up", {K});
+  const double* la = lam ? need<double>(*lam, "lam", {K, K}) : nullptr;
+  py::array_t<int64_t> pred(B);
+  py::array_t<double> radius(la ? B : 0);
+  int64_t* po = pred.mutable_data();
+  double* ro = la ? radius.mutable_data() : nullptr;
+  {
+    py::gil_scoped_release nogil;
+    gmfast::perclass_certify<T>(z, B, d, ldz, static_cast<gmfast::PerClassKind>(kind), m, p, pm, kap, pa, mn, K, la,
+                                fp_sound, po, ro);
+  }
+  if (!la) return py::make_tuple(pred, py::none());
+  return py::make_tuple(pred, radius);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gmfast compiled CPU kernels (see gmfast/ops/_cpu.py for the Python side)";
+  m.def(
+      "set_blas",
+      [](uintptr_t sgemm, uintptr_t dgemm) {
+        gmfast::set_blas(reinterpret_cast<gmfast::sgemm_fn>(sgemm), reinterpret_cast<gmfast::dgemm_fn>(dgemm));
+      },
+      py::arg("sgemm"), py::arg("dgemm"),
+      "Install Fortran-ABI (LP64) sgemm_/dgemm_ function addresses; 0, 0 restores the portable GEMM.");
+  m.def("have_blas", &gmfast::have_blas);
+  m.def("max_threads", []() { return omp_get_max_threads(); });
+  m.def("tied_certify_f32", &tied_certify<float>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("table"),
+        py::arg("alpha"), py::arg("eps"));
+  m.def("tied_certify_f64", &tied_certify<double>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("table"),
+        py::arg("alpha"), py::arg("eps"));
+  m.def("perclass_certify_f32", &perclass_certify<float>, py::arg("Z"), py::arg("kind"), py::arg("mu"),
+        py::arg("prec"), py::arg("prec_mu"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
+        py::arg("lam"), py::arg("fp_sound"));
+  m.def("perclass_certify_f64", &perclass_certify<double>, py::arg("Z"), py::arg("kind"), py::arg("mu"),
+        py::arg("prec"), py::arg("prec_mu"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
+        py::arg("lam"), py::arg("fp_sound"));
+}

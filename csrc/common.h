@@ -1,0 +1,51 @@
+// Shared helpers for the gmfast CPU kernels: rounding-error constants and a row-major GEMM.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace gmfast {
+
+using index_t = int64_t;
+
+// Unit roundoff of float64; the O(K) epilogue runs in float64 (DESIGN 1.5).
+constexpr double kU64 = 1.1102230246251565e-16;  // 2^-53
+
+template <class T> constexpr double unit_roundoff();
+template <> constexpr double unit_roundoff<float>() { return 5.9604644775390625e-08; }  // 2^-24
+template <> constexpr double unit_roundoff<double>() { return kU64; }
+
+// Higham's gamma_n = n u / (1 - n u); callers check n u < 1/2 on the Python side.
+inline double gamma_n(index_t n, double u) {
+  const double nu = static_cast<double>(n) * u;
+  return nu / (1.0 - nu);
+}
+// 1 + 2k u64: lifts a float64 result of <= k roundings above the exact value.
+inline double slack_up(int k) { return 1.0 + 2.0 * k * kU64; }
+// 1 - 2k u64: pushes a float64 result of <= k roundings below the exact value.
+inline double slack_down(int k) { return 1.0 - 2.0 * k * kU64; }
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Fortran BLAS gemm (column-major, LP64 integers), as exported by MKL inside libtorch.
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                          const float*, const int*, const float*, const int*, const float*, float*,
+                          const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                          const double*, const int*, const double*, const int*, const double*, double*,
+                          const int*);
+
+// Install (or clear, with nullptr) the BLAS used by gemm_nt; without one a portable
+// register-blocked loop runs instead.
+void set_blas(sgemm_fn s, dgemm_fn d);
+bool have_blas();
+
+// C (m x n, row-major, leading dim ldc) = X (m x k, row-major, ldx) * Y^T, with Y (n x k,
+// row-major, ldy); C is overwritten. Any summation order: the rounding-error bounds of the
+// callers (gamma_{k+2}) hold for every order, with or without FMA.
+template <class T>
+void gemm_nt(index_t m, index_t n, index_t k, const T* X, index_t ldx, const T* Y, index_t ldy, T* C,
+             index_t ldc);
+
+}  // namespace gmfast

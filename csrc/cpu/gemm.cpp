@@ -1,0 +1,112 @@
+// Row-major C = X * Y^T for the kernels' row blocks: MKL through a function pointer when
+// one was installed (the MKL that torch already loaded), else a portable blocked loop.
+#include <algorithm>
+#include <atomic>
+#include <climits>
+
+#include "common.h"
+
+namespace gmfast {
+
+static std::atomic<sgemm_fn> g_sgemm{nullptr};
+static std::atomic<dgemm_fn> g_dgemm{nullptr};
+
+void set_blas(sgemm_fn s, dgemm_fn d) {
+  g_sgemm.store(s);
+  g_dgemm.store(d);
+}
+bool have_blas() { return g_sgemm.load() != nullptr && g_dgemm.load() != nullptr; }
+
+namespace {
+
+// 4 x 4 register tile of dot products along k; `omp simd reduction` lets the compiler
+// vectorise (reassociate) each reduction, which the callers' error bounds allow.
+template <class T>
+void tile_4x4(index_t k, const T* x0, const T* x1, const T* x2, const T* x3, const T* y0, const T* y1,
+              const T* y2, const T* y3, T out[4][4]) {
+  T a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+  T a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+  for (index_t i = 0; i < k; ++i) {
+    const T b0 = y0[i], b1 = y1[i], b2 = y2[i], b3 = y3[i];
+    a00 += x0[i] * b0; a01 += x0[i] * b1; a02 += x0[i] * b2; a03 += x0[i] * b3;
+    a10 += x1[i] * b0; a11 += x1[i] * b1; a12 += x1[i] * b2; a13 += x1[i] * b3;
+    a20 += x2[i] * b0; a21 += x2[i] * b1; a22 += x2[i] * b2; a23 += x2[i] * b3;
+    a30 += x3[i] * b0; a31 += x3[i] * b1; a32 += x3[i] * b2; a33 += x3[i] * b3;
+  }
+  out[0][0] = a00; out[0][1] = a01; out[0][2] = a02; out[0][3] = a03;
+  out[1][0] = a10; out[1][1] = a11; out[1][2] = a12; out[1][3] = a13;
+  out[2][0] = a20; out[2][1] = a21; out[2][2] = a22; out[2][3] = a23;
+  out[3][0] = a30; out[3][1] = a31; out[3][2] = a32; out[3][3] = a33;
+}
+
+template <class T>
+T dot(index_t k, const T* x, const T* y) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (index_t i = 0; i < k; ++i) acc += x[i] * y[i];
+  return acc;
+}
+
+template <class T>
+void portable_gemm_nt(index_t m, index_t n, index_t k, const T* X, index_t ldx, const T* Y, index_t ldy,
+                      T* C, index_t ldc) {
+  const index_t m4 = m - m % 4, n4 = n - n % 4;
+  T t[4][4];
+  for (index_t r = 0; r < m4; r += 4) {
+    const T* x0 = X + r * ldx;
+    for (index_t c = 0; c < n4; c += 4) {
+      const T* y0 = Y + c * ldy;
+      tile_4x4<T>(k, x0, x0 + ldx, x0 + 2 * ldx, x0 + 3 * ldx, y0, y0 + ldy, y0 + 2 * ldy, y0 + 3 * ldy, t);
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) C[(r + i) * ldc + c + j] = t[i][j];
+    }
+    for (index_t c = n4; c < n; ++c)
+      for (int i = 0; i < 4; ++i) C[(r + i) * ldc + c] = dot<T>(k, X + (r + i) * ldx, Y + c * ldy);
+  }
+  for (index_t r = m4; r < m; ++r)
+    for (index_t c = 0; c < n; ++c) C[r * ldc + c] = dot<T>(k, X + r * ldx, Y + c * ldy);
+}
+
+bool fits_int(index_t v) { return v >= 0 && v <= INT_MAX; }
+
+}  // namespace
+
+template <class T>
+void gemm_nt(index_t m, index_t n, index_t k, const T* X, index_t ldx, const T* Y, index_t ldy, T* C,
+             index_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (index_t r = 0; r < m; ++r) std::fill(C + r * ldc, C + r * ldc + n, T(0));
+    return;
+  }
+  const bool ok = fits_int(m) && fits_int(n) && fits_int(k) && fits_int(ldx) && fits_int(ldy) && fits_int(ldc);
+  // Column-major view: C^T (n x m, ldc) = Y (n x k; stored as k x n, ldy)^T * X^T (k x m; ldx).
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_fn f = g_sgemm.load();
+    if (f != nullptr && ok) {
+      const int M = static_cast<int>(n), N = static_cast<int>(m), Kk = static_cast<int>(k);
+      const int lda = static_cast<int>(ldy), ldb = static_cast<int>(ldx), ldcc = static_cast<int>(ldc);
+      const float one = 1.0f, zero = 0.0f;
+      f("T", "N", &M, &N, &Kk, &one, Y, &lda, X, &ldb, &zero, C, &ldcc);
+      return;
+    }
+  } else {
+    dgemm_fn f = g_dgemm.load();
+    if (f != nullptr && ok) {
+      const int M = static_cast<int>(n), N = static_cast<int>(m), Kk = static_cast<int>(k);
+      const int lda = static_cast<int>(ldy), ldb = static_cast<int>(ldx), ldcc = static_cast<int>(ldc);
+      const double one = 1.0, zero = 0.0;
+      f("T", "N", &M, &N, &Kk, &one, Y, &lda, X, &ldb, &zero, C, &ldcc);
+      return;
+    }
+  }
+  portable_gemm_nt<T>(m, n, k, X, ldx, Y, ldy, C, ldc);
+}
+
+template void gemm_nt<float>(index_t, index_t, index_t, const float*, index_t, const float*, index_t, float*,
+                             index_t);
+template void gemm_nt<double>(index_t, index_t, index_t, const double*, index_t, const double*, index_t,
+                              double*, index_t);
+
+}  // namespace gmfast

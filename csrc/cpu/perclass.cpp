@@ -1,0 +1,183 @@
+// Per-class certify (full / diag / spherical): batched Mahalanobis terms and the sound l2
+// radius of DESIGN 1.4, fused by row blocks; scratch is bounded (never B x K x d).
+//
+// For a row z and class k: w_k = z - mu_k, u_k = P_k w_k (full: one GEMM of the row block
+// against the stacked [P_1; ...; P_K], then minus P_k mu_k), D_k = w_k^T u_k,
+// f_k = kappa_k - D_k / 2, c = argmax f. For every j != c:
+//   q = f_c - f_j,  g = ||u_c - u_j||,  lam = lam[c, j]  ->  r_j = 2q / (g + sqrt(g^2 + 2 lam q))
+// and the radius is min_j r_j. With fp_sound, q is lowered and g raised by the rigorous
+// rounding-error bounds derived in gmfast._reference.perclass_certify (same formulas, same
+// constants): the radius is a lower bound on the exact one. D, norms and differences are
+// accumulated in float64 here, which only tightens what the bounds (written for
+// working-precision accumulation) cover.
+#include <algorithm>
+#include <vector>
+
+#include <omp.h>
+
+#include "cpu/kernels.h"
+
+namespace gmfast {
+namespace {
+
+inline double pair_radius(double q, double g, double lam) {
+  if (!(q > 0.0)) return 0.0;
+  const double den = g + std::sqrt(g * g + 2.0 * lam * q);
+  return den > 0.0 ? 2.0 * q / den : kInf;
+}
+
+// Epilogue for one row, given u-hat for every class in U (K x d, working precision).
+template <class T>
+void row_epilogue(const T* z, index_t d, const T* mu, T* U, const double* kappa, const double* prec_abs_up,
+                  const double* mu_norm_up, index_t K, const double* lam, bool fp_sound, double* f, double* D,
+                  double* un, double* wn, int64_t* pred, double* radius) {
+  bool finite = true;
+  for (index_t k = 0; k < K; ++k) {
+    const T* m = mu + k * d;
+    const T* u = U + k * d;
+    double dd = 0.0, uu = 0.0, ww = 0.0;
+#pragma omp simd reduction(+ : dd, uu, ww)
+    for (index_t i = 0; i < d; ++i) {
+      const T w = z[i] - m[i];
+      dd += static_cast<double>(w) * static_cast<double>(u[i]);
+      uu += static_cast<double>(u[i]) * static_cast<double>(u[i]);
+      ww += static_cast<double>(w) * static_cast<double>(w);
+    }
+    D[k] = dd;
+    un[k] = std::sqrt(uu);
+    wn[k] = std::sqrt(ww);
+    f[k] = kappa[k] - 0.5 * dd;
+    finite = finite && std::isfinite(f[k]);
+  }
+  if (!finite) {
+    *pred = -1;
+    if (lam != nullptr) *radius = 0.0;
+    return;
+  }
+  index_t c = 0;
+  for (index_t k = 1; k < K; ++k)
+    if (f[k] > f[c]) c = k;
+  *pred = c;
+  if (lam == nullptr) return;
+
+  const double u = unit_roundoff<T>();
+  const double g_ = gamma_n(d + 4, u);
+  const double S = 1.0 + 4.0 * g_;
+  double zn = 0.0;
+  if (fp_sound) {
+    double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+    for (index_t i = 0; i < d; ++i) ss += static_cast<double>(z[i]) * static_cast<double>(z[i]);
+    zn = std::sqrt(ss) * (1.0 + gamma_n(d + 2, kU64));
+  }
+  // Rounding-error terms of class k: Delta (on u_k) and e (on D_k).
+  auto terms = [&](index_t k, double* delta, double* e) {
+    const double zm = zn + mu_norm_up[k];
+    *delta = g_ * prec_abs_up[k] * zm + u * un[k];
+    const double epsw = 3.0 * u * zm;
+    *e = S * (g_ * wn[k] * un[k] + epsw * un[k] + (wn[k] + epsw) * (*delta));
+  };
+  double delta_c = 0.0, e_c = 0.0;
+  if (fp_sound) terms(c, &delta_c, &e_c);
+  const T* uc = U + c * d;
+  const double* lrow = lam + c * K;
+  double r = kInf;
+  for (index_t j = 0; j < K; ++j) {
+    if (j == c) continue;
+    const T* uj = U + j * d;
+    double gg = 0.0;
+#pragma omp simd reduction(+ : gg)
+    for (index_t i = 0; i < d; ++i) {
+      const T diff = uc[i] - uj[i];
+      gg += static_cast<double>(diff) * static_cast<double>(diff);
+    }
+    double g = std::sqrt(gg);
+    double q = f[c] - f[j];
+    if (fp_sound) {
+      double delta_j, e_j;
+      terms(j, &delta_j, &e_j);
+      const double mag = std::fabs(kappa[c]) + std::fabs(D[c]) + std::fabs(kappa[j]) + std::fabs(D[j]);
+      q = q - 0.5 * S * (e_c + e_j) - 4.0 * kU64 * mag;
+      g = S * (g * (1.0 + u) + delta_c + delta_j);
+    }
+    const double rj = pair_radius(q, g, lrow[j]);
+    r = std::min(r, rj);
+    if (r == 0.0) break;
+  }
+  if (fp_sound) r *= slack_down(8);
+  *radius = std::isnan(r) ? 0.0 : r;
+}
+
+// u-hat for the elementwise kinds: diag u = p (.) (z - mu), spherical u = s (z - mu).
+template <class T>
+void elementwise_u(const T* z, index_t d, PerClassKind kind, const T* mu, const T* prec, index_t K, T* U) {
+  for (index_t k = 0; k < K; ++k) {
+    const T* m = mu + k * d;
+    T* u = U + k * d;
+    if (kind == PerClassKind::kDiag) {
+      const T* p = prec + k * d;
+#pragma omp simd
+      for (index_t i = 0; i < d; ++i) u[i] = p[i] * (z[i] - m[i]);
+    } else {
+      const T s = prec[k];
+#pragma omp simd
+      for (index_t i = 0; i < d; ++i) u[i] = s * (z[i] - m[i]);
+    }
+  }
+}
+
+}  // namespace
+
+template <class T>
+void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu,
+                      const T* prec, const T* prec_mu, const double* kappa, const double* prec_abs_up,
+                      const double* mu_norm_up, index_t K, const double* lam, bool fp_sound, int64_t* pred,
+                      double* radius) {
+  if (B == 0) return;
+  const size_t Kd = static_cast<size_t>(K) * d;
+  if (kind == PerClassKind::kFull) {
+    // One GEMM per row block against the stacked precisions (K*d x d; P_k symmetric, so
+    // its rows are its columns). The block buffer holds mb x K x d: capped at ~32 MiB.
+    const index_t cap = static_cast<index_t>((32u << 20) / (sizeof(T) * std::max<size_t>(Kd, 1)));
+    const index_t mb = std::clamp<index_t>(cap, 1, 256);
+    std::vector<T> U(static_cast<size_t>(mb) * Kd);
+    for (index_t r0 = 0; r0 < B; r0 += mb) {
+      const index_t rows = std::min(mb, B - r0);
+      gemm_nt<T>(rows, static_cast<index_t>(Kd), d, Z + r0 * ldz, ldz, prec, d, U.data(), static_cast<index_t>(Kd));
+#pragma omp parallel
+      {
+        std::vector<double> f(K), D(K), un(K), wn(K);
+#pragma omp for schedule(static)
+        for (index_t r = 0; r < rows; ++r) {
+          T* Ur = U.data() + r * Kd;
+#pragma omp simd
+          for (size_t i = 0; i < Kd; ++i) Ur[i] -= prec_mu[i];
+          row_epilogue<T>(Z + (r0 + r) * ldz, d, mu, Ur, kappa, prec_abs_up, mu_norm_up, K, lam, fp_sound, f.data(),
+                          D.data(), un.data(), wn.data(), pred + r0 + r, radius + r0 + r);
+        }
+      }
+    }
+    return;
+  }
+#pragma omp parallel
+  {
+    std::vector<T> U(Kd);
+    std::vector<double> f(K), D(K), un(K), wn(K);
+#pragma omp for schedule(static)
+    for (index_t r = 0; r < B; ++r) {
+      const T* z = Z + r * ldz;
+      elementwise_u<T>(z, d, kind, mu, prec, K, U.data());
+      row_epilogue<T>(z, d, mu, U.data(), kappa, prec_abs_up, mu_norm_up, K, lam, fp_sound, f.data(), D.data(),
+                      un.data(), wn.data(), pred + r, radius + r);
+    }
+  }
+}
+
+template void perclass_certify<float>(const float*, index_t, index_t, index_t, PerClassKind, const float*,
+                                      const float*, const float*, const double*, const double*, const double*,
+                                      index_t, const double*, bool, int64_t*, double*);
+template void perclass_certify<double>(const double*, index_t, index_t, index_t, PerClassKind, const double*,
+                                       const double*, const double*, const double*, const double*, const double*,
+                                       index_t, const double*, bool, int64_t*, double*);
+
+}  // namespace gmfast

@@ -1,0 +1,89 @@
+"""Rigorous floating-point error bounds shared by every certificate path (DESIGN 1.5).
+
+gmfast certifies the classifier defined by its float64 parameters *evaluated exactly*.
+Kernels evaluate it in a working precision ``T`` (float32 or float64); the quantities
+here turn a computed value into a one-sided bound on the exact one.
+
+The workhorse is Higham's inner-product bound (Accuracy and Stability of Numerical
+Algorithms, 2nd ed., Lemma 3.1 and eq. 3.5): for any summation order, with or without FMA,
+
+    |fl(xᵀy) − xᵀy| ≤ γ_n |x|ᵀ|y| ≤ γ_n ‖x‖₂‖y‖₂,   γ_n = n·u / (1 − n·u),
+
+where ``u`` is the unit roundoff of the precision the products and sums are done in.
+Rounding a float64 parameter to ``T`` before the product is one more factor ``(1 + δ)``
+per term, which is why the kernels use ``γ_{d+2}`` or more for a length-``d`` product.
+
+Error terms are combined in float64 (the ``O(K)`` epilogue). The few float64 operations
+that combine them are covered by the explicit slack factors below, each documented where
+it is used; none of them is tuned: they are generous, and their effect on a radius is a
+relative change of order ``1e-15``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: unit roundoff of float64; every epilogue operation is done in float64.
+U64 = 2.0**-53
+
+_UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff ``u`` of a floating dtype (half the machine epsilon)."""
+    try:
+        return _UNIT_ROUNDOFF[dtype]
+    except KeyError:
+        raise TypeError(f"expected a floating dtype, got {dtype}") from None
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's ``γ_n = n·u / (1 − n·u)``; an error if ``n·u ≥ 1`` (no bound exists)."""
+    nu = n * u
+    if nu >= 0.5:
+        raise ValueError(
+            f"no rounding-error bound for a length-{n} product at unit roundoff {u:g}: "
+            "the latent dimension is too large for this precision; use float64 inputs"
+        )
+    return nu / (1.0 - nu)
+
+
+def slack_up(k: int = 4) -> float:
+    """Factor ``1 + k·2u₆₄`` that lifts a float64 result of ``≤ k`` roundings above the exact one."""
+    return 1.0 + 2.0 * k * U64
+
+
+def slack_down(k: int = 4) -> float:
+    """Factor ``1 − k·2u₆₄`` that pushes a float64 result of ``≤ k`` roundings below the exact one."""
+    return 1.0 - 2.0 * k * U64
+
+
+def norm_upper(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Upper bound on the exact Euclidean norm along ``dim``, as float64.
+
+    The norm is computed in float64 (inputs in any float dtype are exact in float64); the
+    sum of ``n`` squares has relative error ``≤ γ_n(u₆₄)`` and the square root one more
+    rounding, so ``(1 + γ_{n+2})`` covers both.
+    """
+    n = x.shape[dim] if x.dim() else 1
+    return torch.linalg.vector_norm(x.double(), dim=dim) * (1.0 + gamma(n + 2, U64))
+
+
+def round_down_to(r64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast nonnegative float64 radii to ``dtype`` rounding toward zero, never up.
+
+    A round-to-nearest cast can return a value above the certified float64 radius; step
+    such entries one ulp toward zero so the returned radius stays a lower bound.
+    """
+    if dtype == torch.float64:
+        return r64
+    r = r64.to(dtype)
+    too_big = r.double() > r64
+    if bool(too_big.any()):
+        r = torch.where(too_big, torch.nextafter(r, torch.zeros_like(r)), r)
+    return r

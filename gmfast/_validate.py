@@ -1,0 +1,124 @@
+"""Input checks for every public entry point: one place, one message style.
+
+Each error names the argument, what was expected and what came, and where there is a fix,
+says it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable
+
+import numpy as np
+import torch
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a head is used before ``fit`` / ``finalize``."""
+
+
+class NonFiniteWarning(UserWarning):
+    """Some rows were non-finite (or overflowed) and abstained."""
+
+
+def check_choice(name: str, value, allowed: Iterable):
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+    return value
+
+
+def as_float_matrix(Z, name: str = "Z", *, n_features: int | None = None) -> torch.Tensor:
+    """Return ``Z`` as a 2-D floating torch tensor without copying when possible.
+
+    Accepts torch tensors and numpy arrays of any floating dtype, on any device.
+    """
+    if isinstance(Z, np.ndarray):
+        if not np.issubdtype(Z.dtype, np.floating):
+            raise TypeError(f"{name} must hold floating-point values; got numpy dtype {Z.dtype}")
+        Z = torch.from_numpy(Z)
+    elif not isinstance(Z, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(Z).__name__}")
+    if not Z.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor; got dtype {Z.dtype} (cast with .float())")
+    if Z.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features); got shape {tuple(Z.shape)}")
+    if n_features is not None and Z.shape[1] != n_features:
+        raise ValueError(
+            f"{name} has {Z.shape[1]} features per row, but the head was fitted with {n_features}"
+        )
+    return Z
+
+
+def as_labels(y, n: int, name: str = "y") -> torch.Tensor:
+    """Return integer labels as a CPU int64 tensor of length ``n``."""
+    if isinstance(y, np.ndarray):
+        if not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer class labels; got numpy dtype {y.dtype}")
+        y = torch.from_numpy(y)
+    elif isinstance(y, (list, tuple)):
+        y = torch.as_tensor(y)
+    elif not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels; got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (n_samples,); got shape {tuple(y.shape)}")
+    if y.shape[0] != n:
+        raise ValueError(f"Z and {name} must have the same length; got {n} rows and {y.shape[0]} labels")
+    y = y.to(device="cpu", dtype=torch.int64)
+    if n and int(y.min()) < 0:
+        raise ValueError(f"{name} must hold labels 0..K-1; got a negative label {int(y.min())}")
+    return y
+
+
+def check_finite_fit(Z: torch.Tensor, name: str = "Z") -> None:
+    bad = ~torch.isfinite(Z).all(dim=1)
+    nbad = int(bad.sum())
+    if nbad:
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} has {nbad} row(s) with NaN or Inf (first: row {first}); fitting needs finite latents"
+        )
+
+
+NORMS = (2, 1, math.inf, "mahalanobis")
+_NORM_ALIASES = {
+    2: 2, 2.0: 2, "2": 2, "l2": 2,
+    1: 1, 1.0: 1, "1": 1, "l1": 1,
+    math.inf: math.inf, "inf": math.inf, "linf": math.inf,
+    "mahalanobis": "mahalanobis",
+}
+
+
+def canonical_norm(norm):
+    """Map the accepted spellings of a threat-model norm to ``2 | 1 | inf | 'mahalanobis'``."""
+    key = norm.lower() if isinstance(norm, str) else norm
+    try:
+        return _NORM_ALIASES[key]
+    except (KeyError, TypeError):
+        raise ValueError(f"norm must be one of 2, 1, float('inf'), 'mahalanobis'; got {norm!r}") from None
+
+
+ON_NONFINITE = ("abstain", "raise")
+
+
+def nonfinite_rows(Z: torch.Tensor, on_nonfinite: str, name: str = "Z") -> torch.Tensor | None:
+    """Mask of rows with NaN/Inf; raise or warn per ``on_nonfinite``. ``None`` when all finite."""
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    if Z.shape[0] == 0:
+        return None
+    bad = ~torch.isfinite(Z).all(dim=1)
+    nbad = int(bad.sum())
+    if nbad == 0:
+        return None
+    if on_nonfinite == "raise":
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} has {nbad} row(s) with NaN or Inf (first: row {first})")
+    warnings.warn(
+        f"{name} has {nbad} row(s) with NaN or Inf: they abstain (prediction -1, radius 0)",
+        NonFiniteWarning,
+        stacklevel=3,
+    )
+    return bad

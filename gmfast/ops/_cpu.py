@@ -1,0 +1,131 @@
+"""CPU backend: the compiled kernels of ``gmfast._C`` (C++/OpenMP).
+
+Thin by design: make the operands contiguous in the working dtype, hand numpy views to
+C++, wrap the results as tensors. The GEMM inside the kernels is MKL's, reached through
+the ``sgemm_``/``dgemm_`` symbols of the libtorch already in the process (no link to
+libtorch); it is checked against ``torch.mm`` once, and the portable blocked GEMM of
+``csrc/cpu/gemm.cpp`` runs when the symbols are missing or disagree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import torch
+
+from gmfast import _reference as ref
+
+_C = None
+_blas_state = {"installed": False, "reason": "not probed"}
+_blas_lock = threading.Lock()
+
+
+def _load():
+    global _C
+    if _C is None:
+        from gmfast import _C as module
+
+        _C = module
+        _install_torch_blas()
+    return _C
+
+
+def available():
+    try:
+        _load()
+    except ImportError as exc:
+        return False, f"gmfast._C failed to import ({exc}); reinstall with `pip install .`"
+    return True, "ok"
+
+
+def _torch_blas_addresses():
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = os.path.join(libdir, name)
+        if os.path.exists(path):
+            lib = ctypes.CDLL(path)
+            try:
+                return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value, ctypes.cast(lib.dgemm_, ctypes.c_void_p).value
+            except AttributeError:
+                return None
+    return None
+
+
+def _install_torch_blas() -> None:
+    """Use torch's MKL for the kernels' GEMMs if it is there and gives the right answer."""
+    with _blas_lock:
+        addrs = _torch_blas_addresses()
+        if addrs is None or None in addrs:
+            _blas_state.update(installed=False, reason="libtorch exports no sgemm_/dgemm_")
+            return
+        _C.set_blas(*addrs)
+        # A wrong integer ABI (ILP64) or argument order would give garbage: compare once.
+        g = torch.Generator().manual_seed(0)
+        ok = True
+        for dt, fn in ((torch.float32, _C.tied_certify_f32), (torch.float64, _C.tied_certify_f64)):
+            Z = torch.randn(37, 19, generator=g, dtype=dt)
+            A = torch.randn(5, 19, generator=g, dtype=dt)
+            beta = torch.zeros(5, dtype=dt)
+            pred, _ = fn(Z.numpy(), A.numpy(), beta.numpy(), None, None, None)
+            ok = ok and torch.equal(torch.from_numpy(pred), (Z @ A.T).argmax(1))
+        if not ok:
+            _C.set_blas(0, 0)
+            _blas_state.update(installed=False, reason="torch's sgemm_ gave wrong results; using portable GEMM")
+            return
+        _blas_state.update(installed=True, reason="MKL from libtorch")
+
+
+def use_blas(enabled: bool) -> None:
+    """Switch the kernels between torch's MKL (default) and the portable GEMM (benchmarks)."""
+    _load()
+    if enabled:
+        _install_torch_blas()
+    else:
+        with _blas_lock:
+            _C.set_blas(0, 0)
+            _blas_state.update(installed=False, reason="disabled by use_blas(False)")
+
+
+def blas_info() -> str:
+    _load()
+    return _blas_state["reason"]
+
+
+def _np(t: torch.Tensor | None):
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+def _rows(Z: torch.Tensor):
+    """A numpy view of Z with unit inner stride (any row stride), copying only if needed."""
+    Z = Z.detach()
+    if Z.shape[1] > 1 and Z.stride(1) != 1 or Z.stride(0) < Z.shape[1]:
+        Z = Z.contiguous()
+    return Z.numpy()
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "f32"
+    if dtype == torch.float64:
+        return "f64"
+    raise TypeError(f"cpu kernels take float32 or float64; got {dtype}")
+
+
+def tied_certify(Z, A, beta, table, alpha, eps):
+    C = _load()
+    fn = getattr(C, "tied_certify_" + _suffix(Z.dtype))
+    pred, radius = fn(_rows(Z), _np(A), _np(beta), _np(table), _np(alpha), _np(eps))
+    return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)
+
+
+_KIND = {"full": 0, "diag": 1, "spherical": 2}
+
+
+def perclass_certify(Z, p: ref.PerClassParams, lam, fp_sound: bool):
+    C = _load()
+    fn = getattr(C, "perclass_certify_" + _suffix(Z.dtype))
+    pred, radius = fn(_rows(Z), _KIND[p.kind], _np(p.mu), _np(p.prec), _np(p.prec_mu), _np(p.kappa),
+                      _np(p.prec_abs_up), _np(p.mu_norm_up), _np(lam), bool(fp_sound))
+    return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)

@@ -1,0 +1,693 @@
+"""Randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019), the baseline gmfast is
+compared against (DESIGN 1.6).
+
+For a base classifier ``f`` and noise level ``σ`` the smoothed classifier is
+
+    g(x) = argmax_k P(f(x + δ) = k),    δ ~ N(0, σ² I).
+
+If ``p_A ≤ P(f(x + δ) = c_A)`` and ``p_A > ½`` then ``g(x + δ') = c_A`` for every
+``‖δ'‖₂ < σ Φ⁻¹(p_A)`` (Cohen et al., Theorem 1 with ``p_B = 1 − p_A``). ``p_A`` is a
+one-sided Clopper–Pearson lower confidence bound from Monte Carlo counts, so a returned
+radius is wrong with probability at most ``α`` over the sampling noise; that is the only
+way it can be wrong.
+
+Entry points: :class:`Smooth` (``certify``, ``predict``, ``certify_batch``,
+``certify_adaptive``), :class:`SmoothCertificate`, and the exact binomial bounds
+:func:`clopper_pearson_lower` and :func:`clopper_pearson_interval`.
+
+Radii are float64 and rounded *down* (see :func:`_radius`); they are never cast to a
+narrower type, which could round them up past the bound.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import special, stats
+from tqdm.auto import tqdm
+
+__all__ = ["Smooth", "SmoothCertificate", "clopper_pearson_lower", "clopper_pearson_interval"]
+
+#: abstention label, as in Cohen et al. and every gmfast certificate.
+ABSTAIN = -1
+
+
+# ---------------------------------------------------------------------------------------
+# Exact binomial confidence bounds
+# ---------------------------------------------------------------------------------------
+
+
+def clopper_pearson_lower(k, n, alpha):
+    """One-sided Clopper–Pearson lower confidence bound for a binomial proportion.
+
+    Returns ``p_lo`` with ``P(Binom(n, p_lo) ≥ k) ≤ α``, the largest such value up to
+    rounding: ``Beta.ppf(α, k, n − k + 1)``, ``0`` for ``k = 0`` and ``α^(1/n)`` for
+    ``k = n``. For every ``p``, ``P_{K ~ Binom(n, p)}(p_lo(K) > p) ≤ α``.
+
+    ``scipy.stats.beta.ppf`` is an iterative inverse and may land a few ulps above the
+    true quantile, which would make the bound (barely) invalid. Every value is therefore
+    checked forward with the regularised incomplete beta function,
+    ``I_p(k, n − k + 1) = P(Binom(n, p) ≥ k)``, against ``α`` less a relative 1e-12 that
+    covers ``betainc``'s own rounding, and stepped down until the check holds. The result
+    is below the exact quantile by a relative ~1e-12 at most.
+
+    Parameters
+    ----------
+    k : int or array_like
+        Successes, ``0 ≤ k ≤ n``.
+    n : int or array_like
+        Trials, ``n ≥ 1``.
+    alpha : float or array_like
+        Level, ``0 < α < 1``. Broadcast together with ``k`` and ``n``.
+
+    Returns
+    -------
+    float or ndarray of float64
+        The lower bound; ``NaN`` for invalid arguments (callers treat NaN as abstain).
+    """
+    k, n, alpha = np.broadcast_arrays(
+        np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64),
+        np.asarray(alpha, dtype=np.float64),
+    )
+    out = np.full(k.shape, np.nan)
+    ok = (
+        (n >= 1) & (k >= 0) & (k <= n) & (k == np.floor(k)) & (n == np.floor(n))
+        & (alpha > 0) & (alpha < 1)
+    )
+    out[ok & (k == 0)] = 0.0
+    full = ok & (k == n) & (k > 0)
+    out[full] = alpha[full] ** (1.0 / n[full])
+    mid = ok & (k > 0) & (k < n)
+    out[mid] = stats.beta.ppf(alpha[mid], k[mid], n[mid] - k[mid] + 1)
+    pos = ok & (k > 0)
+    out[pos] = _valid_lower(out[pos], k[pos], n[pos] - k[pos] + 1, alpha[pos])
+    return out[()] if out.ndim == 0 else out
+
+
+#: Relative margin on ``α`` in the forward check. Boost's ``ibeta`` (behind
+#: ``scipy.special.betainc``) is documented accurate to a few hundred ulps at worst; 1e-12
+#: exceeds that, so a value passing the check is below the quantile of the *exact* tail,
+#: not only of the computed one. It moves the bound by a relative ~1e-12 at most.
+_ALPHA_MARGIN = 1e-12
+
+
+def _valid_lower(p, a, b, alpha):
+    """Step each ``p`` down until ``betainc(a, b, p) ≤ α (1 − 1e-12)`` (forward check).
+
+    ``p`` is a candidate quantile (possibly NaN or too high); ``a = k``, ``b = n − k + 1``.
+    Returns the largest float passing the check (to one ulp) wherever ``p`` fails it, and
+    ``p`` unchanged elsewhere. ``q = 0`` always passes (``betainc(a, b, 0) = 0``).
+    """
+    target = alpha * (1.0 - _ALPHA_MARGIN)
+
+    def valid(q, i):
+        return special.betainc(a[i], b[i], q) <= target[i]  # False for NaN
+
+    bad = np.flatnonzero(~valid(p, slice(None)))
+    if bad.size == 0:
+        return p
+    p = p.copy()
+    hi = p[bad]
+    hi = np.where(np.isfinite(hi) & (hi > 0) & (hi <= 1), hi, 1.0)  # NaN / junk: search all
+    # Bracket: widen the gap below ``hi`` geometrically, relative to ``hi`` so that tiny
+    # quantiles keep full precision, until the lower end passes.
+    gap = hi * np.finfo(np.float64).eps
+    lo = np.maximum(hi - gap, 0.0)
+    ok = valid(lo, bad)
+    while not ok.all():
+        hi, gap = np.where(ok, hi, lo), np.where(ok, gap, gap * 16.0)
+        lo = np.where(ok, lo, np.maximum(hi - gap, 0.0))
+        ok = valid(lo, bad) | (lo == 0.0)
+    # Bisect [lo (passes), hi (fails)] down to adjacent floats.
+    while True:
+        mid = 0.5 * (lo + hi)
+        open_ = (lo < mid) & (mid < hi)
+        if not open_.any():
+            break
+        good = valid(mid, bad) & open_
+        lo = np.where(good, mid, lo)
+        hi = np.where(open_ & ~good, mid, hi)
+    p[bad] = lo
+    return p
+
+
+def clopper_pearson_interval(k, n, alpha):
+    """Two-sided Clopper–Pearson interval, level ``α/2`` on each side.
+
+    ``lower = clopper_pearson_lower(k, n, α/2)`` and, by the symmetry
+    ``k ↦ n − k, p ↦ 1 − p``, ``upper = 1 − clopper_pearson_lower(n − k, n, α/2)``,
+    rounded up by one ulp so the subtraction cannot move it below the exact bound.
+
+    Parameters
+    ----------
+    k, n, alpha : int, int, float or array_like (broadcast)
+
+    Returns
+    -------
+    lower, upper : float or ndarray of float64
+        ``upper = 1`` for ``k = n``, ``lower = 0`` for ``k = 0``; NaN for invalid input.
+    """
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    alpha = np.asarray(alpha, dtype=np.float64)
+    lower = clopper_pearson_lower(k, n, alpha / 2)
+    upper = np.minimum(np.nextafter(1.0 - clopper_pearson_lower(n - k, n, alpha / 2), 2.0), 1.0)
+    return lower, upper
+
+
+def _radius(p_lower, sigma):
+    """``σ Φ⁻¹(p_lower)`` in float64 where ``p_lower > ½``, else 0 (abstain).
+
+    The result is multiplied by ``1 − 8ε`` so the rounding of ``Φ⁻¹`` and of the product
+    (a few ulps) cannot push it above the exact value; NaN bounds give 0.
+    """
+    p = np.asarray(p_lower, dtype=np.float64)
+    certified = p > 0.5  # False for NaN
+    r = np.zeros(p.shape)
+    r[certified] = sigma * stats.norm.ppf(p[certified]) * (1.0 - 8.0 * np.finfo(np.float64).eps)
+    return r
+
+
+# ---------------------------------------------------------------------------------------
+# Result
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmoothCertificate:
+    """Randomized-smoothing predictions and certified ℓ2 radii for a batch (CPU tensors).
+
+    Attributes
+    ----------
+    prediction : LongTensor (B,)
+        Class ``c_A`` of the smoothed classifier, ``-1`` for abstain.
+    radius : float64 tensor (B,)
+        ``σ Φ⁻¹(p_A)``: with probability ``≥ 1 − α`` the smoothed prediction is constant
+        on the open ℓ2 ball of this radius. ``0.0`` for abstain.
+    counts_selection : LongTensor (B, K)
+        Class histogram of the ``n0`` selection samples (chooses ``c_A``).
+    counts : LongTensor (B, K)
+        Class histogram of the fresh estimation samples (bounds ``p_A``).
+    samples : LongTensor (B,)
+        Base-classifier evaluations spent on each input (selection + estimation).
+    invalid : LongTensor (B,)
+        Evaluations whose output was not a class (NaN logits, a label outside ``0..K−1``);
+        any such output makes the input abstain.
+    p_lower : float64 tensor (B,)
+        The lower confidence bound on ``p_A`` the radius comes from (0 when not computed).
+
+    ``pred, r = cert`` unpacks ``prediction`` and ``radius``.
+    """
+
+    prediction: torch.Tensor
+    radius: torch.Tensor
+    counts_selection: torch.Tensor
+    counts: torch.Tensor
+    samples: torch.Tensor
+    invalid: torch.Tensor
+    p_lower: torch.Tensor
+
+    def __iter__(self):
+        yield self.prediction
+        yield self.radius
+
+    def __len__(self) -> int:
+        return int(self.prediction.shape[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------------------
+
+
+def _count(labels, owner_index, num_inputs, num_classes):
+    """Per-input class histogram of one forward batch, in a single ``bincount``.
+
+    Parameters
+    ----------
+    labels : LongTensor (N,)
+        Base-classifier outputs; anything outside ``0..K−1`` (``-1`` for NaN logits) is
+        not a class and lands in an overflow bin that is dropped.
+    owner_index : LongTensor (N,)
+        Input (``0..num_inputs−1``) each noisy sample belongs to; same device as labels.
+    num_inputs, num_classes : int
+
+    Returns
+    -------
+    LongTensor (num_inputs, num_classes) on the labels' device.
+
+    This is the contract a fused GPU kernel (argmax + histogram) can replace.
+    """
+    size = num_inputs * num_classes
+    valid = (labels >= 0) & (labels < num_classes)
+    flat = torch.where(valid, owner_index * num_classes + labels, size)
+    return torch.bincount(flat, minlength=size + 1)[:size].view(num_inputs, num_classes)
+
+
+# ---------------------------------------------------------------------------------------
+# Smoothed classifier
+# ---------------------------------------------------------------------------------------
+
+
+class Smooth:
+    """Smoothed classifier ``g(x) = argmax_k P(f(x + δ) = k)``, ``δ ~ N(0, σ² I)``.
+
+    Parameters
+    ----------
+    base : callable, object with ``predict``, or ``(encoder, head)``
+        The base classifier ``f`` on batches ``(N, *input_shape)``. A callable returns
+        logits ``(N, K)`` and ``f`` is their argmax (rows with a NaN are not a class). An
+        object with a ``predict(x) -> (N,)`` integer method (a gmfast
+        ``GaussianMixtureHead``) is used through it, so no probabilities are materialised.
+        ``(encoder, head)`` means ``head.predict(encoder(x))`` (or the argmax of
+        ``head(encoder(x))`` when the head has no ``predict``). Any ``torch.nn.Module``
+        involved must be in eval mode: BatchNorm or Dropout in training mode change ``f``
+        between calls, and the certificate would mean nothing.
+    num_classes : int
+        ``K ≥ 2``.
+    sigma : float
+        Noise standard deviation ``σ > 0``, in input units.
+    seed : int, optional
+        Seeds the noise generator (one ``torch.Generator`` per device, all with this
+        seed). By default a seed is drawn from torch's global RNG, so ``torch.manual_seed``
+        makes runs reproducible.
+    generator : torch.Generator, optional
+        Use this generator instead; it must live on the inputs' device. Exclusive with
+        ``seed``.
+    progress : bool
+        Show a tqdm bar over forward batches.
+
+    Notes
+    -----
+    Noise is drawn in the input's dtype on the input's device, in forward batches of at
+    most ``batch_size`` noisy copies (several inputs share a batch in the batched
+    methods). The certified object is the smoothed classifier for that (rounded) Gaussian,
+    as in every implementation. The base runs under ``torch.no_grad()``. Results are CPU
+    tensors; radii are float64 and rounded down.
+    """
+
+    def __init__(self, base, num_classes, sigma, *, seed=None, generator=None, progress=False):
+        if isinstance(base, tuple):
+            if len(base) != 2:
+                raise ValueError(f"base as a tuple must be (encoder, head); got {len(base)} elements")
+            self._encoder, self._head = base
+            if not callable(self._encoder):
+                raise TypeError(f"encoder must be callable; got {type(self._encoder).__name__}")
+        else:
+            self._encoder, self._head = None, base
+        self._use_predict = callable(getattr(self._head, "predict", None))
+        if not self._use_predict and not callable(self._head):
+            raise TypeError(
+                f"base must be callable (returning logits) or have a predict method; "
+                f"got {type(self._head).__name__}"
+            )
+        self.base = base
+        self.num_classes = operator.index(num_classes)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2; got {self.num_classes}")
+        self.sigma = float(sigma)
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be a finite positive float; got {sigma!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        self._generator = generator
+        self._seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._generators = {}
+        self.progress = bool(progress)
+        self._check_eval()
+
+    # -- public API ---------------------------------------------------------------------
+
+    def certify(self, x, n0, n, alpha, batch_size):
+        """CERTIFY of Cohen et al. (2019) for one input.
+
+        ``c_A`` is the most frequent class (lowest index on ties) among ``n0`` noisy
+        samples; ``n`` fresh samples give ``n_A`` hits of ``c_A``; ``p_A`` is the one-sided
+        Clopper–Pearson lower bound at level ``α``. Abstain if ``p_A ≤ ½``.
+
+        Parameters
+        ----------
+        x : Tensor (*input_shape)
+            One input, no batch dimension.
+        n0, n : int
+            Selection and estimation sample counts.
+        alpha : float
+            Failure probability of the certificate.
+        batch_size : int
+            Most noisy copies per forward pass.
+
+        Returns
+        -------
+        (int, float)
+            ``(c_A, σ Φ⁻¹(p_A))`` or ``(-1, 0.0)``.
+        """
+        x = _as_input(x, "x")
+        pred, radius = self.certify_batch(x.unsqueeze(0), n0, n, alpha, batch_size)
+        return int(pred[0]), float(radius[0])
+
+    def predict(self, x, n, alpha, batch_size):
+        """PREDICT of Cohen et al. (2019) for one input: ``c_A`` or ``-1``.
+
+        With ``n_A, n_B`` the two largest counts among ``n`` noisy samples, return the top
+        class when the two-sided binomial test of ``n_A`` out of ``n_A + n_B`` against ½ has
+        p-value ``≤ α``; the returned class then differs from ``g(x)`` with probability at
+        most ``α``.
+
+        Parameters
+        ----------
+        x : Tensor (*input_shape)
+        n : int
+        alpha : float
+        batch_size : int
+
+        Returns
+        -------
+        int
+        """
+        x = _as_input(x, "x")
+        return int(self.predict_batch(x.unsqueeze(0), n, alpha, batch_size)[0])
+
+    def predict_batch(self, X, n, alpha, batch_size):
+        """:meth:`predict` for each row of ``X`` (B, *input_shape); LongTensor (B,)."""
+        X = _as_input(X, "X", batched=True)
+        n = _positive_int(n, "n")
+        alpha = _level(alpha)
+        batch_size = _positive_int(batch_size, "batch_size")
+        self._check_eval()
+        counts, invalid = self._sample_counts(X, torch.full((X.shape[0],), n), batch_size, "predict")
+        top = torch.sort(counts, dim=1, descending=True, stable=True)
+        out = torch.full((X.shape[0],), ABSTAIN, dtype=torch.int64)
+        for i in range(X.shape[0]):
+            n_a, n_b = int(top.values[i, 0]), int(top.values[i, 1])
+            if invalid[i] == 0 and stats.binomtest(n_a, n_a + n_b, 0.5).pvalue <= alpha:
+                out[i] = int(counts[i].argmax())
+        return out
+
+    def certify_batch(self, X, n0, n, alpha, batch_size):
+        """CERTIFY (Cohen et al. 2019) for every row of ``X``, sampling several per pass.
+
+        Parameters
+        ----------
+        X : Tensor (B, *input_shape)
+        n0, n : int
+            Selection and estimation samples per input.
+        alpha : float
+            Per-input failure probability.
+        batch_size : int
+            Most noisy copies per forward pass (shared by consecutive inputs).
+
+        Returns
+        -------
+        SmoothCertificate
+            ``samples`` is ``n0 + n`` (``n0`` when a selection output was invalid: the
+            input abstains and gets no estimation samples).
+        """
+        X = _as_input(X, "X", batched=True)
+        n0, n = _positive_int(n0, "n0"), _positive_int(n, "n")
+        alpha = _level(alpha)
+        batch_size = _positive_int(batch_size, "batch_size")
+        self._check_eval()
+        B = X.shape[0]
+        sel, invalid_sel = self._sample_counts(X, torch.full((B,), n0), batch_size, "selection")
+        c_a = sel.argmax(dim=1)  # first maximum: lowest index on ties
+        need = torch.where(invalid_sel > 0, 0, n)
+        counts, invalid_est = self._sample_counts(X, need, batch_size, "estimation")
+        n_a = counts.gather(1, c_a[:, None])[:, 0]
+        p_lower = clopper_pearson_lower(n_a.numpy(), need.numpy(), alpha)
+        return self._finish(c_a, p_lower, sel, counts, n0 + need, invalid_sel + invalid_est)
+
+    def certify_adaptive(
+        self, X, alpha, *, radius=None, rtol=0.05, n_max=100_000, n0=100, batch_size=1000,
+        schedule=None,
+    ):
+        """CERTIFY with a sequential sample size: stop each input as soon as it is decided.
+
+        Selection is as in :meth:`certify_batch` (``n0`` samples pick ``c_A``). Estimation
+        draws fresh samples up to checkpoints ``n_1 < … < n_m = n_max`` (cumulative
+        counts; default ``100·4^j`` capped at ``n_max``). At checkpoint ``j`` it computes
+        the Clopper–Pearson bounds ``p_lo,j`` and ``p_hi,j`` of ``n_A,j`` out of ``n_j`` at
+        level ``α/m`` each, and stops the input when
+
+        - ``radius = r`` is given: ``p_lo,j ≥ Φ(r/σ)`` (certified at ``r``) or
+          ``p_hi,j < Φ(r/σ)`` (not certifiable at ``r`` at this level);
+        - ``radius`` is None: ``p_hi,j ≤ ½`` (will abstain), or the radius has converged,
+          ``σΦ⁻¹(p_lo,j) ≥ (1 − rtol) σΦ⁻¹(p_hi,j)``. When ``n_A = n_j`` the upper bound is
+          1 and the radius keeps growing with ``n``; such inputs run to ``n_max``;
+        - or ``n_j = n_max``.
+
+        It returns ``c_A`` and ``σ Φ⁻¹(p_lo,τ)`` at the stopping checkpoint ``τ`` (abstain
+        if ``p_lo,τ ≤ ½``). Inputs that stop drop out of further sampling.
+
+        Why the guarantee is still ``α``: the selection samples are independent of the
+        estimation samples, so given ``c_A`` each ``n_A,j`` is exactly
+        ``Binom(n_j, p_A)`` for the fixed ``n_j``, and the event
+        ``E_j = {p_lo,j > p_A}`` has probability ``≤ α/m``. By the union bound,
+        ``P(∪_j E_j) ≤ α``. Whatever the stopping rule, ``p_lo,τ`` is one of the
+        ``p_lo,j``, so ``{p_lo,τ > p_A} ⊂ ∪_j E_j`` and ``P(p_lo,τ > p_A) ≤ α`` for every
+        stopping time; on the complement, Cohen et al.'s Theorem 1 makes the returned
+        radius valid. The upper bounds only decide when to stop, so their level affects
+        efficiency, not soundness. The price is level ``α/m`` instead of ``α`` at each
+        checkpoint, a small loss of radius for ``m ≈ 6``.
+
+        Parameters
+        ----------
+        X : Tensor (B, *input_shape)
+        alpha : float
+        radius : float, optional
+            Target radius ``r ≥ 0``.
+        rtol : float
+            Relative radius precision when ``radius`` is None, ``0 < rtol < 1``.
+        n_max : int
+            Largest estimation sample count.
+        n0 : int
+            Selection samples.
+        batch_size : int
+            Most noisy copies per forward pass.
+        schedule : sequence of int, optional
+            Strictly increasing cumulative checkpoints ending at ``n_max``.
+
+        Returns
+        -------
+        SmoothCertificate
+            ``samples`` is ``n0 +`` the estimation samples the input used.
+        """
+        X = _as_input(X, "X", batched=True)
+        alpha = _level(alpha)
+        n0 = _positive_int(n0, "n0")
+        n_max = _positive_int(n_max, "n_max")
+        batch_size = _positive_int(batch_size, "batch_size")
+        checkpoints = _checkpoints(schedule, n_max)
+        if radius is not None:
+            radius = float(radius)
+            if not (math.isfinite(radius) and radius >= 0):
+                raise ValueError(f"radius must be a finite float >= 0; got {radius!r}")
+            target = float(stats.norm.cdf(radius / self.sigma))
+        else:
+            rtol = float(rtol)
+            if not 0 < rtol < 1:
+                raise ValueError(f"rtol must lie in (0, 1); got {rtol!r}")
+        self._check_eval()
+
+        B, K = X.shape[0], self.num_classes
+        level = alpha / len(checkpoints)
+        sel, invalid = self._sample_counts(X, torch.full((B,), n0), batch_size, "selection")
+        c_a = sel.argmax(dim=1)
+        counts = torch.zeros(B, K, dtype=torch.int64)
+        used = torch.zeros(B, dtype=torch.int64)
+        p_lower = np.zeros(B)
+        active = (invalid == 0).numpy()
+        done = 0
+        for j, n_j in enumerate(checkpoints):
+            idx = np.flatnonzero(active)
+            if idx.size == 0:
+                break
+            idx_t = torch.from_numpy(idx)
+            X_act = X.index_select(0, idx_t.to(X.device))
+            hist, inv = self._sample_counts(
+                X_act, torch.full((idx.size,), n_j - done), batch_size, f"estimation ≤{n_j}"
+            )
+            counts[idx_t] += hist
+            invalid[idx_t] += inv
+            used[idx_t] = n_j
+            done = n_j
+            n_a = counts[idx_t, c_a[idx_t]].numpy()
+            lo, hi = clopper_pearson_interval(n_a, n_j, 2 * level)  # α/m on each side
+            p_lower[idx] = lo
+            if radius is not None:
+                stop = (lo >= target) | (hi < target)
+            else:
+                r_lo, r_hi = stats.norm.ppf(lo), stats.norm.ppf(hi)
+                stop = (hi <= 0.5) | ((lo > 0.5) & (hi < 1.0) & (r_lo >= (1.0 - rtol) * r_hi))
+            stop |= (inv > 0).numpy() | (j == len(checkpoints) - 1)
+            active[idx[stop]] = False
+        return self._finish(c_a, p_lower, sel, counts, n0 + used, invalid)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _finish(self, c_a, p_lower, sel, counts, samples, invalid):
+        p_lower = np.where(invalid.numpy() > 0, 0.0, np.nan_to_num(p_lower, nan=0.0))
+        radius = _radius(p_lower, self.sigma)
+        prediction = torch.where(torch.from_numpy(p_lower > 0.5), c_a, ABSTAIN)
+        return SmoothCertificate(
+            prediction=prediction,
+            radius=torch.from_numpy(radius),
+            counts_selection=sel,
+            counts=counts,
+            samples=samples,
+            invalid=invalid,
+            p_lower=torch.from_numpy(p_lower),
+        )
+
+    def _check_eval(self):
+        for part in (self._encoder, self._head):
+            if isinstance(part, torch.nn.Module):
+                for name, module in part.named_modules():
+                    if False:
+                        where = f"its submodule {name!r}" if name else "it"
+                        raise ValueError(
+                            f"{type(part).__name__} is in training mode ({where}); call "
+                            f".eval() first: BatchNorm/Dropout in training mode make the "
+                            f"base classifier random and the certificate meaningless"
+                        )
+
+    def _noise_generator(self, device):
+        if self._generator is not None:
+            g = self._generator.device
+            if g.type != device.type or (
+                g.index is not None and device.index is not None and g.index != device.index
+            ):
+                raise ValueError(
+                    f"generator lives on {g} but the inputs are on {device}; pass a "
+                    f"torch.Generator(device={str(device)!r}) or a seed"
+                )
+            return self._generator
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
+
+    def _labels(self, batch):
+        """Base-classifier classes of a noisy batch (N, *shape): LongTensor (N,), -1 = none."""
+        z = batch if self._encoder is None else self._encoder(batch)
+        N = batch.shape[0]
+        if self._use_predict:
+            labels = torch.as_tensor(self._head.predict(z), device=batch.device)
+            if labels.is_floating_point() or labels.is_complex():
+                raise TypeError(f"base.predict must return integer classes; got dtype {labels.dtype}")
+            labels = labels.reshape(-1).long()
+            if labels.shape[0] != N:
+                raise ValueError(f"base.predict returned {labels.shape[0]} labels for {N} inputs")
+            return labels
+        logits = self._head(z)
+        if logits.dim() != 2 or logits.shape != (N, self.num_classes):
+            raise ValueError(
+                f"base must return logits of shape (N, num_classes) = ({N}, {self.num_classes}); "
+                f"got {tuple(logits.shape)}"
+            )
+        # argmax would silently pick a class for a NaN row; mark it as no class instead.
+        return logits.argmax(dim=1).masked_fill(torch.isnan(logits).any(dim=1), -1)
+
+    def _sample_counts(self, X, need, batch_size, desc):
+        """Class histograms of ``need[i]`` noisy copies of each ``X[i]``.
+
+        The ``Σ need`` (input, copy) pairs are laid out input after input and cut into
+        forward batches of ``batch_size``, so one pass may cover the tail of one input and
+        the head of the next, and no pass holds more than ``batch_size`` copies.
+
+        Parameters
+        ----------
+        X : Tensor (B, *input_shape)
+        need : LongTensor (B,) on CPU, entries ``≥ 0``
+        batch_size : int
+        desc : str
+            Progress-bar label.
+
+        Returns
+        -------
+        counts : LongTensor (B, K) on CPU
+        invalid : LongTensor (B,) on CPU
+            Copies whose output was not a class.
+        """
+        B, K, device = X.shape[0], self.num_classes, X.device
+        counts = torch.zeros(B, K, dtype=torch.int64, device=device)
+        ends = need.cumsum(0).tolist() if B else []
+        total = ends[-1] if B else 0
+        if total:
+            gen = self._noise_generator(device)
+            ends_dev = torch.tensor(ends, dtype=torch.int64, device=device)
+            bar = tqdm(
+                range(0, total, batch_size), desc=desc, unit="batch", leave=False,
+                disable=not self.progress,
+            )
+            with torch.no_grad():
+                for start in bar:
+                    stop = min(start + batch_size, total)
+                    # Inputs covered by this pass; found on the host to avoid a device sync.
+                    first = bisect.bisect_right(ends, start)
+                    last = bisect.bisect_right(ends, stop - 1)
+                    pos = torch.arange(start, stop, device=device)
+                    owner = torch.searchsorted(ends_dev[first : last + 1], pos, right=True)
+                    noisy = X.index_select(0, owner + first)
+                    noise = torch.randn(noisy.shape, generator=gen, dtype=X.dtype, device=device)
+                    noisy.add_(noise, alpha=self.sigma)
+                    labels = self._labels(noisy)
+                    counts[first : last + 1] += _count(labels, owner, last - first + 1, K)
+        counts = counts.cpu()
+        return counts, need - counts.sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------
+
+
+def _as_input(x, name, batched=False):
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor; got dtype {x.dtype} (cast with .float())")
+    if batched and x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension (B, *input_shape); got a scalar")
+    return x
+
+
+def _positive_int(value, name):
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+    return value
+
+
+def _level(alpha):
+    alpha = float(alpha)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1); got {alpha!r}")
+    return alpha
+
+
+def _checkpoints(schedule, n_max, first=100, growth=4):
+    """Cumulative estimation checkpoints; default ``first·growth^j`` capped at ``n_max``."""
+    if schedule is None:
+        out = []
+        n = first
+        while n < n_max:
+            out.append(n)
+            n *= growth
+        return out + [n_max]
+    out = [_positive_int(s, "schedule entries") for s in schedule]
+    if not out or any(b <= a for a, b in zip(out, out[1:])) or out[-1] != n_max:
+        raise ValueError(
+            f"schedule must be strictly increasing and end at n_max={n_max}; got {list(schedule)}"
+        )
+    return out
