@@ -90,6 +90,7 @@ class GaussianMixtureHead(nn.Module):
         self._derived = None  # TiedParams | PerClassParams, float64 CPU (the certified classifier)
         self._work = {}  # (device, dtype) -> working copy of _derived
         self._lock = threading.Lock()
+        self.train(False)
 
     # ------------------------------------------------------------------ fitting
 
@@ -136,12 +137,35 @@ class GaussianMixtureHead(nn.Module):
         self._stats = None
         return self.partial_fit(Z, y).finalize()
 
+    @classmethod
+    def from_params(cls, means, covariance, priors, covariance_type: str = "tied", *,
+                    backend: str = "auto") -> "GaussianMixtureHead":
+        """Build a fitted head from explicit parameters (float64 copies are taken).
+
+        ``means`` (K, d); ``covariance`` (d, d) for tied, (K, d, d) full, (K, d) diag,
+        (K,) spherical; ``priors`` (K,) positive, summing to 1. Validated like a loaded file.
+        """
+        from gmfast.io import validated_params
+
+        f64 = lambda t: torch.as_tensor(t).detach().to("cpu", torch.float64).clone()  # noqa: E731
+        means, covariance, priors = f64(means), f64(covariance), f64(priors)
+        K = means.shape[0] if means.dim() == 2 else 0
+        params = dict(means=means, covariance=covariance, priors=priors, counts=torch.ones(K, dtype=torch.float64),
+                      shrinkage=torch.zeros(() if covariance_type == "tied" else (K,), dtype=torch.float64))
+        head = cls(covariance_type, backend=backend, num_classes=max(K, 2))
+        head._set_params(validated_params(params, covariance_type))
+        return head
+
     def _set_params(self, params: dict) -> None:
         if self.covariance_type == "tied":
             derived = ref.prepare_tied(params["means"], params["covariance"], params["priors"])
         else:
             derived = ref.prepare_perclass(self.covariance_type, params["means"], params["covariance"],
                                            params["priors"])
+        parts = (derived.A, derived.beta) if self.covariance_type == "tied" else (derived.prec, derived.kappa,
+                                                                                  derived.prec_mu)
+        if not all(bool(torch.isfinite(t).all()) for t in parts):
+            raise ValueError("the classifier derived from these parameters is not finite (variances too small?)")
         self._params = params
         self._derived = derived
         self._work = {}
@@ -154,6 +178,21 @@ class GaussianMixtureHead(nn.Module):
                 "this GaussianMixtureHead is not fitted yet; call fit(Z, y) or partial_fit(...) then finalize()"
             )
         return self._params
+
+    def train(self, mode: bool = True) -> "GaussianMixtureHead":
+        """No-op: the head has no training-time behaviour (it is fitted by statistics, not
+        gradients), so it always reports eval mode and wrappers that refuse train-mode
+        modules (e.g. randomized smoothing) accept it."""
+        return super().train(False)
+
+    def __getattr__(self, name):
+        # An AttributeError raised inside a property (not fitted, wrong covariance type) makes
+        # Python fall back to nn.Module.__getattr__, which would replace our message with a
+        # generic one: run the property again so its own error reaches the user.
+        prop = getattr(type(self), name, None)
+        if isinstance(prop, property):
+            return prop.fget(self)
+        return super().__getattr__(name)
 
     @property
     def means_(self) -> torch.Tensor:
@@ -206,7 +245,7 @@ class GaussianMixtureHead(nn.Module):
     # ------------------------------------------------------------------ evaluation
 
     def _prepare(self, Z):
-        """Validate ``Z`` and return (Z in its working dtype, working params)."""
+        """Validate ``Z``; return (Z in its working dtype, working params, Z's own dtype)."""
         self._fitted()
         Z = as_float_matrix(Z, "Z", n_features=self.n_features_in_)
         T = ref.working_dtype(Z)
@@ -218,21 +257,21 @@ class GaussianMixtureHead(nn.Module):
                 if work is None:
                     work = self._derived.to(Z.device, T)
                     self._work[key] = work
-        return Z.to(T), work
+        return Z.to(T), work, Z.dtype
 
     def forward(self, Z) -> torch.Tensor:
         """Log-joint ``log π_k + log N(z; μ_k, Σ_k)``, shape (B, K), differentiable in ``Z``.
 
         Computed in ``Z``'s working precision (float32 unless ``Z`` is float64).
         """
-        Zt, work = self._prepare(Z)
+        Zt, work, _ = self._prepare(Z)
         if self.covariance_type == "tied":
             return ref.tied_log_joint(Zt, work)
         return ref.perclass_log_joint(Zt, work)
 
     def _scores(self, Z) -> torch.Tensor:
         """Logits up to a per-row constant: the linear ``ℓ`` for tied, the log-joint otherwise."""
-        Zt, work = self._prepare(Z)
+        Zt, work, _ = self._prepare(Z)
         if self.covariance_type == "tied":
             return ref.tied_linear_logits(Zt, work)
         return ref.perclass_log_joint(Zt, work)
@@ -287,9 +326,8 @@ class GaussianMixtureHead(nn.Module):
                 f"covariance_type={self.covariance_type!r} certifies norm=2 only; got norm={norm!r} "
                 "(use covariance_type='tied' for l1, l-inf and Mahalanobis radii)"
             )
-        Zin = Z
-        Zt, work = self._prepare(Z)
-        out_dtype = Zin.dtype if isinstance(Zin, torch.Tensor) and Zin.dtype == torch.float64 else torch.float32
+        Zt, work, in_dtype = self._prepare(Z)
+        out_dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
         bad = nonfinite_rows(Zt, on_nonfinite)
         if bad is not None:
             Zt = torch.where(bad[:, None], torch.zeros_like(Zt), Zt)

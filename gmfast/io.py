@@ -52,7 +52,6 @@ def _bad(path, why: str) -> ValueError:
 def load_head(path, *, backend: str = "auto"):
     from safetensors import safe_open
 
-    from gmfast import _reference as ref
     from gmfast.head import COVARIANCE_TYPES, PRIORS, GaussianMixtureHead
 
     path = os.fspath(path)
@@ -91,39 +90,54 @@ def load_head(path, *, backend: str = "auto"):
     for name, v in (("n_classes", K), ("n_features", d)):
         if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name == "n_classes" else 1):
             raise _bad(path, f"{name} must be a positive integer, got {v!r}")
+    try:
+        params = validated_params(tensors, kind, (K, d))
+    except ValueError as exc:
+        raise _bad(path, str(exc)) from None
+    head = GaussianMixtureHead(kind, shrinkage=shrink, priors=priors, num_classes=K, backend=backend)
+    try:
+        head._set_params(params)
+    except ValueError as exc:
+        raise _bad(path, str(exc)) from None
+    return head
+
+
+def validated_params(tensors: dict, kind: str, expected: tuple | None = None) -> dict:
+    """Check fitted parameters (shapes, dtype, finiteness, priors, positive definiteness).
+
+    ``expected`` is (K, d) when known (from a file's metadata), else read off ``means``.
+    Raises ValueError naming the offending tensor.
+    """
+    from gmfast import _reference as ref
+
+    means = tensors["means"]
+    if means.dim() != 2 or means.shape[0] < 2 or means.shape[1] < 1:
+        raise ValueError(f"means must have shape (K >= 2, d >= 1); got {tuple(means.shape)}")
+    K, d = expected if expected is not None else tuple(means.shape)
     shapes = {"means": (K, d), "covariance": _cov_shape(kind, K, d), "priors": (K,), "counts": (K,),
               "shrinkage": () if kind == "tied" else (K,)}
     for k, t in tensors.items():
         if t.dtype != torch.float64:
-            raise _bad(path, f"tensor {k!r} must be float64, got {t.dtype}")
+            raise ValueError(f"tensor {k!r} must be float64, got {t.dtype}")
         if tuple(t.shape) != shapes[k]:
-            raise _bad(path, f"tensor {k!r} must have shape {shapes[k]}, got {tuple(t.shape)}")
+            raise ValueError(f"{k} must have shape {shapes[k]} for covariance_type={kind!r}; got {tuple(t.shape)}")
         if not bool(torch.isfinite(t).all()):
-            raise _bad(path, f"tensor {k!r} has NaN or Inf")
+            raise ValueError(f"tensor {k!r} has NaN or Inf")
     pri = tensors["priors"]
     if bool((pri <= 0).any()) or abs(float(pri.sum()) - 1.0) > 1e-9:
-        raise _bad(path, "priors must be positive and sum to 1")
+        raise ValueError("priors must be positive and sum to 1")
     if bool((tensors["counts"] <= 0).any()):
-        raise _bad(path, "counts must be positive")
+        raise ValueError("counts must be positive")
     lam = tensors["shrinkage"]
     if bool(((lam < 0) | (lam > 1)).any()):
-        raise _bad(path, "shrinkage intensities must lie in [0, 1]")
+        raise ValueError("shrinkage intensities must lie in [0, 1]")
     cov = tensors["covariance"]
     if kind in ("tied", "full"):
         if not bool(torch.equal(cov, cov.transpose(-1, -2))):
-            raise _bad(path, "covariance is not symmetric")
-        try:
-            ref._check_positive_definite(cov, "covariance")
-        except ValueError as exc:
-            raise _bad(path, str(exc)) from None
+            raise ValueError("covariance is not symmetric")
+        ref._check_positive_definite(cov, "covariance")
     elif bool((cov <= 0).any()):
-        raise _bad(path, "variances must be positive")
-    head = GaussianMixtureHead(kind, shrinkage=shrink, priors=priors, num_classes=K, backend=backend)
+        raise ValueError("variances must be positive")
     params = dict(tensors)
     params["n_features"] = d
-    head._set_params(params)
-    derived = head._derived
-    parts = (derived.A, derived.beta) if kind == "tied" else (derived.prec, derived.kappa, derived.prec_mu)
-    if not all(bool(torch.isfinite(t).all()) for t in parts):
-        raise _bad(path, "the classifier derived from it is not finite (variances too small)")
-    return head
+    return params

@@ -20,7 +20,12 @@ from scipy import special, stats
 from statsmodels.stats.proportion import proportion_confint
 
 from gmfast import smoothing
-from gmfast.smoothing import Smooth, SmoothCertificate, clopper_pearson_interval, clopper_pearson_lower
+from gmfast.smoothing import (
+    Smooth,
+    SmoothCertificate,
+    clopper_pearson_interval,
+    clopper_pearson_lower,
+)
 
 
 def max_failures(trials, alpha, p=1e-4):
@@ -126,7 +131,9 @@ def test_clopper_pearson_lower_is_valid_and_tight(n, frac, log_alpha):
     assert special.betainc(k, n - k + 1, min(lo * (1 + 1e-8), 1.0)) > alpha
 
 
-@pytest.mark.parametrize("k,n,alpha", [(1, 1, 0.05), (3, 10, 0.01), (57, 60, 0.001), (499, 1000, 0.05)])
+@pytest.mark.parametrize(
+    "k,n,alpha", [(1, 1, 0.05), (3, 10, 0.01), (57, 60, 0.001), (499, 1000, 0.05)]
+)
 def test_clopper_pearson_lower_against_mpmath(k, n, alpha):
     lo = float(clopper_pearson_lower(k, n, alpha))
     mpmath.mp.dps = 50
@@ -142,8 +149,10 @@ def test_clopper_pearson_lower_against_mpmath(k, n, alpha):
 def test_clopper_pearson_lower_steps_down_when_the_quantile_is_too_high(monkeypatch):
     """A ppf that overshoots (or fails) must not leak an invalid bound."""
     true_ppf = stats.beta.ppf
-    for bad in (lambda a, p, q: true_ppf(a, p, q) * (1 + 1e-7), lambda a, p, q: np.full_like(a, np.nan)):
-        fake = SimpleNamespace(beta=SimpleNamespace(ppf=bad), norm=stats.norm, binomtest=stats.binomtest)
+    overshoot = lambda a, p, q: true_ppf(a, p, q) * (1 + 1e-7)  # noqa: E731
+    failure = lambda a, p, q: np.full_like(a, np.nan)  # noqa: E731
+    for bad in (overshoot, failure):
+        fake = SimpleNamespace(beta=SimpleNamespace(ppf=bad), norm=stats.norm)
         monkeypatch.setattr(smoothing, "stats", fake)
         k, n = np.array([1, 5, 500, 99_999]), np.array([10, 10, 1000, 100_000])
         lo = clopper_pearson_lower(k, n, 0.01)
@@ -153,7 +162,8 @@ def test_clopper_pearson_lower_steps_down_when_the_quantile_is_too_high(monkeypa
 
 
 def test_clopper_pearson_invalid_arguments_are_nan():
-    lo = clopper_pearson_lower([11, -1, 3, 2.5, 3], [10, 10, 0, 10, 10], [0.05, 0.05, 0.05, 0.05, 1.0])
+    k, n = [11, -1, 3, 2.5, 3], [10, 10, 0, 10, 10]
+    lo = clopper_pearson_lower(k, n, [0.05, 0.05, 0.05, 0.05, 1.0])
     assert np.all(np.isnan(lo))
 
 
@@ -255,7 +265,8 @@ def test_certify_three_class_linear_against_orthant_probabilities():
     np.testing.assert_allclose(p_true.sum(1), 1.0, atol=1e-5)
 
     alpha = 0.01
-    cert = Smooth(base, 3, SIGMA, seed=11).certify_batch(torch.from_numpy(X), 100, 2000, alpha, 1000)
+    smooth = Smooth(base, 3, SIGMA, seed=11)
+    cert = smooth.certify_batch(torch.from_numpy(X), 100, 2000, alpha, 1000)
     pred, radius = (t.numpy() for t in cert)
     certified = pred >= 0
     assert certified.mean() > 0.5
@@ -516,14 +527,20 @@ def test_adaptive_without_target_converges_and_is_sound():
     cert = Smooth(base, 2, SIGMA, seed=8).certify_adaptive(X, alpha, rtol=0.1, n_max=n_max)
     radius = cert.radius.numpy()
     truth = (X.numpy() @ w + b > 0).astype(int)
-    wrong = (radius > np.abs(true_r)) | ((cert.prediction.numpy() != truth) & (cert.prediction.numpy() != -1))
+    pred = cert.prediction.numpy()
+    wrong = (radius > np.abs(true_r)) | ((pred != truth) & (pred != -1))
     assert wrong.sum() <= max_failures(len(X), alpha)
-    certified = radius > 0
-    assert certified[40:].all()
-    # Converged to 10% (or ran out): the radius is close to the truth.
-    done = cert.samples.numpy() < n_max + 100
-    assert done[40:].any()
-    assert np.all(radius[40:][done[40:]] >= 0.8 * np.abs(true_r[40:][done[40:]]))
-    print(f"rtol=0.1 mode: {(100 + n_max) / cert.samples.numpy()[40:].mean():.1f}x fewer samples "
-          f"than fixed n={n_max} on clear inputs, {(100 + n_max) / cert.samples.numpy()[:40].mean():.1f}x "
-          f"on near-ties")
+    assert np.all(radius[40:] > 0)
+    # Inputs that stopped early did so because the radius converged to 10%: then the true
+    # radius lies (w.h.p.) within the interval, so the certificate is within ~10% of it.
+    samples = cert.samples.numpy()
+    early = samples < 100 + n_max
+    assert early[40:].sum() >= 10
+    m = len(smoothing._checkpoints(None, n_max))
+    n_a = cert.counts.numpy()[np.arange(len(X)), cert.counts_selection.numpy().argmax(1)]
+    lo, hi = clopper_pearson_interval(n_a, samples - 100, 2 * alpha / m)
+    converged = (lo > 0.5) & (stats.norm.ppf(lo) >= 0.9 * stats.norm.ppf(hi))
+    assert np.all(converged[early] | (hi[early] <= 0.5))
+    assert np.all(radius[40:][early[40:]] >= 0.8 * np.abs(true_r[40:][early[40:]]))
+    saving = (100 + n_max) / samples[40:].mean()
+    print(f"rtol=0.1 mode: {saving:.1f}x fewer samples than fixed n={n_max} on clear inputs")
