@@ -16,6 +16,11 @@ template <class T> constexpr double unit_roundoff();
 template <> constexpr double unit_roundoff<float>() { return 5.9604644775390625e-08; }  // 2^-24
 template <> constexpr double unit_roundoff<double>() { return kU64; }
 
+// Half the smallest subnormal: the absolute error a product may add (Higham eq. 2.8).
+template <class T> constexpr double underflow_unit();
+template <> constexpr double underflow_unit<float>() { return 7.006492321624085e-46; }  // 2^-150
+template <> constexpr double underflow_unit<double>() { return 2.4703282292062327e-324; }  // 2^-1075
+
 // Higham's gamma_n = n u / (1 - n u); callers check n u < 1/2 on the Python side.
 inline double gamma_n(index_t n, double u) {
   const double nu = static_cast<double>(n) * u;
@@ -27,6 +32,13 @@ inline double slack_up(int k) { return 1.0 + 2.0 * k * kU64; }
 inline double slack_down(int k) { return 1.0 - 2.0 * k * kU64; }
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Upper bound on sqrt(sum x_i^2) from ss = fl(sum x_i^2) accumulated in float64 over n
+// terms: the same formula as gmfast._fp.norm_upper (underflowed squares included).
+inline double norm_up_from_ss(double ss, index_t n) {
+  return std::sqrt((ss + static_cast<double>(n) * 4.9406564584124654e-324) * (1.0 + gamma_n(n + 2, kU64))) *
+         (1.0 + 4.0 * kU64);
+}
 
 // Fortran BLAS gemm (column-major, LP64 integers), as exported by MKL inside libtorch.
 using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,

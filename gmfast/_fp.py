@@ -13,6 +13,11 @@ where ``u`` is the unit roundoff of the precision the products and sums are done
 Rounding a float64 parameter to ``T`` before the product is one more factor ``(1 + δ)``
 per term, which is why the kernels use ``γ_{d+2}`` or more for a length-``d`` product.
 
+Underflow: the relative model ``fl(x·y) = xy(1 + δ)`` fails for subnormal results; the full
+model (Higham eq. 2.8) adds an absolute ``η`` per product, ``|η| ≤`` half the smallest
+subnormal (:func:`underflow_unit`). Every bound here carries such a term too: far below any
+realistic margin, but it keeps the guarantee unconditional.
+
 Error terms are combined in float64 (the ``O(K)`` epilogue). The few float64 operations
 that combine them are covered by the explicit slack factors below, each documented where
 it is used; none of them is tuned: they are generous, and their effect on a radius is a
@@ -32,6 +37,22 @@ _UNIT_ROUNDOFF = {
     torch.float16: 2.0**-11,
     torch.bfloat16: 2.0**-8,
 }
+
+
+_UNDERFLOW = {
+    torch.float64: 2.0**-1075,
+    torch.float32: 2.0**-150,
+    torch.float16: 2.0**-25,
+    torch.bfloat16: 2.0**-134,
+}
+
+
+def underflow_unit(dtype: torch.dtype) -> float:
+    """Half the smallest subnormal of ``dtype``: the absolute error a product may add."""
+    try:
+        return _UNDERFLOW[dtype]
+    except KeyError:
+        raise TypeError(f"expected a floating dtype, got {dtype}") from None
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -66,12 +87,15 @@ def slack_down(k: int = 4) -> float:
 def norm_upper(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Upper bound on the exact Euclidean norm along ``dim``, as float64.
 
-    The norm is computed in float64 (inputs in any float dtype are exact in float64); the
-    sum of ``n`` squares has relative error ``≤ γ_n(u₆₄)`` and the square root one more
-    rounding, so ``(1 + γ_{n+2})`` covers both.
+    ``s = fl(Σx_i²)`` in float64 (any float input is exact in float64). Each square adds at
+    most ``η₆₄`` absolutely (underflow) and the sum has relative error ``≤ γ_{n+1}``, so
+    ``Σx² ≤ (s + n·2η₆₄)(1 + γ_{n+2})``; two more roundings for the square root and the
+    product are covered by ``(1 + 4u₆₄)``. The kernels use the same formula.
     """
     n = x.shape[dim] if x.dim() else 1
-    return torch.linalg.vector_norm(x.double(), dim=dim) * (1.0 + gamma(n + 2, U64))
+    x = x.double()
+    ss = (x * x).sum(dim)
+    return torch.sqrt((ss + n * 2.0**-1074) * (1.0 + gamma(n + 2, U64))) * (1.0 + 4.0 * U64)
 
 
 def round_down_to(r64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from gmfast._fp import U64, gamma, norm_upper, slack_down, slack_up, unit_roundoff
+from gmfast._fp import U64, gamma, norm_upper, slack_down, slack_up, underflow_unit, unit_roundoff
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -247,7 +247,12 @@ def ledoit_wolf_intensity(m2: torch.Tensor, s4: torch.Tensor, n: torch.Tensor) -
 
 
 def _shrink(S: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``(1−λ)S + λ (tr S/d) I`` for a (batch of) d×d matrices."""
+    """``(1−λ)S + λ (tr S/d) I`` for a (batch of) d×d matrices, made exactly symmetric.
+
+    A BLAS ``RᵀR`` need not be bitwise symmetric; the stored covariance must be (files are
+    checked for it, and the classifier's precision is derived from it).
+    """
+    S = 0.5 * (S + S.transpose(-1, -2))
     d = S.shape[-1]
     mu = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1) / d
     eye = torch.eye(d, dtype=S.dtype, device=S.device)
@@ -557,10 +562,11 @@ def tied_error_coefficients(p: TiedParams, d: int, T: torch.dtype) -> tuple[torc
 
     ``ℓ̂_k = fl(β̃_k + Σ_i ã_ki z_i)`` with ``ã, β̃`` the float64 parameters rounded to ``T``:
     an inner product of length ``d + 1`` whose terms carry one extra rounding each, so
-    ``|ℓ̂_k − ℓ_k| ≤ γ_{d+2}(|a_k|ᵀ|z| + |β_k|) ≤ γ_{d+2}(‖a_k‖‖z‖ + |β_k|)``.
+    ``|ℓ̂_k − ℓ_k| ≤ γ_{d+2}(|a_k|ᵀ|z| + |β_k|) ≤ γ_{d+2}(‖a_k‖‖z‖ + |β_k|)``, plus
+    ``2(d+2)η`` for products that underflow.
     """
     g = gamma(d + 2, unit_roundoff(T))
-    return g * p.a_norm_up, g * p.beta_abs
+    return g * p.a_norm_up, g * p.beta_abs + 2.0 * (d + 2) * underflow_unit(T)
 
 
 def tied_epilogue(logits: torch.Tensor, z_norm_up: torch.Tensor | None, table: torch.Tensor,
@@ -745,6 +751,9 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
     * ``‖g‖ ≤ ‖fl(û_c − û_j)‖(1 + u) + Δ_c + Δ_j``;
     * computed norms are within ``γ_{d+1}`` of exact ones: every bound is multiplied by
       ``S = 1 + 4γ`` (products of at most three norms);
+    * underflow: products may add ``η`` absolutely (Higham eq. 2.8), so each computed norm is
+      raised by ``ν = √(2(d+4)η)`` (its squares may have underflowed), ``Δ_k`` by
+      ``2(d+4)^{3/2}η`` and ``e_k`` by ``2(d+4)η``: negligible, but unconditional;
     * ``q`` is formed in float64 from ``κ`` and ``D̂``: lowered by ``½S(e_c + e_j)`` and by
       ``4u₆₄(|κ_c| + |κ_j| + |D̂_c| + |D̂_j|)`` for its own roundings;
     * ``λ⁺`` from :func:`curvature_table`. The radius is monotone (up in ``q``, down in
@@ -759,6 +768,10 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
     u = unit_roundoff(T)
     g_ = gamma(d + 4, u)
     S = 1.0 + 4.0 * g_
+    eta = underflow_unit(T)
+    nu = math.sqrt(2.0 * (d + 4) * eta)
+    tiny_u = 2.0 * (d + 4) ** 1.5 * eta
+    tiny_d = 2.0 * (d + 4) * eta
     if need_radius:
         lam_hat, lam_up, _ = curvature_table(p, curvature)
         lam_tab = (lam_up if fp_sound else lam_hat).to(Z.device)
@@ -782,17 +795,17 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
         lam = lam_tab[pred]
         if fp_sound:
             zn = norm_upper(Zb)[:, None]
-            un = torch.linalg.vector_norm(U.double(), dim=-1)
-            wn = torch.linalg.vector_norm(Wr.double(), dim=-1)
+            un = torch.linalg.vector_norm(U.double(), dim=-1) + nu
+            wn = torch.linalg.vector_norm(Wr.double(), dim=-1) + nu
             zm = zn + p.mu_norm_up[None, :]
-            delta = g_ * p.prec_abs_up[None, :] * zm + u * un
+            delta = g_ * p.prec_abs_up[None, :] * zm + u * un + tiny_u
             epsw = 3.0 * u * zm
-            e = S * (g_ * wn * un + epsw * un + (wn + epsw) * delta)
+            e = S * (g_ * wn * un + epsw * un + (wn + epsw) * delta) + tiny_d
             ec = e.gather(1, pred[:, None])
             kap = p.kappa[None, :]
             mag = kap.abs() + D.abs()
             q = q - 0.5 * S * (ec + e) - 4.0 * U64 * (mag.gather(1, pred[:, None]) + mag)
-            G = S * (G * (1.0 + u) + delta.gather(1, pred[:, None]) + delta)
+            G = S * ((G + nu) * (1.0 + u) + delta.gather(1, pred[:, None]) + delta)
         r = perclass_radius(q, G, lam)
         r.scatter_(1, pred[:, None], math.inf)
         radius = r.amin(1)

@@ -126,3 +126,43 @@ def quadratic_first_crossing(z, dirs, mus, precs, kappas, c):
         cand = np.where(cand > 0, cand, np.inf)
         best = min(best, np.nanmin(cand))
     return best
+
+
+def dense_params(head):
+    """(μ, P as dense (K,d,d), κ) of the certified classifier, float64 numpy."""
+    p = head.classifier_params
+    mu = p.mu.numpy()
+    K, d = mu.shape
+    if p.kind == "full":
+        P = p.prec.numpy()
+    elif p.kind == "diag":
+        P = np.stack([np.diag(v) for v in p.prec.numpy()])
+    else:
+        P = np.stack([s * np.eye(d) for s in p.prec.numpy()])
+    return mu, P, p.kappa.numpy()
+
+
+def bound_reference(Z, mu, P, kappa):
+    """The radius formula of DESIGN 1.4 in plain float64 numpy, exact curvature, all j."""
+    K = len(mu)
+    lam = np.zeros((K, K))
+    for c in range(K):
+        for j in range(K):
+            if c != j:
+                lam[c, j] = max(0.0, np.linalg.eigvalsh(P[c] - P[j])[-1])
+    out_pred, out_r = [], []
+    for z in Z:
+        W = z - mu
+        U = np.einsum("kij,kj->ki", P, W)
+        f = kappa - 0.5 * (W * U).sum(1)
+        c = int(f.argmax())
+        r = np.inf
+        for j in range(K):
+            if j == c:
+                continue
+            q = f[c] - f[j]
+            g = np.linalg.norm(U[c] - U[j])
+            r = min(r, 0.0 if q <= 0 else 2 * q / (g + math.sqrt(g * g + 2 * lam[c, j] * q)))
+        out_pred.append(c)
+        out_r.append(r)
+    return np.array(out_pred), np.array(out_r)

@@ -63,19 +63,25 @@ void row_epilogue(const T* z, index_t d, const T* mu, T* U, const double* kappa,
   const double u = unit_roundoff<T>();
   const double g_ = gamma_n(d + 4, u);
   const double S = 1.0 + 4.0 * g_;
+  // underflow allowances, as in the reference: on computed norms, on u-hat and on D-hat
+  const double eta = underflow_unit<T>();
+  const double nu = std::sqrt(2.0 * (d + 4) * eta);
+  const double tiny_u = 2.0 * std::pow(static_cast<double>(d + 4), 1.5) * eta;
+  const double tiny_d = 2.0 * (d + 4) * eta;
   double zn = 0.0;
   if (fp_sound) {
     double ss = 0.0;
 #pragma omp simd reduction(+ : ss)
     for (index_t i = 0; i < d; ++i) ss += static_cast<double>(z[i]) * static_cast<double>(z[i]);
-    zn = std::sqrt(ss) * (1.0 + gamma_n(d + 2, kU64));
+    zn = norm_up_from_ss(ss, d);
   }
   // Rounding-error terms of class k: Delta (on u_k) and e (on D_k).
   auto terms = [&](index_t k, double* delta, double* e) {
     const double zm = zn + mu_norm_up[k];
-    *delta = g_ * prec_abs_up[k] * zm + u * un[k];
+    const double unk = un[k] + nu, wnk = wn[k] + nu;
+    *delta = g_ * prec_abs_up[k] * zm + u * unk + tiny_u;
     const double epsw = 3.0 * u * zm;
-    *e = S * (g_ * wn[k] * un[k] + epsw * un[k] + (wn[k] + epsw) * (*delta));
+    *e = S * (g_ * wnk * unk + epsw * unk + (wnk + epsw) * (*delta)) + tiny_d;
   };
   double delta_c = 0.0, e_c = 0.0;
   if (fp_sound) terms(c, &delta_c, &e_c);
@@ -98,7 +104,7 @@ void row_epilogue(const T* z, index_t d, const T* mu, T* U, const double* kappa,
       terms(j, &delta_j, &e_j);
       const double mag = std::fabs(kappa[c]) + std::fabs(D[c]) + std::fabs(kappa[j]) + std::fabs(D[j]);
       q = q - 0.5 * S * (e_c + e_j) - 4.0 * kU64 * mag;
-      g = S * (g * (1.0 + u) + delta_c + delta_j);
+      g = S * ((g + nu) * (1.0 + u) + delta_c + delta_j);
     }
     const double rj = pair_radius(q, g, lrow[j]);
     r = std::min(r, rj);

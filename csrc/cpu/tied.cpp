@@ -46,7 +46,7 @@ void row_epilogue(const T* logits, index_t K, const T* z, index_t d, const doubl
     double ss = 0.0;
 #pragma omp simd reduction(+ : ss)
     for (index_t i = 0; i < d; ++i) ss += static_cast<double>(z[i]) * static_cast<double>(z[i]);
-    const double zn = std::sqrt(ss) * (1.0 + gamma_n(d + 2, kU64));
+    const double zn = norm_up_from_ss(ss, d);
     const double ec = alpha[c] * zn + eps[c];
     const double up = slack_up(4);
     for (index_t j = 0; j < K; ++j) {
