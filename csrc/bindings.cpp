@@ -66,7 +66,7 @@ const T* need_rows(const py::array& Z, index_t* B, index_t* d, index_t* ldz) {
 
 template <class T>
 py::tuple tied_certify(const py::array& Z, const py::array& A, const py::array& beta,
-                       std::optional<py::array> table, std::optional<py::array> alpha,
+                       std::optional<py::array> inv, std::optional<py::array> alpha,
                        std::optional<py::array> eps) {
   index_t B, d, ldz;
   const T* z = need_rows<T>(Z, &B, &d, &ldz);
@@ -74,7 +74,7 @@ py::tuple tied_certify(const py::array& Z, const py::array& A, const py::array& 
   const index_t K = A.shape(0);
   if (K < 1) fail("A: expected at least one class");
   const T* b = need<T>(beta, "beta", {K});
-  const double* tab = table ? need<double>(*table, "table", {K, K}) : nullptr;
+  const double* tab = inv ? need<double>(*inv, "inv", {K, K}) : nullptr;
   if (static_cast<bool>(alpha) != static_cast<bool>(eps)) fail("alpha and eps must both be given or both None");
   const double* al = alpha ? need<double>(*alpha, "alpha", {K}) : nullptr;
   const double* ep = eps ? need<double>(*eps, "eps", {K}) : nullptr;
@@ -134,10 +134,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sgemm"), py::arg("dgemm"),
       "Install Fortran-ABI (LP64) sgemm_/dgemm_ function addresses; 0, 0 restores the portable GEMM.");
   m.def("have_blas", &gmfast::have_blas);
+  m.def(
+      "set_gemm_policy", [](int p) {
+        if (p < 0 || p > 2) fail("policy: expected 0 (auto), 1 (blas) or 2 (portable), got " + std::to_string(p));
+        gmfast::set_gemm_policy(static_cast<gmfast::GemmPolicy>(p));
+      },
+      py::arg("policy"));
   m.def("max_threads", []() { return omp_get_max_threads(); });
-  m.def("tied_certify_f32", &tied_certify<float>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("table"),
+  m.def("tied_certify_f32", &tied_certify<float>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("inv"),
         py::arg("alpha"), py::arg("eps"));
-  m.def("tied_certify_f64", &tied_certify<double>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("table"),
+  m.def("tied_certify_f64", &tied_certify<double>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("inv"),
         py::arg("alpha"), py::arg("eps"));
   m.def("perclass_certify_f32", &perclass_certify<float>, py::arg("Z"), py::arg("kind"), py::arg("mu"),
         py::arg("prec"), py::arg("prec_mu"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),

@@ -33,11 +33,15 @@ inline double slack_down(int k) { return 1.0 - 2.0 * k * kU64; }
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// Upper bound on sqrt(sum x_i^2) from ss = fl(sum x_i^2) accumulated in float64 over n
-// terms: the same formula as gmfast._fp.norm_upper (underflowed squares included).
-inline double norm_up_from_ss(double ss, index_t n) {
-  return std::sqrt((ss + static_cast<double>(n) * 4.9406564584124654e-324) * (1.0 + gamma_n(n + 2, kU64))) *
-         (1.0 + 4.0 * kU64);
+// Upper bound on sqrt(sum x_i^2) from ss = fl(sum x_i^2) accumulated in precision A over
+// n terms (any order): each square adds at most eta_A absolutely, the sum is within
+// gamma_{n+1}(u_A) relatively, so sum x^2 <= (ss + 2 n eta_A)(1 + gamma_{n+2}(u_A)); the
+// float64 square root and products add <= 4 roundings. For A = double this is exactly
+// gmfast._fp.norm_upper.
+template <class A>
+inline double norm_up_from_ss(A ss, index_t n) {
+  const double s = static_cast<double>(ss) + 2.0 * static_cast<double>(n) * underflow_unit<A>();
+  return std::sqrt(s * (1.0 + gamma_n(n + 2, unit_roundoff<A>()))) * (1.0 + 4.0 * kU64);
 }
 
 // Fortran BLAS gemm (column-major, LP64 integers), as exported by MKL inside libtorch.
@@ -53,11 +57,21 @@ using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, cons
 void set_blas(sgemm_fn s, dgemm_fn d);
 bool have_blas();
 
+// Which GEMM gemm_nt uses. kAuto: the portable blocked loop when the inner dimension is
+// long (k >= 256: it keeps A panels in L2 and measured faster than MKL there on this
+// project's reference machine, see benchmarks/RESULTS.md), MKL otherwise.
+enum class GemmPolicy : int { kAuto = 0, kBlas = 1, kPortable = 2 };
+void set_gemm_policy(GemmPolicy p);
+GemmPolicy gemm_policy();
+
 // C (m x n, row-major, leading dim ldc) = X (m x k, row-major, ldx) * Y^T, with Y (n x k,
 // row-major, ldy); C is overwritten. Any summation order: the rounding-error bounds of the
 // callers (gamma_{k+2}) hold for every order, with or without FMA.
+// `prefer_blas` asks for BLAS under kAuto whatever k is (very wide, packed-friendly shapes).
+// If `ss` is non-null it receives fl(||X_r||^2) per row, accumulated in T in any order
+// (fused into the first column tile of the portable loop).
 template <class T>
 void gemm_nt(index_t m, index_t n, index_t k, const T* X, index_t ldx, const T* Y, index_t ldy, T* C,
-             index_t ldc);
+             index_t ldc, bool prefer_blas = false, T* ss = nullptr);
 
 }  // namespace gmfast

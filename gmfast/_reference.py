@@ -364,7 +364,7 @@ class TiedParams:
     cov: torch.Tensor  # (d, d) Σ, for the Mahalanobis threat model
     a_norm_up: torch.Tensor  # (K,) ≥ ‖a_k‖₂
     beta_abs: torch.Tensor  # (K,) |β_k|
-    tables: dict = field(default_factory=dict, compare=False)  # norm -> (N̂, N⁺), float64 (K, K)
+    tables: dict = field(default_factory=dict, compare=False)  # norm -> (1/N̂, ≤1/N), float64 (K, K)
     master: "TiedParams | None" = field(default=None, compare=False)  # the float64 original
 
     def to(self, device, dtype) -> "TiedParams":
@@ -506,12 +506,15 @@ def perclass_log_joint(Z: torch.Tensor, p: PerClassParams) -> torch.Tensor:
 
 
 def tied_denominators(p: TiedParams, norm) -> tuple[torch.Tensor, torch.Tensor]:
-    """K×K tables ``N̂[c, j] ≈ ‖a_c − a_j‖_q`` and ``N⁺ ≥`` the exact value, float64.
+    """K×K reciprocal tables ``1/N̂[c, j]`` and a lower bound on ``1/‖a_c − a_j‖_q``, float64.
 
     ``q`` is the dual exponent of the threat norm (2→2, ∞→1, 1→∞); Mahalanobis uses
-    ``‖Σ^{1/2}(a_c − a_j)‖₂``. Computed once per norm and cached on ``p``.
+    ``‖Σ^{1/2}(a_c − a_j)‖₂``. Kernels multiply margins by these (a multiply is much cheaper
+    than a divide in the epilogue). Computed once per norm and cached on ``p``. Where
+    ``a_c = a_j`` the reciprocal is ``+inf`` (class ``j`` can never overtake ``c``).
 
-    Error bounds for ``N⁺`` (all float64, ``u = u₆₄``):
+    The lower bound is ``fl(1/N⁺)(1 − 2u)`` with ``N⁺ ≥`` the exact norm; error bounds for
+    ``N⁺`` (all float64, ``u = u₆₄``):
 
     * q = 2 via the Gram matrix ``G = A Aᵀ``: each ``G_ij`` is an inner product, off by at
       most ``γ_d ‖a_i‖‖a_j‖``; so ``N² = G_cc + G_jj − 2G_cj`` is off by at most
@@ -525,8 +528,8 @@ def tied_denominators(p: TiedParams, norm) -> tuple[torch.Tensor, torch.Tensor]:
     if norm in p.tables:
         return p.tables[norm]
     if p.master is not None:
-        n_hat, n_up = tied_denominators(p.master, norm)
-        p.tables[norm] = (n_hat.to(p.A.device), n_up.to(p.A.device))
+        inv_hat, inv_lo = tied_denominators(p.master, norm)
+        p.tables[norm] = (inv_hat.to(p.A.device), inv_lo.to(p.A.device))
         return p.tables[norm]
     A = p.A
     K, d = A.shape
@@ -551,9 +554,11 @@ def tied_denominators(p: TiedParams, norm) -> tuple[torch.Tensor, torch.Tensor]:
         n_up = n_hat * slack_up(2)
     else:
         raise ValueError(f"unknown norm {norm!r}")
-    n_hat.fill_diagonal_(0.0)
-    n_up.fill_diagonal_(0.0)
-    p.tables[norm] = (n_hat, n_up)
+    inv_hat = 1.0 / n_hat  # 1/0 = +inf on purpose
+    inv_lo = (1.0 / n_up) * slack_down(1)
+    inv_hat.fill_diagonal_(math.inf)
+    inv_lo.fill_diagonal_(math.inf)
+    p.tables[norm] = (inv_hat, inv_lo)
     return p.tables[norm]
 
 
@@ -569,18 +574,19 @@ def tied_error_coefficients(p: TiedParams, d: int, T: torch.dtype) -> tuple[torc
     return g * p.a_norm_up, g * p.beta_abs + 2.0 * (d + 2) * underflow_unit(T)
 
 
-def tied_epilogue(logits: torch.Tensor, z_norm_up: torch.Tensor | None, table: torch.Tensor,
+def tied_epilogue(logits: torch.Tensor, z_norm_up: torch.Tensor | None, inv: torch.Tensor,
                   alpha: torch.Tensor | None, eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prediction and radius from a block of logits (the O(K)-per-row epilogue), float64.
 
-    ``R = min_{j≠c} (m̂_cj − E_cj) / N⁺_cj``, ``m̂_cj = ℓ̂_c − ℓ̂_j``; with error terms
+    ``R = min_{j≠c} (m̂_cj − E_cj) · inv_cj`` with ``inv_cj ≤ 1/‖a_c − a_j‖_q`` and
+    ``m̂_cj = ℓ̂_c − ℓ̂_j``; with error terms
     (``alpha``/``eps`` not None) ``E_cj`` bounds ``|m̂_cj − m_cj|``:
     ``(e_c + e_j)(1 + 8u₆₄) + 2u₆₄|m̂_cj|`` where ``e_k = α_k‖z‖ + ε_k`` (the 8u₆₄ covers
     the float64 operations forming ``e``; ``2u₆₄|m̂|`` the float64 subtraction). The final
-    quotient is deflated by ``slack_down``: the subtraction and division add ≤ 2 roundings.
+    product is deflated by ``slack_down``: the subtraction and product add ≤ 2 roundings.
     A row whose logits overflowed gets radius 0. The min runs over **all** ``j``.
 
-    logits (b, K) any float dtype; z_norm_up (b,) float64; table (K, K) float64.
+    logits (b, K) any float dtype; z_norm_up (b,) float64; inv (K, K) float64.
     Returns pred (b,) int64 and radius (b,) float64.
     """
     pred = logits.argmax(1)
@@ -592,8 +598,7 @@ def tied_epilogue(logits: torch.Tensor, z_norm_up: torch.Tensor | None, table: t
         num = m - E
     else:
         num = m
-    den = table[pred]
-    ratio = torch.where(num > 0, num / den, torch.zeros_like(num))  # num>0, den=0 -> +inf
+    ratio = torch.where(num > 0, num * inv[pred], torch.zeros_like(num))
     ratio.scatter_(1, pred[:, None], math.inf)
     radius = ratio.amin(1)
     if alpha is not None:
@@ -622,8 +627,8 @@ def tied_certify(Z: torch.Tensor, p: TiedParams, norm, *, fp_sound: bool = True,
     B, d = Z.shape
     K = p.A.shape[0]
     if need_radius:
-        n_hat, n_up = tied_denominators(p, norm)
-        table = (n_up if fp_sound else n_hat).to(Z.device)
+        inv_hat, inv_lo = tied_denominators(p, norm)
+        table = (inv_lo if fp_sound else inv_hat).to(Z.device)
         alpha, eps = tied_error_coefficients(p, d, Z.dtype) if fp_sound else (None, None)
     bs = max(1, _BLOCK_ELEMS // max(K, 1))
     preds, radii = [], []

@@ -149,6 +149,12 @@ class GaussianMixtureHead(nn.Module):
 
         f64 = lambda t: torch.as_tensor(t).detach().to("cpu", torch.float64).clone()  # noqa: E731
         means, covariance, priors = f64(means), f64(covariance), f64(priors)
+        if covariance_type in ("tied", "full") and covariance.dim() >= 2:
+            # a covariance computed as X Xᵀ is symmetric only up to rounding: accept that much
+            asym = (covariance - covariance.transpose(-1, -2)).abs().amax()
+            if float(asym) > 1e-10 * float(covariance.abs().amax()):
+                raise ValueError(f"covariance is not symmetric (max |Σ − Σᵀ| = {float(asym):.3g})")
+            covariance = 0.5 * (covariance + covariance.transpose(-1, -2))
         K = means.shape[0] if means.dim() == 2 else 0
         params = dict(means=means, covariance=covariance, priors=priors, counts=torch.ones(K, dtype=torch.float64),
                       shrinkage=torch.zeros(() if covariance_type == "tied" else (K,), dtype=torch.float64))

@@ -6,16 +6,17 @@
 namespace gmfast {
 
 // Tied (linear) classifier: logits l = Z A^T + beta, then per row the argmax c and, when
-// `table` is non-null, the radius min_{j != c} (m_cj - E_cj) / table[c, j] with
-// m_cj = l_c - l_j and E_cj the rounding-error bound built from alpha, eps (both null:
-// no error term, fp_sound=False). Rows with non-finite logits get pred -1, radius 0.
+// `inv` is non-null, the radius min_{j != c} (m_cj - E_cj) * inv[c, j] with
+// m_cj = l_c - l_j, inv[c, j] <= 1 / ||a_c - a_j||_q, and E_cj the rounding-error bound
+// built from alpha, eps (both null: no error term, fp_sound=False). Rows with non-finite
+// logits get pred -1, radius 0.
 //   Z     (B x d), row stride ldz, inner stride 1
 //   A     (K x d) contiguous;  beta (K)
-//   table (K x K) float64 or null;  alpha, eps (K) float64 or both null
+//   inv   (K x K) float64 or null (predictions only);  alpha, eps (K) float64 or both null
 //   pred  (B) int64;  radius (B) float64 (ignored when table is null)
 template <class T>
 void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
-                  const double* table, const double* alpha, const double* eps, int64_t* pred, double* radius);
+                  const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius);
 
 enum class PerClassKind : int { kFull = 0, kDiag = 1, kSpherical = 2 };
 

@@ -73,7 +73,7 @@ void row_epilogue(const T* z, index_t d, const T* mu, T* U, const double* kappa,
     double ss = 0.0;
 #pragma omp simd reduction(+ : ss)
     for (index_t i = 0; i < d; ++i) ss += static_cast<double>(z[i]) * static_cast<double>(z[i]);
-    zn = norm_up_from_ss(ss, d);
+    zn = norm_up_from_ss<double>(ss, d);
   }
   // Rounding-error terms of class k: Delta (on u_k) and e (on D_k).
   auto terms = [&](index_t k, double* delta, double* e) {
@@ -149,7 +149,8 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
     std::vector<T> U(static_cast<size_t>(mb) * Kd);
     for (index_t r0 = 0; r0 < B; r0 += mb) {
       const index_t rows = std::min(mb, B - r0);
-      gemm_nt<T>(rows, static_cast<index_t>(Kd), d, Z + r0 * ldz, ldz, prec, d, U.data(), static_cast<index_t>(Kd));
+      gemm_nt<T>(rows, static_cast<index_t>(Kd), d, Z + r0 * ldz, ldz, prec, d, U.data(), static_cast<index_t>(Kd),
+                 /*prefer_blas=*/true);
 #pragma omp parallel
       {
         std::vector<double> f(K), D(K), un(K), wn(K);

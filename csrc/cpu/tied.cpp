@@ -6,8 +6,9 @@
 // l^_k differs from the exact l_k = a_k^T z + beta_k by at most e_k = alpha_k ||z|| + eps_k
 // (alpha_k = gamma_{d+2} ||a_k||, eps_k = gamma_{d+2} |beta_k|, Higham's inner-product bound,
 // valid for any summation order). The margin to j is lowered by (e_c + e_j)(1 + 8u) +
-// 2u|m^| (the float64 operations here) and divided by table[c, j] >= ||a_c - a_j||_q; the
-// quotient is deflated by (1 - 8u). Exactly the formula of gmfast._reference.tied_epilogue.
+// 2u|m^| (the float64 operations here) and multiplied by inv[c, j] <= 1/||a_c - a_j||_q (a
+// rounded-down reciprocal of the upper-bound table; +inf where the classes share a_k); the
+// product is deflated by (1 - 8u). Exactly the formula of gmfast._reference.tied_epilogue.
 #include <algorithm>
 #include <vector>
 
@@ -18,57 +19,60 @@
 namespace gmfast {
 namespace {
 
+// ss: fl(||z||^2) accumulated in T by the GEMM (used only when alpha is non-null).
 template <class T>
-void row_epilogue(const T* logits, index_t K, const T* z, index_t d, const double* table, const double* alpha,
+void row_epilogue(const T* logits, index_t K, T ss, index_t d, const double* inv, const double* alpha,
                   const double* eps, int64_t* pred, double* radius) {
-  index_t c = 0;
+  // argmax in two vectorisable passes: the max (and whether any logit is NaN/Inf: x - x is
+  // NaN exactly for those), then the first index attaining it (lowest index wins ties, as
+  // torch.argmax).
   T best = logits[0];
-  bool finite = std::isfinite(static_cast<double>(best));
-  for (index_t k = 1; k < K; ++k) {
+  bool bad = false;
+#pragma omp simd reduction(max : best) reduction(| : bad)
+  for (index_t k = 0; k < K; ++k) {
     const T v = logits[k];
-    finite = finite && std::isfinite(static_cast<double>(v));
-    if (v > best) {  // strict: the lowest index wins ties, as torch.argmax
-      best = v;
-      c = k;
-    }
+    best = std::max(best, v);
+    bad |= (v - v) != (v - v);
   }
+  const bool finite = !bad;
+  index_t c = 0;
+  if (finite)
+    while (logits[c] != best) ++c;
   if (!finite) {
     *pred = -1;
-    if (table != nullptr) *radius = 0.0;
+    if (inv != nullptr) *radius = 0.0;
     return;
   }
   *pred = c;
-  if (table == nullptr) return;
+  if (inv == nullptr) return;
   const double lc = static_cast<double>(logits[c]);
-  const double* row = table + c * K;
+  const double* row = inv + c * K;
   double r = kInf;
+  // Branch-free over j so the loop vectorises; j == c is masked to +inf. A non-positive
+  // numerator gives 0 (a tie or an uncertain margin: not certified); num > 0 with an
+  // infinite reciprocal gives +inf (that class can never win).
   if (alpha != nullptr) {
-    double ss = 0.0;
-#pragma omp simd reduction(+ : ss)
-    for (index_t i = 0; i < d; ++i) ss += static_cast<double>(z[i]) * static_cast<double>(z[i]);
-    const double zn = norm_up_from_ss(ss, d);
+    // ||z||^2 was accumulated in the working precision inside the GEMM;
+    // norm_up_from_ss<T> carries the matching rounding bound.
+    const double zn = norm_up_from_ss<T>(ss, d);
     const double ec = alpha[c] * zn + eps[c];
     const double up = slack_up(4);
+#pragma omp simd reduction(min : r)
     for (index_t j = 0; j < K; ++j) {
-      if (j == c) continue;
       const double m = lc - static_cast<double>(logits[j]);
       const double num = m - ((ec + alpha[j] * zn + eps[j]) * up + 2.0 * kU64 * std::fabs(m));
-      if (!(num > 0.0)) {
-        r = 0.0;
-        break;
-      }
-      r = std::min(r, num / row[j]);
+      double v = num > 0.0 ? num * row[j] : 0.0;
+      v = (j == c) ? kInf : v;
+      r = std::min(r, v);
     }
     r *= slack_down(4);
   } else {
+#pragma omp simd reduction(min : r)
     for (index_t j = 0; j < K; ++j) {
-      if (j == c) continue;
       const double m = lc - static_cast<double>(logits[j]);
-      if (!(m > 0.0)) {
-        r = 0.0;
-        break;
-      }
-      r = std::min(r, m / row[j]);
+      double v = m > 0.0 ? m * row[j] : 0.0;
+      v = (j == c) ? kInf : v;
+      r = std::min(r, v);
     }
   }
   *radius = r;
@@ -76,8 +80,8 @@ void row_epilogue(const T* logits, index_t K, const T* z, index_t d, const doubl
 
 template <class T>
 void logits_block(const T* Zb, index_t rows, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
-                  T* L) {
-  gemm_nt<T>(rows, K, d, Zb, ldz, A, d, L, K);
+                  T* L, T* ss) {
+  gemm_nt<T>(rows, K, d, Zb, ldz, A, d, L, K, false, ss);
   for (index_t r = 0; r < rows; ++r) {
     T* l = L + r * K;
 #pragma omp simd
@@ -89,40 +93,44 @@ void logits_block(const T* Zb, index_t rows, index_t d, index_t ldz, const T* A,
 
 template <class T>
 void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
-                  const double* table, const double* alpha, const double* eps, int64_t* pred, double* radius) {
+                  const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius) {
   if (B == 0) return;
-  // Block rows so a block of logits stays in L2 (~256 KiB); the row partition does not
-  // depend on the thread count, so results are identical for any number of threads.
-  const index_t target = (256 * 1024) / static_cast<index_t>(sizeof(T) * std::max<index_t>(K, 1));
-  const index_t mb = std::clamp<index_t>(target, 16, 1024);
+  // Block rows so a block of logits (and of Z, reread by the epilogue) stays in L2; the row
+  // partition does not depend on the thread count, so results are identical for any number
+  // of threads.
+  const index_t by_logits = (256 * 1024) / static_cast<index_t>(sizeof(T) * std::max<index_t>(K, 1));
+  const index_t by_rows = (512 * 1024) / static_cast<index_t>(sizeof(T) * std::max<index_t>(d, 1));
+  const index_t mb = std::clamp<index_t>(std::min(by_logits, by_rows), 16, 1024);
   const index_t nblocks = (B + mb - 1) / mb;
-  const bool small_params = static_cast<double>(K) * d * sizeof(T) <= 2.0 * 1024 * 1024;
-  if (small_params || !have_blas()) {
-    // A stays in cache: every thread runs whole blocks (a sequential GEMM each).
+  // Short rows with many classes go to MKL (the portable loop is slow for k < 256) in big
+  // blocks with its own threads (small sequential calls would repack A every time); every
+  // other shape runs whole blocks per thread with the portable, norm-fused GEMM.
+  const bool blas_blocks = have_blas() && gemm_policy() != GemmPolicy::kPortable && d < 256 && K >= 64;
+  if (!blas_blocks) {
 #pragma omp parallel
     {
-      std::vector<T> L(static_cast<size_t>(mb * K));
+      std::vector<T> L(static_cast<size_t>(mb * K)), ss(static_cast<size_t>(mb));
+      T* ssp = alpha != nullptr ? ss.data() : nullptr;
 #pragma omp for schedule(dynamic, 1)
       for (index_t b = 0; b < nblocks; ++b) {
         const index_t r0 = b * mb, rows = std::min(mb, B - r0);
-        logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data());
+        logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data(), ssp);
         for (index_t r = 0; r < rows; ++r)
-          row_epilogue<T>(L.data() + r * K, K, Z + (r0 + r) * ldz, d, table, alpha, eps, pred + r0 + r,
-                          radius + r0 + r);
+          row_epilogue<T>(L.data() + r * K, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
       }
     }
   } else {
-    // Large A: one multithreaded GEMM per block shares A's panels between threads, then
-    // the epilogue runs in parallel over the block's rows.
-    const index_t mbig = std::max<index_t>(mb, 256);
-    std::vector<T> L(static_cast<size_t>(mbig * K));
+    // One multithreaded GEMM per block shares A's packed panels between threads, then the
+    // epilogue runs in parallel over the block's rows.
+    const index_t mbig = std::max<index_t>(mb, 512);
+    std::vector<T> L(static_cast<size_t>(mbig * K)), ss(static_cast<size_t>(mbig));
+    T* ssp = alpha != nullptr ? ss.data() : nullptr;
     for (index_t r0 = 0; r0 < B; r0 += mbig) {
       const index_t rows = std::min(mbig, B - r0);
-      logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data());
+      logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data(), ssp);
 #pragma omp parallel for schedule(static)
       for (index_t r = 0; r < rows; ++r)
-        row_epilogue<T>(L.data() + r * K, K, Z + (r0 + r) * ldz, d, table, alpha, eps, pred + r0 + r,
-                        radius + r0 + r);
+        row_epilogue<T>(L.data() + r * K, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
     }
   }
 }

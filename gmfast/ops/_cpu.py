@@ -77,15 +77,16 @@ def _install_torch_blas() -> None:
         _blas_state.update(installed=True, reason="MKL from libtorch")
 
 
-def use_blas(enabled: bool) -> None:
-    """Switch the kernels between torch's MKL (default) and the portable GEMM (benchmarks)."""
-    _load()
-    if enabled:
-        _install_torch_blas()
-    else:
-        with _blas_lock:
-            _C.set_blas(0, 0)
-            _blas_state.update(installed=False, reason="disabled by use_blas(False)")
+_POLICIES = {"auto": 0, "blas": 1, "portable": 2}
+
+
+def set_gemm_policy(policy: str) -> None:
+    """Which GEMM the kernels use: ``"auto"`` (default: by shape, as measured in
+    ``benchmarks/RESULTS.md``), ``"blas"`` (torch's MKL) or ``"portable"`` (the blocked loop
+    of ``csrc/cpu/gemm.cpp``). For benchmarks and tests; results are sound either way."""
+    if policy not in _POLICIES:
+        raise ValueError(f"policy must be one of {tuple(_POLICIES)}; got {policy!r}")
+    _load().set_gemm_policy(_POLICIES[policy])
 
 
 def blas_info() -> str:
@@ -113,10 +114,10 @@ def _suffix(dtype: torch.dtype) -> str:
     raise TypeError(f"cpu kernels take float32 or float64; got {dtype}")
 
 
-def tied_certify(Z, A, beta, table, alpha, eps):
+def tied_certify(Z, A, beta, inv, alpha, eps):
     C = _load()
     fn = getattr(C, "tied_certify_" + _suffix(Z.dtype))
-    pred, radius = fn(_rows(Z), _np(A), _np(beta), _np(table), _np(alpha), _np(eps))
+    pred, radius = fn(_rows(Z), _np(A), _np(beta), _np(inv), _np(alpha), _np(eps))
     return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)
 
 

@@ -2,10 +2,10 @@
 
 Every backend implements, for inputs already validated and cast to the working dtype:
 
-``tied_certify(Z, A, beta, table, alpha, eps) -> (pred, radius)``
-    Z (B, d), A (K, d), beta (K,) in the working dtype T; table (K, K) float64 upper
-    bounds on ``‖a_c − a_j‖_q``; alpha, eps (K,) float64 rounding-error coefficients
-    (``|ℓ̂_k − ℓ_k| ≤ α_k‖z‖ + ε_k``), both ``None`` for ``fp_sound=False``; ``table`` is
+``tied_certify(Z, A, beta, inv, alpha, eps) -> (pred, radius)``
+    Z (B, d), A (K, d), beta (K,) in the working dtype T; inv (K, K) float64 lower
+    bounds on ``1/‖a_c − a_j‖_q``; alpha, eps (K,) float64 rounding-error coefficients
+    (``|ℓ̂_k − ℓ_k| ≤ α_k‖z‖ + ε_k``), both ``None`` for ``fp_sound=False``; ``inv`` is
     ``None`` when only predictions are wanted. Returns pred (B,) int64 (-1: overflow) and
     radius (B,) float64 or None. See :func:`gmfast._reference.tied_certify`.
 
@@ -30,8 +30,8 @@ def tied_certify(Z: torch.Tensor, p: ref.TiedParams, norm, *, fp_sound: bool, ne
         return ref.tied_certify(Z, p, norm, fp_sound=fp_sound, need_radius=need_radius)
     table = alpha = eps = None
     if need_radius:
-        n_hat, n_up = ref.tied_denominators(p, norm)
-        table = n_up if fp_sound else n_hat
+        inv_hat, inv_lo = ref.tied_denominators(p, norm)
+        table = inv_lo if fp_sound else inv_hat
         if fp_sound:
             alpha, eps = ref.tied_error_coefficients(p, Z.shape[1], Z.dtype)
     return kernel_module(name).tied_certify(Z, p.A, p.beta, table, alpha, eps)
