@@ -1,21 +1,16 @@
 """pytest-benchmark suite: ``pytest benchmarks/test_bench.py`` (``--benchmark-only`` to time).
 
-The same cases and variants as ``benchmarks/run.py`` (which also measures peak memory and
+The same cases and variants as ``gmfast bench`` (``benchmarks/run.py``) (which also measures peak memory and
 prints the comparison table). ``GMFAST_BENCH_SMOKE=1`` selects tiny shapes, as CI does.
 """
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import run  # noqa: E402
+from gmfast import bench as run
 
 CASES = run.SMOKE if os.environ.get("GMFAST_BENCH_SMOKE") == "1" else run.FULL[:2] + run.FULL[3:]
-
-
 PARAMS = [(c, v) for c in CASES for v in c.get("variants", run.VARIANTS)]
 
 

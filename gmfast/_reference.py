@@ -203,6 +203,48 @@ class SufficientStats:
         m2b = other.scatter.to(dev) if self.scatter_kind == "pooled" else sel(other.scatter)
         self._merge(cls, sel(other.count), sel(other.mean), m2b, sel(other.s4), sel(other.t3))
 
+    def allreduce_(self, group=None) -> None:
+        """Merge this accumulator with the same one on every rank of a process group, in place.
+
+        Chan's merge for many parts written as sums, so one ``all_reduce`` per tensor does it:
+        (1) sum counts and ``n_k μ_k`` → global means ``μ_k``; (2) each rank re-centres its
+        scatter at ``μ_k`` (``M2 + n (μ_r − μ)(μ_r − μ)ᵀ``, and the fourth-moment terms with
+        the same shift as :meth:`_merge_fourth`); (3) sum the re-centred scatters. Only
+        centred quantities are summed, as in the serial merge.
+        """
+        import torch.distributed as dist
+
+        dev = self.device if self.device is not None else torch.device("cpu")
+        K = torch.tensor([self.n_classes], device=dev)
+        dist.all_reduce(K, op=dist.ReduceOp.MAX, group=group)
+        self._grow(int(K.item()), dev)
+        n_r = self.count.clone()
+        n = n_r.clone()
+        s = self.mean * n_r[:, None]
+        dist.all_reduce(n, group=group)
+        dist.all_reduce(s, group=group)
+        mean = torch.where(n[:, None] > 0, s / n.clamp_min(1)[:, None], torch.zeros_like(s))
+        c = torch.where(n_r[:, None] > 0, self.mean - mean, torch.zeros_like(s))  # μ_r − μ
+        if self.fourth_moments:
+            self._shift_fourth(n_r, c)
+        if self.scatter_kind == "pooled":
+            self.scatter = self.scatter + (c * n_r[:, None]).T @ c
+        elif self.scatter_kind == "diag":
+            self.scatter = self.scatter + n_r[:, None] * c * c
+        else:
+            self.scatter = self.scatter + n_r[:, None, None] * c[:, :, None] * c[:, None, :]
+        for t in [self.scatter] + ([self.s4, self.t3] if self.fourth_moments else []):
+            dist.all_reduce(t, group=group)
+        self.count, self.mean = n, mean
+
+    def _shift_fourth(self, n_x, c) -> None:
+        """Re-centre S4 and T of every class by ``c = μ_x − μ`` (uses the current scatter)."""
+        cc = (c * c).sum(1)
+        m2c = torch.einsum("kij,kj->ki", self.scatter, c)
+        tr = torch.diagonal(self.scatter, dim1=1, dim2=2).sum(1)
+        self.s4 = self.s4 + 4 * (c * m2c).sum(1) + 4 * (self.t3 * c).sum(1) + 2 * cc * tr + n_x * cc * cc
+        self.t3 = self.t3 + 2 * m2c + tr[:, None] * c + (n_x * cc)[:, None] * c
+
     def _merge(self, cls, nb, meanb, m2b, s4b, t3b) -> None:
         na = self.count[cls]
         n = na + nb

@@ -1,0 +1,258 @@
+"""gmfast CPU benchmarks: each shape × {floor GEMM, straightforward torch, reference, cpu}.
+
+    gmfast bench                             # the full table (a few minutes on 2 cores)
+    gmfast bench --smoke                     # tiny shapes: what CI runs so this cannot rot
+    gmfast bench --only tied                 # a subset (case name prefix)
+
+(``python benchmarks/run.py`` is the same command from a source checkout.)
+
+Every (case, variant) runs in a fresh subprocess, so its peak memory is measured cleanly:
+the growth of the process's maximum resident set size over the baseline after the inputs
+are allocated (Linux ``ru_maxrss``). Times are the median of ``--reps`` runs after one
+warm-up. Ratios are to the *floor*: a bare GEMM of the same shape (``torch.addmm`` for the
+tied logits, ``Z @ P_stackᵀ`` for full covariances, a float64 ``ZᵀZ`` for the fit). The
+table is printed and written as JSON (``--out``, default ``benchmarks/out/results.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------- cases
+
+# the fit has one gmfast path (torch + MKL, float64): "gmfast" is the streaming partial_fit
+FIT_VARIANTS = ("floor", "torch", "gmfast")
+
+FULL = [
+    dict(name="tied-65536x512x10", kind="tied", B=65536, d=512, K=10),
+    dict(name="tied-8192x2048x1000", kind="tied", B=8192, d=2048, K=1000),
+    dict(name="tied-400000x128x1000", kind="tied", B=400_000, d=128, K=1000, variants=("floor", "cpu")),
+    dict(name="full-2048x512x100", kind="full", B=2048, d=512, K=100),
+    dict(name="diag-8192x512x100", kind="diag", B=8192, d=512, K=100),
+    dict(name="fit-tied-200000x512x10", kind="fit", B=200_000, d=512, K=10, variants=FIT_VARIANTS),
+]
+SMOKE = [
+    dict(name="tied-257x33x5", kind="tied", B=257, d=33, K=5),
+    dict(name="full-65x17x4", kind="full", B=65, d=17, K=4),
+    dict(name="diag-65x17x4", kind="diag", B=65, d=17, K=4),
+    dict(name="fit-tied-1000x17x3", kind="fit", B=1000, d=17, K=3, variants=FIT_VARIANTS),
+]
+VARIANTS = ("floor", "torch", "reference", "cpu")
+
+
+def flops(case) -> float:
+    B, d, K = case["B"], case["d"], case["K"]
+    if case["kind"] == "tied":
+        return 2.0 * B * d * K
+    if case["kind"] == "full":
+        return 2.0 * B * K * d * d
+    if case["kind"] == "diag":
+        return 2.0 * B * K * d
+    return 2.0 * B * d * d  # fit: the ZᵀZ GEMM
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def _head(case):
+    from gmfast import GaussianMixtureHead as Head
+
+    g = torch.Generator().manual_seed(0)
+    d, K = case["d"], case["K"]
+    mu = torch.randn(K, d, generator=g, dtype=torch.float64)
+    pri = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    if case["kind"] == "tied":
+        X = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
+        cov = X @ X.T + torch.eye(d, dtype=torch.float64)
+    elif case["kind"] == "full":
+        X = torch.randn(K, d, d, generator=g, dtype=torch.float64) / d**0.5
+        cov = X @ X.transpose(1, 2) + torch.eye(d, dtype=torch.float64)
+    else:
+        cov = torch.rand(K, d, generator=g, dtype=torch.float64) + 0.5
+    return Head.from_params(mu, cov, pri, case["kind"])
+
+
+def _setup(case, variant):
+    """Inputs and a zero-argument callable that runs the variant once."""
+    from gmfast import _reference as ref
+
+    B, d, K = case["B"], case["d"], case["K"]
+    g = torch.Generator().manual_seed(1)
+    if case["kind"] == "fit":
+        from gmfast import GaussianMixtureHead as Head
+
+        Z = torch.randn(B, d, generator=g, dtype=torch.float64)
+        y = torch.randint(0, K, (B,), generator=g)
+        bs = 8192
+        if variant == "floor":
+            return lambda: Z.T @ Z
+        if variant == "torch":  # straightforward: per class, a two-pass covariance
+            return lambda: sum(torch.cov(Z[y == k].T, correction=0) * (y == k).sum() for k in range(K))
+
+        def fit():
+            h = Head("tied")
+            for i in range(0, B, bs):
+                h.partial_fit(Z[i:i + bs], y[i:i + bs])
+            return h.finalize()
+
+        return fit
+    head = _head(case)
+    Z = torch.randn(B, d, generator=g)
+    head.certify(Z[:2])  # tables, curvature and the working copy, outside the timing
+    work = head._work[(Z.device, torch.float32)]
+    if case["kind"] == "tied":
+        A, beta = work.A, work.beta
+        if variant == "floor":
+            return lambda: torch.addmm(beta, Z, A.T)
+        if variant == "torch":
+            inv = ref.tied_denominators(work, 2)[0].float()
+
+            def straightforward():  # logits, all margins, all ratios, min: B×K temporaries
+                L = torch.addmm(beta, Z, A.T)
+                c = L.argmax(1)
+                m = L.gather(1, c[:, None]) - L
+                r = m * inv[c]
+                r.scatter_(1, c[:, None], float("inf"))
+                return c, r.amin(1)
+
+            return straightforward
+    elif case["kind"] == "full":
+        if variant == "floor":
+            Pstack = work.prec.reshape(K * d, d)
+            return lambda: Z @ Pstack.T
+        if variant == "torch":
+            mu, P = work.mu, work.prec
+            kappa = work.kappa.float()
+
+            def straightforward():  # materialises the B×K×d residuals and gradients
+                R = Z[:, None, :] - mu[None]
+                U = torch.einsum("kij,bkj->bki", P, R)
+                f = kappa - 0.5 * (R * U).sum(-1)
+                c = f.argmax(1)
+                G = (U - U[torch.arange(B), c][:, None]).norm(dim=-1)
+                q = f.gather(1, c[:, None]) - f
+                return c, (q / G).amin(1)
+
+            return straightforward
+    else:  # diag
+        if variant == "floor":
+            W = work.prec
+            return lambda: Z @ W.T
+        if variant == "torch":
+            mu, p, kappa = work.mu, work.prec, work.kappa.float()
+
+            def straightforward():
+                R = Z[:, None, :] - mu[None]
+                U = p[None] * R
+                f = kappa - 0.5 * (R * U).sum(-1)
+                c = f.argmax(1)
+                G = (U - U[torch.arange(B), c][:, None]).norm(dim=-1)
+                q = f.gather(1, c[:, None]) - f
+                return c, (q / G).amin(1)
+
+            return straightforward
+    backend = "reference" if variant == "reference" else "cpu"
+    return lambda: head.certify(Z, backend=backend)
+
+
+def run_one(case, variant, reps) -> dict:
+    torch.manual_seed(0)
+    fn = _setup(case, variant)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()  # warm-up, and the peak-memory measurement
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return dict(case=case["name"], variant=variant, seconds=statistics.median(times), min_seconds=min(times),
+                peak_growth_mb=max(0, peak - base) / 1024.0, reps=reps)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import gmfast
+    from gmfast.ops import _cpu
+
+    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                gmfast=gmfast.__version__, python=platform.python_version(), blas=_cpu.blas_info())
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
+    ap.add_argument("--only", default="", help="run cases whose name starts with this")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per variant")
+    ap.add_argument("--out", default="gmfast_bench.json", help="where to write the JSON results")
+    ap.add_argument("--one", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="gmfast bench", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args) -> int:
+    cases = SMOKE if args.smoke else FULL
+    reps = args.reps or (1 if args.smoke else 5)
+    if args.one:
+        case = next(c for c in SMOKE + FULL if c["name"] == args.one[0])
+        print(json.dumps(run_one(case, args.one[1], reps)))
+        return 0
+    rows = []
+    for case in cases:
+        if not case["name"].startswith(args.only):
+            continue
+        for variant in case.get("variants", VARIANTS):
+            cmd = [sys.executable, "-m", "gmfast.bench", "--one", case["name"], variant, "--reps", str(reps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                raise SystemExit(f"benchmark {case['name']} / {variant} failed")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["gflops"] = flops(case) / row["seconds"] / 1e9
+            rows.append(row)
+        floor = next((r["seconds"] for r in rows if r["case"] == case["name"] and r["variant"] == "floor"), None)
+        for r in rows:
+            if r["case"] == case["name"]:
+                r["x_floor"] = r["seconds"] / floor if floor else float("nan")
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+          f"gmfast {info['gmfast']}, kernel GEMM: {info['blas']}")
+    head = f"{'case':<24} {'variant':<10} {'ms':>10} {'x floor':>8} {'GFLOP/s':>9} {'peak MB':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['case']:<24} {r['variant']:<10} {1e3 * r['seconds']:>10.2f} {r['x_floor']:>8.2f} "
+              f"{r['gflops']:>9.1f} {r['peak_growth_mb']:>9.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(machine=info, rows=rows), indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

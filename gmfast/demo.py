@@ -1,0 +1,209 @@
+"""``gmfast demo``: certified robustness on real images, end to end, on two CPU cores.
+
+Data: scikit-learn's bundled handwritten digits (1,797 images, 8×8, 10 classes; no
+download), pixels scaled to [0, 1], a stratified 75/25 split.
+
+Two encoders are trained (a few seconds each) with a prototype loss
+``logits_k = −s‖z − m_k‖²``, which shapes the latents into clusters, the structure a
+Gaussian-mixture head models:
+
+* ``cnn``: a standard small CNN (conv–BatchNorm–ReLU ×2, linear). Accurate, but its
+  Lipschitz bound is large, so its input-space radii are small;
+* ``lipschitz``: an MLP of spectrally normalised linear layers and ReLUs (Lipschitz
+  constant near 1), trained with Gaussian input noise (σ = 0.25, as randomized-smoothing
+  bases are) and a hinge on each sample's distance to the nearest prototype bisector (a
+  Lipschitz-margin term, Tsuzuku et al. 2018), so latent radii carry over to the input.
+
+For each, a tied ``GaussianMixtureHead`` is fitted on the training latents
+(:func:`gmfast.fit_head`) and the test split is certified in input space through a sound
+Lipschitz bound (:class:`gmfast.Certifier`). For the Lipschitz encoder two heads are shown:
+Ledoit–Wolf shrinkage, and full shrinkage (``shrinkage=1``, an isotropic covariance). Its
+latents have a few nearly collapsed directions, which a fitted covariance amplifies
+(``Σ⁻¹``): the LDA boundaries tilt toward the data and the *exact* ℓ2 radius shrinks.
+Randomized smoothing (Cohen et al. 2019) runs on the same encoder + isotropic head. The
+table gives clean accuracy, certified accuracy at several ℓ2 radii (pixel units), time
+per input, and the Lipschitz bound beside its power-iteration estimate; the curves are
+written as a PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def load_digits_split(seed: int = 0):
+    """Train/test tensors: X (n, 1, 8, 8) float32 in [0, 1], y (n,) int64."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, stratify=y, random_state=seed)
+    t = torch.from_numpy
+    return t(Xtr), t(ytr).long(), t(Xte), t(yte).long()
+
+
+def cnn_encoder(latent: int = 32) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, latent),
+    )
+
+
+def lipschitz_encoder(latent: int = 32, width: int = 256) -> nn.Module:
+    """Spectrally normalised linear layers and ReLUs: Lipschitz constant near 1 in ℓ2.
+
+    The normalisation divides by a power-iteration estimate, which can fall short of the
+    true spectral norm, so the product is a little above 1; the certificates use the sound
+    bound computed from the exact spectral norms, never the estimate.
+    """
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    return nn.Sequential(
+        nn.Flatten(),
+        spectral_norm(nn.Linear(64, width)), nn.ReLU(),
+        spectral_norm(nn.Linear(width, width)), nn.ReLU(),
+        spectral_norm(nn.Linear(width, latent)),
+    )
+
+
+class _Prototypes(nn.Module):
+    """``logits_k = −s‖z − m_k‖²``: cross-entropy on these pulls each class to a prototype."""
+
+    def __init__(self, latent: int, classes: int, scale: float):
+        super().__init__()
+        self.m = nn.Parameter(torch.randn(classes, latent) * 0.5)
+        self.scale = scale
+
+    def forward(self, z):
+        return -self.scale * torch.cdist(z, self.m).square()
+
+
+def train_encoder(encoder: nn.Module, X, y, *, epochs: int, latent: int, scale: float, noise: float = 0.0,
+                  margin: float = 0.0, margin_weight: float = 0.0, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Prototype cross-entropy, optional Gaussian input noise and bisector-margin hinge."""
+    torch.manual_seed(seed)
+    K = int(y.max()) + 1
+    proto = _Prototypes(latent, K, scale)
+    opt = torch.optim.Adam(list(encoder.parameters()) + list(proto.parameters()), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    encoder.train()
+    for _ in range(epochs):
+        perm = torch.randperm(X.shape[0], generator=g)
+        for i in range(0, X.shape[0], 64):
+            idx = perm[i:i + 64]
+            xb, yb = X[idx], y[idx]
+            if noise:
+                xb = xb + noise * torch.randn(xb.shape, generator=g)
+            logits = proto(encoder(xb))
+            loss = nn.functional.cross_entropy(logits, yb)
+            if margin_weight:
+                # signed distance to the bisector of the own and every other prototype: the
+                # latent l2 radius of an isotropic head; hinge it at `margin`
+                d2 = -logits / scale
+                m = proto.m
+                gap = (m[yb][:, None, :] - m[None]).norm(dim=-1).clamp_min(1e-6)
+                dist = (d2 - d2.gather(1, yb[:, None])) / (2 * gap)
+                dist = dist.masked_fill(nn.functional.one_hot(yb, K).bool(), math.inf)
+                loss = loss + margin_weight * torch.relu(margin - dist.amin(1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return encoder.eval()
+
+
+def _time_per_input(fn, n: int, reps: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best / max(n, 1)
+
+
+def run_demo(*, quick: bool = False, out="gmfast_demo.png", seed: int = 0, smoothing: bool = True,
+             log=print) -> dict:
+    """Run the demo; returns the table rows (and writes the plot to ``out``)."""
+    import gmfast
+    from gmfast.plot import certified_accuracy_curve, plot_certified_accuracy
+
+    torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    Xtr, ytr, Xte, yte = load_digits_split(seed)
+    log(f"digits: {len(Xtr)} train / {len(Xte)} test images, 8x8, 10 classes (scikit-learn, bundled)")
+    epochs = 8 if quick else 40
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr), batch_size=256)
+    sigma = 0.25
+    enc_cnn = train_encoder(cnn_encoder(), Xtr, ytr, epochs=epochs, latent=32, scale=0.5, seed=seed)
+    enc_lip = train_encoder(lipschitz_encoder(), Xtr, ytr, epochs=epochs, latent=32, scale=1.0, noise=sigma,
+                            margin=0.5, margin_weight=1.0, seed=seed)
+    log(f"trained 2 encoders ({epochs} epochs each) in {time.perf_counter() - t_start:.1f} s")
+    setups = {  # name -> (encoder, shrinkage)
+        "cnn encoder, LW": (enc_cnn, "ledoit-wolf"),
+        "lipschitz enc., LW": (enc_lip, "ledoit-wolf"),
+        "lipschitz enc., isotropic": (enc_lip, 1.0),
+    }
+    rows, curves, marks = [], {}, {}
+    certs = {}
+    for name, (enc, shrink) in setups.items():
+        head = gmfast.fit_head(enc, loader, covariance_type="tied", shrinkage=shrink, progress=False)
+        certifier = gmfast.Certifier(enc, head)
+        cert = certifier.certify(Xte)
+        lb = certifier.lipschitz_bound(tuple(Xte.shape[1:]))
+        with torch.no_grad():
+            t_enc = _time_per_input(lambda: enc(Xte), len(Xte))
+        t_cert = _time_per_input(lambda: certifier.certify(Xte), len(Xte))
+        ca = gmfast.certified_accuracy(cert, yte, RADII)
+        rows.append(dict(method=f"gmfast, {name}", L=float(lb), L_est=getattr(lb, "estimate", None),
+                         accuracy=ca, ms=1e3 * t_cert, ms_encoder=1e3 * t_enc, samples=1))
+        curves[f"gmfast ({name})"] = certified_accuracy_curve(cert, yte, max_radius=max(RADII) * 1.2)
+        certs[name] = (enc, head, cert)
+    if smoothing:
+        from gmfast.smoothing import Smooth
+
+        enc, head, _ = certs["lipschitz enc., isotropic"]
+        n_eval = 60 if quick else 200
+        n0, n, alpha = 100, (1000 if quick else 10_000), 0.001
+        idx = torch.arange(0, len(Xte), max(1, len(Xte) // n_eval))[:n_eval]
+        sm = Smooth((enc, head), num_classes=10, sigma=sigma, seed=seed)
+        t = time.perf_counter()
+        sc = sm.certify_batch(Xte[idx], n0=n0, n=n, alpha=alpha, batch_size=10_000)
+        t_sm = (time.perf_counter() - t) / len(idx)
+        ca = gmfast.certified_accuracy(sc, yte[idx], RADII)
+        rows.append(dict(method=f"smoothing σ={sigma}, same enc.+head", L=None, L_est=None, accuracy=ca,
+                         ms=1e3 * t_sm, ms_encoder=None, samples=n0 + n, subset=len(idx)))
+        marks[f"randomized smoothing (σ={sigma}, n={n}, {len(idx)} inputs)"] = (np.array(RADII), ca)
+    path = plot_certified_accuracy(curves, out, marks=marks,
+                                   title="digits: certified accuracy under ℓ2 input perturbations")
+    _print_table(rows, log)
+    log(f"plot: {path}   (total {time.perf_counter() - t_start:.1f} s)")
+    return dict(rows=rows, plot=str(path))
+
+
+def _print_table(rows, log) -> None:
+    hdr = (f"{'method':<36} {'L bound':>8} {'L est.':>7} " + " ".join(f"{'r=' + format(r, 'g'):>7}" for r in RADII)
+           + f" {'ms/input':>9} {'samples':>8}")
+    log("")
+    log("certified accuracy (%) at l2 input radius r (pixels in [0,1]); r=0 is clean accuracy")
+    log(hdr)
+    log("-" * len(hdr))
+    for r in rows:
+        L = f"{r['L']:.3g}" if r["L"] is not None else "-"
+        Le = f"{r['L_est']:.3g}" if r.get("L_est") is not None else "-"
+        acc = " ".join(f"{100 * a:>7.1f}" for a in r["accuracy"])
+        name = r["method"] + (f" ({r['subset']} in.)" if "subset" in r else "")
+        log(f"{name:<36} {L:>8} {Le:>7} {acc} {r['ms']:>9.3f} {r['samples']:>8}")
+    enc_ms = [r for r in rows if r.get("ms_encoder")]
+    for r in enc_ms:
+        log(f"  {r['method']}: certify {r['ms']:.4f} ms/input vs the encoder's own forward {r['ms_encoder']:.4f} "
+            f"ms/input ({r['ms'] / r['ms_encoder']:.2f}x)")

@@ -1,0 +1,275 @@
+"""Triton kernels for the per-class (full / diag / spherical) certificate (DESIGN 1.4).
+
+Contract (:mod:`gmfast.ops.certify`): ``Z (B, d)`` in the working dtype ``T``; ``p`` a
+:class:`gmfast._reference.PerClassParams` on Z's device in ``T`` (``mu``, ``prec``,
+``prec_mu``; float64 ``kappa``, ``prec_abs_up``, ``mu_norm_up``); ``lam (K, K)`` float64
+curvature table or ``None`` (predictions only). Returns ``pred (B,)`` int64 (``-1``: a
+non-finite score) and ``radius (B,)`` float64 or ``None``.
+
+Per row ``z`` and class ``k``: ``w_k = fl(z − μ_k)``, ``û_k`` (full: ``fl(P_k z) − P_kμ_k``
+from one GEMM of a chunk of rows against the stacked ``P`` (K·d × d); diag ``fl(p_k ⊙
+w_k)``; spherical ``fl(s_k w_k)``), ``D_k = fl(w_kᵀû_k)``, ``f_k = κ_k − D_k/2`` (float64),
+``c = argmax f`` (lowest index on ties). For every ``j ≠ c``: ``q = f_c − f_j``,
+``g = ‖fl(û_c − û_j)‖``, ``r_j = 2q/(g + √(g² + 2λ_cj q))``; radius ``min_j r_j``.
+
+What is fused, and memory
+-------------------------
+``_perclass_kernel`` takes a tile of rows through two passes over the classes: pass 1
+computes ``D_k, ‖û_k‖², ‖w_k‖²`` for every ``k`` and keeps a running argmax (and the
+winner's terms); pass 2 recomputes them for each ``j`` together with ``‖û_c − û_j‖²`` (``û_c``
+reloaded or recomputed per row with ``c`` known) and folds ``r_j`` into a running min.
+Nothing of size B×K is stored. For ``full`` the ``û`` of a bounded chunk of rows
+(``chunk × K·d ≤ 2²³`` elements) comes from :func:`gmfast.triton.tied.gemm_nt_bias`;
+B×K×d is never materialised.
+
+Soundness
+---------
+The error terms are those of :func:`gmfast._reference.perclass_certify`, same formulas and
+constants: ``γ = γ_{d+4}(u_T)``, ``S = 1 + 4γ``, the underflow allowances ``ν``, ``τ_u``,
+``τ_D``, ``λ⁺`` from the table. ``D`` and the squared norms are accumulated in ``T`` (the
+reference accumulates the norms in float64): that bound is written for working-precision
+accumulation, the computed norms are within ``γ_{d+1}(u_T)`` of the exact ones (covered by
+``S``) and possibly-underflowed squares by ``ν``; an overflow gives ``inf`` and radius 0.
+``‖z‖`` is bounded from ``fl(Σz²)`` in ``T`` as in :mod:`gmfast.triton.tied`. Everything
+after the accumulations is float64, and float64 constants come in a tensor (Triton types
+Python floats as float32). A NaN anywhere in a pair's terms yields ``r_j = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from gmfast._fp import U64, gamma, slack_down, underflow_unit, unit_roundoff
+from gmfast.triton.tied import (chunk_rows, check_device, check_dtype, check_f64, constants, gemm_nt_bias,
+                                interpreting, launch_context, norm_constants, norm_up, pow2)
+
+_KIND = {"full": 0, "diag": 1, "spherical": 2}
+
+
+@triton.jit
+def _class_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, k, d,
+                 KIND: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """``(D_k, ‖û_k‖², ‖w_k‖²)`` for a row tile and one class k, accumulated in T."""
+    T = Z.dtype.element_ty
+    dd0 = tl.arange(0, BD).to(tl.int64)
+    D = tl.zeros([BM], dtype=T)
+    uu = tl.zeros([BM], dtype=T)
+    ww = tl.zeros([BM], dtype=T)
+    for d0 in range(0, d, BD):
+        dd = d0 + dd0
+        dmask = dd < d
+        m2 = rmask[:, None] & dmask[None, :]
+        z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd, mask=m2, other=0.0)
+        mu = tl.load(MU + k * d + dd, mask=dmask, other=0.0)
+        w = z - mu[None, :]
+        if KIND == 0:
+            u = tl.load(U + rows[:, None] * su + k * d + dd[None, :], mask=m2, other=0.0)
+        elif KIND == 1:
+            u = tl.load(PREC + k * d + dd, mask=dmask, other=0.0)[None, :] * w
+        else:
+            u = tl.load(PREC + k) * w
+        D += tl.sum(w * u, 1)
+        uu += tl.sum(u * u, 1)
+        ww += tl.sum(w * w, 1)
+    return D, uu, ww
+
+
+@triton.jit
+def _pair_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, j, c, d,
+                KIND: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """``(D_j, ‖û_j‖², ‖w_j‖², ‖û_c − û_j‖²)`` for a row tile, class j and per-row c."""
+    T = Z.dtype.element_ty
+    dd0 = tl.arange(0, BD).to(tl.int64)
+    D = tl.zeros([BM], dtype=T)
+    uu = tl.zeros([BM], dtype=T)
+    ww = tl.zeros([BM], dtype=T)
+    gg = tl.zeros([BM], dtype=T)
+    for d0 in range(0, d, BD):
+        dd = d0 + dd0
+        dmask = dd < d
+        m2 = rmask[:, None] & dmask[None, :]
+        z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd, mask=m2, other=0.0)
+        mu = tl.load(MU + j * d + dd, mask=dmask, other=0.0)
+        w = z - mu[None, :]
+        if KIND == 0:
+            u = tl.load(U + rows[:, None] * su + j * d + dd[None, :], mask=m2, other=0.0)
+            uc = tl.load(U + rows[:, None] * su + c[:, None] * d + dd[None, :], mask=m2, other=0.0)
+        else:
+            wc = z - tl.load(MU + c[:, None] * d + dd[None, :], mask=m2, other=0.0)
+            if KIND == 1:
+                u = tl.load(PREC + j * d + dd, mask=dmask, other=0.0)[None, :] * w
+                uc = tl.load(PREC + c[:, None] * d + dd[None, :], mask=m2, other=0.0) * wc
+            else:
+                u = tl.load(PREC + j) * w
+                uc = tl.load(PREC + c, mask=rmask, other=0.0)[:, None] * wc
+        D += tl.sum(w * u, 1)
+        uu += tl.sum(u * u, 1)
+        ww += tl.sum(w * w, 1)
+        diff = uc - u
+        gg += tl.sum(diff * diff, 1)
+    return D, uu, ww, gg
+
+
+@triton.jit
+def _pair_radius(q, g, lam):
+    """Largest r with ``q − g r − λr²/2 ≥ 0``, cancellation-free; 0 for q ≤ 0 or NaN."""
+    qp = tl.maximum(q, 0.0)
+    den = g + tl.sqrt(g * g + 2.0 * lam * qp)
+    r = tl.where(den > 0, 2.0 * qp / den, tl.where(den == 0, float("inf"), 0.0))
+    return tl.where(q > 0, r, 0.0)
+
+
+@triton.jit
+def _perclass_kernel(Z, szb, szd, U, su, MU, PREC, KAPPA, PABS, MUN, LAM, CST, PRED, RAD, R, d, K,
+                     KIND: tl.constexpr, NEED_RADIUS: tl.constexpr, FP_SOUND: tl.constexpr,
+                     BM: tl.constexpr, BD: tl.constexpr):
+    """Prediction and sound radius for a tile of BM rows; see the module docstring.
+
+    CST (float64): the constants of :func:`_kernel_constants`, in that order.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = rows < R
+    best = tl.full([BM], float("-inf"), tl.float64)
+    c = tl.zeros([BM], dtype=tl.int64)
+    ok = tl.full([BM], 1, tl.int32)
+    Dc = tl.zeros([BM], dtype=tl.float64)
+    uuc = tl.zeros([BM], dtype=tl.float64)
+    wwc = tl.zeros([BM], dtype=tl.float64)
+    for k in range(0, K):
+        D, uu, ww = _class_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, k, d, KIND, BM, BD)
+        D64 = D.to(tl.float64)
+        f = tl.load(KAPPA + k) - 0.5 * D64
+        ok = tl.minimum(ok, (tl.abs(f) < float("inf")).to(tl.int32))
+        upd = f > best  # strict: the lowest index wins ties
+        best = tl.where(upd, f, best)
+        c = tl.where(upd, k, c)
+        Dc = tl.where(upd, D64, Dc)
+        uuc = tl.where(upd, uu.to(tl.float64), uuc)
+        wwc = tl.where(upd, ww.to(tl.float64), wwc)
+    good = ok > 0
+    c = tl.where(good, c, 0)
+    tl.store(PRED + rows, tl.where(good, c, -1), mask=rmask)
+    if NEED_RADIUS:
+        u = tl.load(CST + 3)
+        g_ = tl.load(CST + 4)
+        S = tl.load(CST + 5)
+        nu = tl.load(CST + 6)
+        tiny_u = tl.load(CST + 7)
+        tiny_d = tl.load(CST + 8)
+        three_u = tl.load(CST + 9)
+        half_S = tl.load(CST + 10)
+        four_u64 = tl.load(CST + 11)
+        one_u = tl.load(CST + 12)
+        kap_c = tl.load(KAPPA + c)
+        if FP_SOUND:
+            # ‖z‖ bound from fl(Σz²) in T
+            dd0 = tl.arange(0, BD).to(tl.int64)
+            zss = tl.zeros([BM], dtype=Z.dtype.element_ty)
+            for d0 in range(0, d, BD):
+                dd = d0 + dd0
+                z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd,
+                            mask=rmask[:, None] & (dd < d)[None, :], other=0.0)
+                zss += tl.sum(z * z, 1)
+            zn = norm_up(zss, CST, 0)
+            zm_c = zn + tl.load(MUN + c)
+            un_c = tl.sqrt(uuc) + nu
+            wn_c = tl.sqrt(wwc) + nu
+            delta_c = g_ * tl.load(PABS + c) * zm_c + u * un_c + tiny_u
+            epsw_c = three_u * zm_c
+            e_c = S * (g_ * wn_c * un_c + epsw_c * un_c + (wn_c + epsw_c) * delta_c) + tiny_d
+            mag_c = tl.abs(kap_c) + tl.abs(Dc)
+        r = tl.full([BM], float("inf"), tl.float64)
+        for j in range(0, K):
+            Dj, uuj, wwj, gg = _pair_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, j, c, d, KIND, BM, BD)
+            Dj64 = Dj.to(tl.float64)
+            kap_j = tl.load(KAPPA + j)
+            q = best - (kap_j - 0.5 * Dj64)
+            G = tl.sqrt(gg.to(tl.float64))
+            if FP_SOUND:
+                zm_j = zn + tl.load(MUN + j)
+                un_j = tl.sqrt(uuj.to(tl.float64)) + nu
+                wn_j = tl.sqrt(wwj.to(tl.float64)) + nu
+                delta_j = g_ * tl.load(PABS + j) * zm_j + u * un_j + tiny_u
+                epsw_j = three_u * zm_j
+                e_j = S * (g_ * wn_j * un_j + epsw_j * un_j + (wn_j + epsw_j) * delta_j) + tiny_d
+                mag_j = tl.abs(kap_j) + tl.abs(Dj64)
+                q = q - half_S * (e_c + e_j) - four_u64 * (mag_c + mag_j)
+                G = S * ((G + nu) * one_u + delta_c + delta_j)
+            rj = _pair_radius(q, G, tl.load(LAM + c * K + j, mask=rmask, other=0.0))
+            r = tl.where(c == j, r, tl.minimum(r, rj))
+        if FP_SOUND:
+            r = r * tl.load(CST + 13)
+        tl.store(RAD + rows, tl.where(good & (r == r), r, 0.0), mask=rmask)
+
+
+def _kernel_constants(d: int, dtype: torch.dtype) -> tuple:
+    """The float64 constants of :func:`_perclass_kernel`, in its CST order."""
+    u = unit_roundoff(dtype)
+    g_ = gamma(d + 4, u)
+    S = 1.0 + 4.0 * g_
+    eta = underflow_unit(dtype)
+    nu = math.sqrt(2.0 * (d + 4) * eta)
+    tiny_u = 2.0 * (d + 4) ** 1.5 * eta
+    tiny_d = 2.0 * (d + 4) * eta
+    return norm_constants(d, dtype) + (u, g_, S, nu, tiny_u, tiny_d, 3.0 * u, 0.5 * S, 4.0 * U64, 1.0 + u,
+                                       slack_down(8))
+
+
+def perclass_certify(Z: torch.Tensor, p, lam: torch.Tensor | None, fp_sound: bool):
+    """Per-class certify on the GPU (or the Triton interpreter); see the module docstring.
+
+    Z (B, d) any strides, in ``p``'s working dtype; ``lam`` (K, K) float64 or None.
+    Returns pred (B,) int64 and radius (B,) float64 (None when ``lam`` is None).
+    """
+    if p.kind not in _KIND:
+        raise ValueError(f"unknown per-class kind {p.kind!r}")
+    check_device(Z, p.mu, p.prec, p.prec_mu, p.kappa, p.prec_abs_up, p.mu_norm_up, lam)
+    check_dtype(Z, p.mu, p.prec, p.prec_mu)
+    check_f64(p.kappa, p.prec_abs_up, p.mu_norm_up, lam)
+    B, d = Z.shape
+    K = p.mu.shape[0]
+    need_radius = lam is not None
+    fp_sound = bool(fp_sound) and need_radius
+    dev = Z.device
+    pred = torch.empty(B, dtype=torch.int64, device=dev)
+    radius = torch.empty(B, dtype=torch.float64, device=dev) if need_radius else None
+    if B == 0:
+        return pred, radius
+    cst = constants(_kernel_constants(d, Z.dtype), dev)
+    mu, prec = p.mu.contiguous(), p.prec.contiguous()
+    kappa, pabs, mun = p.kappa.contiguous(), p.prec_abs_up.contiguous(), p.mu_norm_up.contiguous()
+    lam_ = lam.contiguous() if need_radius else cst
+    if need_radius and lam_.shape != (K, K):
+        raise ValueError(f"lam: expected ({K}, {K}); got {tuple(lam_.shape)}")
+    kind = _KIND[p.kind]
+    if interpreting():
+        BM, BD, warps = pow2(B, 16, 64), pow2(d, 16, 128), 4
+    else:
+        BM, BD, warps = 32, 64, 4
+
+    def launch(Zc, U, n, pred_c, rad_c):
+        with launch_context():
+            _perclass_kernel[(triton.cdiv(n, BM),)](
+                Zc, Zc.stride(0), Zc.stride(1), U, U.stride(0) if U.dim() == 2 else 0, mu, prec, kappa, pabs,
+                mun, lam_, cst, pred_c, rad_c, n, d, K, KIND=kind, NEED_RADIUS=need_radius, FP_SOUND=fp_sound,
+                BM=BM, BD=BD, num_warps=warps)
+
+    if kind != 0:
+        launch(Z, cst, B, pred, radius if need_radius else cst)
+        return pred, radius
+    # full: û for a chunk of rows = Z_chunk · [P_1; …; P_K]ᵀ − [P_1μ_1; …] (negation is exact)
+    Pst = prec.reshape(K * d, d)
+    neg_pm = -p.prec_mu.reshape(K * d).contiguous()
+    rows = chunk_rows(K * d, 64, B)
+    U = torch.empty(rows, K * d, dtype=Z.dtype, device=dev)
+    for r0 in range(0, B, rows):
+        n = min(rows, B - r0)
+        Zc = Z[r0:r0 + n]
+        gemm_nt_bias(Zc, Pst, neg_pm, U[:n])
+        launch(Zc, U, n, pred[r0:], radius[r0:] if need_radius else cst)
+    return pred, radius
