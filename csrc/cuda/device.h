@@ -1,0 +1,73 @@
+// Device helpers shared by the gmfast CUDA kernels: warp reductions, explicitly rounded
+// arithmetic, and the float64 constants of the fp-sound epilogues (computed on the host
+// with the same formulas as the CPU kernels, csrc/common.h).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+#include "cuda/kernels.h"
+
+namespace gmfast {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+
+// Explicitly rounded product and difference: never contracted into an FMA, so a value
+// that is stored or compared twice (u-hat of a class) is the same rounded number each time.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+
+// Sum over the warp, then lane 0's value broadcast: every lane gets bit-identical results
+// (an xor butterfly alone may round differently per lane), so control flow that depends
+// on them stays uniform.
+template <class T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return __shfl_sync(kFullMask, v, 0);
+}
+
+// Exact (no rounding) reductions: every lane ends with the same value.
+__device__ __forceinline__ double warp_min(double v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v = fmin(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+// (max value, lowest index attaining it) over the warp.
+template <class T>
+__device__ __forceinline__ void warp_argmax(T& best, index_t& idx) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const T ob = __shfl_xor_sync(kFullMask, best, off);
+    const index_t oi = __shfl_xor_sync(kFullMask, idx, off);
+    if (ob > best || (ob == best && oi < idx)) {
+      best = ob;
+      idx = oi;
+    }
+  }
+}
+
+// Upper bound on ||z|| from ss = fl(sum z_i^2) accumulated in T:
+// sqrt((ss + 2 d eta_T)(1 + gamma_{d+2}(u_T))) (1 + 4 u64), as norm_up_from_ss<T> in common.h.
+struct NormConsts {
+  double eta2, g1, up;
+};
+
+template <class T>
+NormConsts norm_consts(index_t d) {
+  return {2.0 * static_cast<double>(d) * underflow_unit<T>(), 1.0 + gamma_n(d + 2, unit_roundoff<T>()),
+          1.0 + 4.0 * kU64};
+}
+
+__device__ __forceinline__ double norm_up(double ss, const NormConsts& c) { return sqrt((ss + c.eta2) * c.g1) * c.up; }
+
+}  // namespace cuda
+}  // namespace gmfast

@@ -1,0 +1,58 @@
+// CUDA kernel contracts of gmfast._C_cuda (the math: gmfast/_reference.py; the contract:
+// gmfast/ops/certify.py). Host functions take device pointers, shapes and the stream to
+// launch on; they only enqueue work (no synchronisation) and check every launch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+namespace gmfast {
+namespace cuda {
+
+using index_t = int64_t;
+
+// A CUDA runtime failure (no device or driver, no kernel image for this GPU, a failed
+// launch). Python sees gmfast._C_cuda.CudaError, a RuntimeError.
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Throws CudaError "gmfast CUDA: <what>: <error string>" unless err is cudaSuccess.
+void check(cudaError_t err, const char* what);
+
+// C (M x N, row-major, contiguous) = fl(X Y^T) + bias, with X (M x Kd, row stride ldx,
+// unit inner stride), Y (N x Kd) and bias (N) contiguous, all in T; IEEE products with
+// FMA (covered by the gamma_n bounds of every caller, which hold for any summation order).
+// If ss is non-null it receives fl(||X_m||^2) per row, accumulated in T.
+template <class T>
+void gemm_nt_bias(index_t M, index_t N, index_t Kd, const T* X, index_t ldx, const T* Y, const T* bias, T* C,
+                  T* ss, cudaStream_t stream);
+
+// Tied certify (gmfast._reference.tied_certify): logits l = Z A^T + beta for chunks of
+// `chunk` rows into the scratch `logits` (chunk x K) and `ss` (chunk), then per row the
+// argmax c (lowest index on ties) and, when inv is non-null, the radius
+// min_{j != c} max(0, m_cj - E_cj) * inv[c, j] in float64 (E_cj = 0 when alpha/eps are null).
+// Rows with a non-finite logit get pred -1, radius 0.
+//   Z (B x d, row stride ldz), A (K x d), beta (K) in T;  inv (K x K), alpha, eps (K) float64
+//   pred (B) int64;  radius (B) float64 (written only when inv is non-null)
+template <class T>
+void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
+                  const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius, T* logits,
+                  T* ss, index_t chunk, cudaStream_t stream);
+
+enum class PerClassKind : int { kFull = 0, kDiag = 1, kSpherical = 2 };
+
+// Per-class certify (gmfast._reference.perclass_certify), same formulas and constants.
+//   prec: full (K x d x d), diag (K x d), spherical (K);  mu, neg_prec_mu (= -P_k mu_k) (K x d)
+//   kappa, prec_abs_up, mu_norm_up (K) float64;  lam (K x K) float64 or null (predict only)
+//   U: scratch (chunk x K*d) for full (unused otherwise)
+template <class T>
+void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu, const T* prec,
+                      const T* neg_prec_mu, const double* kappa, const double* prec_abs_up,
+                      const double* mu_norm_up, index_t K, const double* lam, bool fp_sound, int64_t* pred,
+                      double* radius, T* U, index_t chunk, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace gmfast
