@@ -16,10 +16,12 @@ template <class T> constexpr double unit_roundoff();
 template <> constexpr double unit_roundoff<float>() { return 5.9604644775390625e-08; }  // 2^-24
 template <> constexpr double unit_roundoff<double>() { return kU64; }
 
-// Half the smallest subnormal: the absolute error a product may add (Higham eq. 2.8).
+// An upper bound on the absolute error a product may add on underflow (Higham eq. 2.8: half
+// the smallest subnormal). For double, half of 2^-1074 is not representable (it rounds to
+// 0), so the smallest subnormal itself is used.
 template <class T> constexpr double underflow_unit();
 template <> constexpr double underflow_unit<float>() { return 7.006492321624085e-46; }  // 2^-150
-template <> constexpr double underflow_unit<double>() { return 2.4703282292062327e-324; }  // 2^-1075
+template <> constexpr double underflow_unit<double>() { return 4.9406564584124654e-324; }  // 2^-1074
 
 // Higham's gamma_n = n u / (1 - n u); callers check n u < 1/2 on the Python side.
 inline double gamma_n(index_t n, double u) {

@@ -39,8 +39,10 @@ _UNIT_ROUNDOFF = {
 }
 
 
+# half the smallest subnormal, as a float64; for float64 itself that half (2^-1075) is not
+# representable and would round to 0, so the smallest subnormal 2^-1074 bounds it instead
 _UNDERFLOW = {
-    torch.float64: 2.0**-1075,
+    torch.float64: 2.0**-1074,
     torch.float32: 2.0**-150,
     torch.float16: 2.0**-25,
     torch.bfloat16: 2.0**-134,
@@ -48,7 +50,7 @@ _UNDERFLOW = {
 
 
 def underflow_unit(dtype: torch.dtype) -> float:
-    """Half the smallest subnormal of ``dtype``: the absolute error a product may add."""
+    """A (nonzero) bound on the absolute error a product in ``dtype`` may add on underflow."""
     try:
         return _UNDERFLOW[dtype]
     except KeyError:
@@ -89,13 +91,14 @@ def norm_upper(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
     ``s = fl(Σx_i²)`` in float64 (any float input is exact in float64). Each square adds at
     most ``η₆₄`` absolutely (underflow) and the sum has relative error ``≤ γ_{n+1}``, so
-    ``Σx² ≤ (s + n·2η₆₄)(1 + γ_{n+2})``; two more roundings for the square root and the
-    product are covered by ``(1 + 4u₆₄)``. The kernels use the same formula.
+    ``Σx² ≤ (s + 2nη₆₄)(1 + γ_{n+2})``; two more roundings for the square root and the
+    product are covered by ``(1 + 4u₆₄)``. The kernels use the same formula
+    (``csrc/common.h: norm_up_from_ss``).
     """
     n = x.shape[dim] if x.dim() else 1
     x = x.double()
     ss = (x * x).sum(dim)
-    return torch.sqrt((ss + n * 2.0**-1074) * (1.0 + gamma(n + 2, U64))) * (1.0 + 4.0 * U64)
+    return torch.sqrt((ss + 2.0 * n * _UNDERFLOW[torch.float64]) * (1.0 + gamma(n + 2, U64))) * (1.0 + 4.0 * U64)
 
 
 def round_down_to(r64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
