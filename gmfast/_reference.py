@@ -33,7 +33,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 # Rows per block are chosen so that a block's largest temporary has about this many
 # elements: memory stays bounded for any batch size.
-_BLOCK_ELEMS = 1 << 22
+_BLOCK_ELEMS = 1 << 20
 
 
 # --------------------------------------------------------------------------------------
