@@ -554,11 +554,10 @@ def perclass_log_joint(Z: torch.Tensor, p: PerClassParams) -> torch.Tensor:
     B, d = Z.shape
     bs = max(1, _BLOCK_ELEMS // max(1, p.K * d))
     kappa = p.kappa.to(Z.dtype)
-    out = []
-    for i in range(0, B, bs):
-        Wr, U = _quadratic_u(Z[i:i + bs], p)
-        out.append(kappa - 0.5 * (Wr * U).sum(-1) - 0.5 * d * LOG_2PI)
-    return torch.cat(out) if out else Z.new_zeros(0, p.K)
+    if B <= bs:  # one block: stay differentiable without in-place writes
+        Wr, U = _quadratic_u(Z, p)
+        return kappa - 0.5 * (Wr * U).sum(-1) - 0.5 * d * LOG_2PI
+    return torch.cat([perclass_log_joint(Z[i:i + bs], p) for i in range(0, B, bs)])
 
 
 # --------------------------------------------------------------------------------------
@@ -691,23 +690,21 @@ def tied_certify(Z: torch.Tensor, p: TiedParams, norm, *, fp_sound: bool = True,
         inv_hat, inv_lo = tied_denominators(p, norm)
         table = (inv_lo if fp_sound else inv_hat).to(Z.device)
         alpha, eps = tied_error_coefficients(p, d, Z.dtype) if fp_sound else (None, None)
+    # Outputs are allocated once and filled block by block: small per-block result tensors
+    # allocated between the big temporaries would pin glibc's heap and make the resident
+    # set grow with B (measured: 2.8 GB at B = 200,000, K = 1000), although nothing leaks.
     bs = max(1, _BLOCK_ELEMS // max(K, 1))
-    preds, radii = [], []
+    pred = torch.empty(B, dtype=torch.int64, device=Z.device)
+    radius = torch.empty(B, dtype=torch.float64, device=Z.device) if need_radius else None
     for i in range(0, B, bs):
         Zb = Z[i:i + bs]
         logits = tied_linear_logits(Zb, p)
         if not need_radius:
             finite = torch.isfinite(logits).all(1)
-            preds.append(torch.where(finite, logits.argmax(1), torch.full_like(finite, -1, dtype=torch.int64)))
+            pred[i:i + bs] = torch.where(finite, logits.argmax(1), torch.full_like(finite, -1, dtype=torch.int64))
             continue
         zn = norm_upper(Zb) if fp_sound else None
-        pr, r = tied_epilogue(logits, zn, table, alpha, eps)
-        preds.append(pr)
-        radii.append(r)
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=Z.device)
-    if not need_radius:
-        return pred, None
-    radius = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64, device=Z.device)
+        pred[i:i + bs], radius[i:i + bs] = tied_epilogue(logits, zn, table, alpha, eps)
     return pred, radius
 
 
@@ -842,8 +839,8 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
         lam_hat, lam_up, _ = curvature_table(p, curvature)
         lam_tab = (lam_up if fp_sound else lam_hat).to(Z.device)
     bs = max(1, _BLOCK_ELEMS // max(1, K * d))
-    preds, radii = [], []
-    ar = None
+    out_pred = torch.empty(B, dtype=torch.int64, device=Z.device)  # filled in place: see tied_certify
+    out_radius = torch.empty(B, dtype=torch.float64, device=Z.device) if need_radius else None
     for i in range(0, B, bs):
         Zb = Z[i:i + bs]
         Wr, U = _quadratic_u(Zb, p)
@@ -852,7 +849,7 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
         pred = f.argmax(1)
         finite = torch.isfinite(f).all(1)
         if not need_radius:
-            preds.append(torch.where(finite, pred, torch.full_like(pred, -1)))
+            out_pred[i:i + bs] = torch.where(finite, pred, torch.full_like(pred, -1))
             continue
         ar = torch.arange(Zb.shape[0], device=Z.device)
         Uc = U[ar, pred]
@@ -877,11 +874,6 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
         radius = r.amin(1)
         if fp_sound:
             radius = radius * slack_down(8)
-        radius = torch.where(finite & ~torch.isnan(radius), radius, torch.zeros_like(radius))
-        preds.append(torch.where(finite, pred, torch.full_like(pred, -1)))
-        radii.append(radius)
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=Z.device)
-    if not need_radius:
-        return pred, None
-    radius = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64, device=Z.device)
-    return pred, radius
+        out_radius[i:i + bs] = torch.where(finite & ~torch.isnan(radius), radius, torch.zeros_like(radius))
+        out_pred[i:i + bs] = torch.where(finite, pred, torch.full_like(pred, -1))
+    return out_pred, out_radius
