@@ -65,16 +65,19 @@ class Certifier:
         self.backend = backend
         self._bounds = {}
 
-    def lipschitz_bound(self, input_shape):
+    def lipschitz_bound(self, input_shape, points=None):
         """The Lipschitz bound used for inputs of ``input_shape`` (a float, or the
-        :class:`gmfast.lipschitz.LipschitzBound` report when computed)."""
+        :class:`gmfast.lipschitz.LipschitzBound` report when computed; the encoder is put in
+        eval mode for it, as for certification). ``points``: inputs at which the reported
+        lower estimate is evaluated (the first inputs certified, by default)."""
         if self.lipschitz != "auto":
             return float(self.lipschitz)
         key = tuple(input_shape)
         if key not in self._bounds:
             from gmfast.lipschitz import lipschitz_bound
 
-            self._bounds[key] = lipschitz_bound(self.encoder, key)
+            with eval_mode(self.encoder):
+                self._bounds[key] = lipschitz_bound(self.encoder, key, points=points, cache=False)
         return self._bounds[key]
 
     def certify(self, x, *, norm=2) -> Certificate:
@@ -98,8 +101,7 @@ class Certifier:
                 radii.append(cert.radius.double().cpu())
         pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
         latent = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64)
-        L = self.lipschitz_bound(tuple(x.shape[1:]))
-        Lf = float(L)
+        Lf = float(self.lipschitz_bound(tuple(x.shape[1:]), points=x[:8].to(self.device)))
         # (R − e)/L in float64; two roundings, so deflate to stay below the exact quotient
         radius = ((latent - self.encoder_error).clamp_min(0) / Lf) * slack_down(2)
         return Certificate(prediction=pred, radius=round_down_to(radius, torch.float64), norm=2,
