@@ -14,8 +14,31 @@
 namespace gmfast {
 namespace cuda {
 
+// Kernel launch. GMFAST_CUDA_EMULATE (tests only, tests/test_cuda.py) compiles these
+// sources with a host C++ compiler and a stand-in cuda_runtime.h that runs every CUDA
+// thread of a block as a host thread, so the kernels can be checked without a GPU.
+// `kernel` is a pointer to a __global__ function (template arguments may contain commas).
+#ifdef GMFAST_CUDA_EMULATE
+#define GMFAST_LAUNCH(kernel, grid, block, stream, ...) \
+  ::emu::launch((grid), (block), [&] { (void)(stream); kernel(__VA_ARGS__); })
+#else
+#define GMFAST_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
+
+// +infinity in device code (std::numeric_limits is host-only without relaxed constexpr).
+template <class T>
+__device__ __forceinline__ T infinity();
+template <>
+__device__ __forceinline__ float infinity<float>() {
+  return __int_as_float(0x7f800000);
+}
+template <>
+__device__ __forceinline__ double infinity<double>() {
+  return __longlong_as_double(0x7ff0000000000000LL);
+}
 
 // Explicitly rounded product and difference: never contracted into an FMA, so a value
 // that is stored or compared twice (u-hat of a class) is the same rounded number each time.

@@ -9,6 +9,10 @@
 // Tiles of X and Y are staged transposed (k-major) in shared memory, padded by one column.
 // IEEE float32/float64 FMAs only (no TF32, no tensor cores): the callers' error bounds
 // assume IEEE products.
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
 #include "cuda/device.h"
 
 namespace gmfast {
@@ -128,9 +132,13 @@ void launch(index_t M, index_t N, index_t Kd, const T* X, index_t ldx, const T* 
             cudaStream_t stream, const char* name) {
   constexpr int NT = Tile<T, BM, BN, BK, TM, TN>::kThreads;
   const index_t gy = (M + BM - 1) / BM, gx = (N + BN - 1) / BN;
-  if (gy > 65535 || gx > 0x7fffffff) throw CudaError(std::string("gmfast CUDA: ") + name + ": matrix too large for one launch");
+  // Callers chunk rows (kMaxChunkRows); a wider output than 2^31 column tiles is not a
+  // runtime failure but an argument error (pybind11 turns length_error into ValueError).
+  if (gy > 65535 || gx > 0x7fffffff)
+    throw std::length_error(std::string("gmfast CUDA: ") + name + ": matrix too large for one launch");
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-  gemm_nt_bias_kernel<T, BM, BN, BK, TM, TN><<<grid, NT, 0, stream>>>(M, N, Kd, X, ldx, Y, bias, C, ss);
+  const auto kernel = gemm_nt_bias_kernel<T, BM, BN, BK, TM, TN>;
+  GMFAST_LAUNCH(kernel, grid, NT, stream, M, N, Kd, X, ldx, Y, bias, C, ss);
   check(cudaGetLastError(), name);
 }
 
@@ -144,25 +152,27 @@ void check(cudaError_t err, const char* what) {
 
 // Tile shapes: 128x128 (float) / 64x64 (double) for wide outputs; a 32-column tile when
 // N <= 32 (few classes), where a wide tile would mostly multiply padding.
-template <>
-void gemm_nt_bias<float>(index_t M, index_t N, index_t Kd, const float* X, index_t ldx, const float* Y,
-                         const float* bias, float* C, float* ss, cudaStream_t stream) {
+template <class T>
+void gemm_nt_bias(index_t M, index_t N, index_t Kd, const T* X, index_t ldx, const T* Y, const T* bias, T* C,
+                  T* ss, cudaStream_t stream) {
   if (M == 0 || N == 0) return;
-  if (N <= 32)
-    launch<float, 128, 32, 8, 4, 4>(M, N, Kd, X, ldx, Y, bias, C, ss, stream, "gemm_nt_bias_kernel<float,128x32>");
-  else
-    launch<float, 128, 128, 8, 8, 8>(M, N, Kd, X, ldx, Y, bias, C, ss, stream, "gemm_nt_bias_kernel<float,128x128>");
+  if constexpr (std::is_same_v<T, float>) {
+    if (N <= 32)
+      launch<T, 128, 32, 8, 4, 4>(M, N, Kd, X, ldx, Y, bias, C, ss, stream, "gemm_nt_bias_kernel<float,128x32>");
+    else
+      launch<T, 128, 128, 8, 8, 8>(M, N, Kd, X, ldx, Y, bias, C, ss, stream, "gemm_nt_bias_kernel<float,128x128>");
+  } else {
+    if (N <= 32)
+      launch<T, 64, 32, 8, 4, 2>(M, N, Kd, X, ldx, Y, bias, C, ss, stream, "gemm_nt_bias_kernel<double,64x32>");
+    else
+      launch<T, 64, 64, 8, 4, 4>(M, N, Kd, X, ldx, Y, bias, C, ss, stream, "gemm_nt_bias_kernel<double,64x64>");
+  }
 }
 
-template <>
-void gemm_nt_bias<double>(index_t M, index_t N, index_t Kd, const double* X, index_t ldx, const double* Y,
-                          const double* bias, double* C, double* ss, cudaStream_t stream) {
-  if (M == 0 || N == 0) return;
-  if (N <= 32)
-    launch<double, 64, 32, 8, 4, 2>(M, N, Kd, X, ldx, Y, bias, C, ss, stream, "gemm_nt_bias_kernel<double,64x32>");
-  else
-    launch<double, 64, 64, 8, 4, 4>(M, N, Kd, X, ldx, Y, bias, C, ss, stream, "gemm_nt_bias_kernel<double,64x64>");
-}
+template void gemm_nt_bias<float>(index_t, index_t, index_t, const float*, index_t, const float*, const float*,
+                                  float*, float*, cudaStream_t);
+template void gemm_nt_bias<double>(index_t, index_t, index_t, const double*, index_t, const double*,
+                                   const double*, double*, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace gmfast

@@ -19,6 +19,10 @@ struct CudaError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Rows per chunk of the scratch-using kernels at most (keeps GEMM grids within 65535 row
+// tiles); larger `chunk` arguments are clamped to it.
+constexpr index_t kMaxChunkRows = index_t(1) << 21;
+
 // Throws CudaError "gmfast CUDA: <what>: <error string>" unless err is cudaSuccess.
 void check(cudaError_t err, const char* what);
 

@@ -14,13 +14,14 @@ w_k)``; spherical ``fl(s_k w_k)``), ``D_k = fl(w_kᵀû_k)``, ``f_k = κ_k − D
 
 What is fused, and memory
 -------------------------
-``_perclass_kernel`` takes a tile of rows through two passes over the classes: pass 1
-computes ``D_k, ‖û_k‖², ‖w_k‖²`` for every ``k`` and keeps a running argmax (and the
-winner's terms); pass 2 recomputes them for each ``j`` together with ``‖û_c − û_j‖²`` (``û_c``
-reloaded or recomputed per row with ``c`` known) and folds ``r_j`` into a running min.
-Nothing of size B×K is stored. For ``full`` the ``û`` of a bounded chunk of rows
-(``chunk × K·d ≤ 2²³`` elements) comes from :func:`gmfast.triton.tied.gemm_nt_bias`;
-B×K×d is never materialised.
+``_perclass_kernel`` takes a tile of rows through two passes over the classes, in blocks of
+``BC`` classes (3-D ``rows × classes × features`` tiles, reduced over features): pass 1
+computes ``D_k, ‖û_k‖², ‖w_k‖²`` for every ``k`` and keeps a running argmax (and the winner's
+terms); pass 2 recomputes them for every ``j`` together with ``‖û_c − û_j‖²`` (``û_c``
+reloaded or recomputed per row once ``c`` is known) and folds ``r_j`` into a running min.
+Both passes call one helper, so they compute identical terms. Nothing of size B×K is
+stored. For ``full`` the ``û`` of a bounded chunk of rows (``chunk × K·d ≤ 2²³`` elements)
+comes from :func:`gmfast.triton.tied.gemm_nt_bias`; B×K×d is never materialised.
 
 Soundness
 ---------
@@ -44,73 +45,53 @@ import triton
 import triton.language as tl
 
 from gmfast._fp import U64, gamma, slack_down, underflow_unit, unit_roundoff
-from gmfast.triton.tied import (chunk_rows, check_device, check_dtype, check_f64, constants, gemm_nt_bias,
+from gmfast.triton.tied import (FP_FUSION, chunk_rows, check_device, check_dtype, check_f64, constants, gemm_nt_bias,
                                 interpreting, launch_context, norm_constants, norm_up, pow2)
 
 _KIND = {"full": 0, "diag": 1, "spherical": 2}
 
 
 @triton.jit
-def _class_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, k, d,
-                 KIND: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
-    """``(D_k, ‖û_k‖², ‖w_k‖²)`` for a row tile and one class k, accumulated in T."""
+def _block_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, kc, kmask, c, d,
+                 KIND: tl.constexpr, WITH_C: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+    """For a tile of BM rows and a block of BC classes ``kc``: ``D = fl(wᵀû)``, ``‖û‖²``,
+    ``‖w‖²`` and, if ``WITH_C``, ``‖fl(û_c − û_k)‖²`` with the per-row class ``c``; each
+    (BM, BC), accumulated in T. Both passes call this, so they compute identical terms."""
     T = Z.dtype.element_ty
     dd0 = tl.arange(0, BD).to(tl.int64)
-    D = tl.zeros([BM], dtype=T)
-    uu = tl.zeros([BM], dtype=T)
-    ww = tl.zeros([BM], dtype=T)
+    D = tl.zeros([BM, BC], dtype=T)
+    uu = tl.zeros([BM, BC], dtype=T)
+    ww = tl.zeros([BM, BC], dtype=T)
+    gg = tl.zeros([BM, BC], dtype=T)
     for d0 in range(0, d, BD):
         dd = d0 + dd0
         dmask = dd < d
-        m2 = rmask[:, None] & dmask[None, :]
-        z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd, mask=m2, other=0.0)
-        mu = tl.load(MU + k * d + dd, mask=dmask, other=0.0)
-        w = z - mu[None, :]
+        zmask = rmask[:, None] & dmask[None, :]
+        cmask = kmask[:, None] & dmask[None, :]
+        z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd, mask=zmask, other=0.0)
+        mu = tl.load(MU + kc[:, None] * d + dd[None, :], mask=cmask, other=0.0)
+        w = z[:, None, :] - mu[None, :, :]
         if KIND == 0:
-            u = tl.load(U + rows[:, None] * su + k * d + dd[None, :], mask=m2, other=0.0)
+            u = tl.load(U + rows[:, None, None] * su + kc[None, :, None] * d + dd[None, None, :],
+                        mask=rmask[:, None, None] & cmask[None, :, :], other=0.0)
         elif KIND == 1:
-            u = tl.load(PREC + k * d + dd, mask=dmask, other=0.0)[None, :] * w
+            u = tl.load(PREC + kc[:, None] * d + dd[None, :], mask=cmask, other=0.0)[None, :, :] * w
         else:
-            u = tl.load(PREC + k) * w
-        D += tl.sum(w * u, 1)
-        uu += tl.sum(u * u, 1)
-        ww += tl.sum(w * w, 1)
-    return D, uu, ww
-
-
-@triton.jit
-def _pair_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, j, c, d,
-                KIND: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
-    """``(D_j, ‖û_j‖², ‖w_j‖², ‖û_c − û_j‖²)`` for a row tile, class j and per-row c."""
-    T = Z.dtype.element_ty
-    dd0 = tl.arange(0, BD).to(tl.int64)
-    D = tl.zeros([BM], dtype=T)
-    uu = tl.zeros([BM], dtype=T)
-    ww = tl.zeros([BM], dtype=T)
-    gg = tl.zeros([BM], dtype=T)
-    for d0 in range(0, d, BD):
-        dd = d0 + dd0
-        dmask = dd < d
-        m2 = rmask[:, None] & dmask[None, :]
-        z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd, mask=m2, other=0.0)
-        mu = tl.load(MU + j * d + dd, mask=dmask, other=0.0)
-        w = z - mu[None, :]
-        if KIND == 0:
-            u = tl.load(U + rows[:, None] * su + j * d + dd[None, :], mask=m2, other=0.0)
-            uc = tl.load(U + rows[:, None] * su + c[:, None] * d + dd[None, :], mask=m2, other=0.0)
-        else:
-            wc = z - tl.load(MU + c[:, None] * d + dd[None, :], mask=m2, other=0.0)
-            if KIND == 1:
-                u = tl.load(PREC + j * d + dd, mask=dmask, other=0.0)[None, :] * w
-                uc = tl.load(PREC + c[:, None] * d + dd[None, :], mask=m2, other=0.0) * wc
+            u = tl.load(PREC + kc, mask=kmask, other=0.0)[None, :, None] * w
+        D += tl.sum(w * u, 2)
+        uu += tl.sum(u * u, 2)
+        ww += tl.sum(w * w, 2)
+        if WITH_C:
+            if KIND == 0:
+                uc = tl.load(U + rows[:, None] * su + c[:, None] * d + dd[None, :], mask=zmask, other=0.0)
             else:
-                u = tl.load(PREC + j) * w
-                uc = tl.load(PREC + c, mask=rmask, other=0.0)[:, None] * wc
-        D += tl.sum(w * u, 1)
-        uu += tl.sum(u * u, 1)
-        ww += tl.sum(w * w, 1)
-        diff = uc - u
-        gg += tl.sum(diff * diff, 1)
+                wc = z - tl.load(MU + c[:, None] * d + dd[None, :], mask=zmask, other=0.0)
+                if KIND == 1:
+                    uc = tl.load(PREC + c[:, None] * d + dd[None, :], mask=zmask, other=0.0) * wc
+                else:
+                    uc = tl.load(PREC + c, mask=rmask, other=0.0)[:, None] * wc
+            diff = uc[:, None, :] - u
+            gg += tl.sum(diff * diff, 2)
     return D, uu, ww, gg
 
 
@@ -124,33 +105,53 @@ def _pair_radius(q, g, lam):
 
 
 @triton.jit
+def _error_terms(un2, wn2, zm, pabs, nu, u, g_, S, tiny_u, tiny_d, three_u):
+    """``(Δ, e)`` of the reference: bounds on ‖û − u‖ and |D̂ − D| from the computed
+    squared norms (float64)."""
+    un = tl.sqrt(un2) + nu
+    wn = tl.sqrt(wn2) + nu
+    delta = g_ * pabs * zm + u * un + tiny_u
+    epsw = three_u * zm
+    e = S * (g_ * wn * un + epsw * un + (wn + epsw) * delta) + tiny_d
+    return delta, e
+
+
+@triton.jit
 def _perclass_kernel(Z, szb, szd, U, su, MU, PREC, KAPPA, PABS, MUN, LAM, CST, PRED, RAD, R, d, K,
                      KIND: tl.constexpr, NEED_RADIUS: tl.constexpr, FP_SOUND: tl.constexpr,
-                     BM: tl.constexpr, BD: tl.constexpr):
-    """Prediction and sound radius for a tile of BM rows; see the module docstring.
-
-    CST (float64): the constants of :func:`_kernel_constants`, in that order.
-    """
+                     BM: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+    """Prediction and sound radius for a tile of BM rows, classes in blocks of BC; see the
+    module docstring. CST (float64): the constants of :func:`_kernel_constants`, in order."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BM + tl.arange(0, BM).to(tl.int64)
     rmask = rows < R
+    kc0 = tl.arange(0, BC).to(tl.int64)
     best = tl.full([BM], float("-inf"), tl.float64)
     c = tl.zeros([BM], dtype=tl.int64)
     ok = tl.full([BM], 1, tl.int32)
     Dc = tl.zeros([BM], dtype=tl.float64)
     uuc = tl.zeros([BM], dtype=tl.float64)
     wwc = tl.zeros([BM], dtype=tl.float64)
-    for k in range(0, K):
-        D, uu, ww = _class_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, k, d, KIND, BM, BD)
+    # Pass 1: scores of every class, the argmax and the winner's terms.
+    for k0 in range(0, K, BC):
+        kc = k0 + kc0
+        kmask = kc < K
+        D, uu, ww, _ = _block_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, kc, kmask, c, d,
+                                    KIND, False, BM, BC, BD)
         D64 = D.to(tl.float64)
-        f = tl.load(KAPPA + k) - 0.5 * D64
-        ok = tl.minimum(ok, (tl.abs(f) < float("inf")).to(tl.int32))
-        upd = f > best  # strict: the lowest index wins ties
-        best = tl.where(upd, f, best)
-        c = tl.where(upd, k, c)
-        Dc = tl.where(upd, D64, Dc)
-        uuc = tl.where(upd, uu.to(tl.float64), uuc)
-        wwc = tl.where(upd, ww.to(tl.float64), wwc)
+        f = tl.load(KAPPA + kc, mask=kmask, other=0.0)[None, :] - 0.5 * D64
+        fin = tl.where(kmask[None, :], (tl.abs(f) < float("inf")).to(tl.int32), 1)
+        ok = tl.minimum(ok, tl.min(fin, 1))
+        fv = tl.where(kmask[None, :], f, float("-inf"))
+        tm = tl.max(fv, 1)
+        ti = tl.min(tl.where((fv == tm[:, None]) & kmask[None, :], kc[None, :], 1 << 62), 1)
+        sel = kc[None, :] == ti[:, None]
+        upd = tm > best  # strict: an earlier block keeps ties (lowest index wins)
+        best = tl.where(upd, tm, best)
+        c = tl.where(upd, ti, c)
+        Dc = tl.where(upd, tl.sum(tl.where(sel, D64, 0.0), 1), Dc)
+        uuc = tl.where(upd, tl.sum(tl.where(sel, uu.to(tl.float64), 0.0), 1), uuc)
+        wwc = tl.where(upd, tl.sum(tl.where(sel, ww.to(tl.float64), 0.0), 1), wwc)
     good = ok > 0
     c = tl.where(good, c, 0)
     tl.store(PRED + rows, tl.where(good, c, -1), mask=rmask)
@@ -165,9 +166,7 @@ def _perclass_kernel(Z, szb, szd, U, su, MU, PREC, KAPPA, PABS, MUN, LAM, CST, P
         half_S = tl.load(CST + 10)
         four_u64 = tl.load(CST + 11)
         one_u = tl.load(CST + 12)
-        kap_c = tl.load(KAPPA + c)
         if FP_SOUND:
-            # ‖z‖ bound from fl(Σz²) in T
             dd0 = tl.arange(0, BD).to(tl.int64)
             zss = tl.zeros([BM], dtype=Z.dtype.element_ty)
             for d0 in range(0, d, BD):
@@ -176,32 +175,32 @@ def _perclass_kernel(Z, szb, szd, U, su, MU, PREC, KAPPA, PABS, MUN, LAM, CST, P
                             mask=rmask[:, None] & (dd < d)[None, :], other=0.0)
                 zss += tl.sum(z * z, 1)
             zn = norm_up(zss, CST, 0)
-            zm_c = zn + tl.load(MUN + c)
-            un_c = tl.sqrt(uuc) + nu
-            wn_c = tl.sqrt(wwc) + nu
-            delta_c = g_ * tl.load(PABS + c) * zm_c + u * un_c + tiny_u
-            epsw_c = three_u * zm_c
-            e_c = S * (g_ * wn_c * un_c + epsw_c * un_c + (wn_c + epsw_c) * delta_c) + tiny_d
-            mag_c = tl.abs(kap_c) + tl.abs(Dc)
+            delta_c, e_c = _error_terms(uuc, wwc, zn + tl.load(MUN + c), tl.load(PABS + c),
+                                        nu, u, g_, S, tiny_u, tiny_d, three_u)
+            mag_c = tl.abs(tl.load(KAPPA + c)) + tl.abs(Dc)
+        # Pass 2: every j against c, folded into a running min.
         r = tl.full([BM], float("inf"), tl.float64)
-        for j in range(0, K):
-            Dj, uuj, wwj, gg = _pair_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, j, c, d, KIND, BM, BD)
-            Dj64 = Dj.to(tl.float64)
-            kap_j = tl.load(KAPPA + j)
-            q = best - (kap_j - 0.5 * Dj64)
+        for k0 in range(0, K, BC):
+            kc = k0 + kc0
+            kmask = kc < K
+            D, uu, ww, gg = _block_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, kc, kmask, c, d,
+                                         KIND, True, BM, BC, BD)
+            D64 = D.to(tl.float64)
+            kap = tl.load(KAPPA + kc, mask=kmask, other=0.0)[None, :]
+            q = best[:, None] - (kap - 0.5 * D64)
             G = tl.sqrt(gg.to(tl.float64))
             if FP_SOUND:
-                zm_j = zn + tl.load(MUN + j)
-                un_j = tl.sqrt(uuj.to(tl.float64)) + nu
-                wn_j = tl.sqrt(wwj.to(tl.float64)) + nu
-                delta_j = g_ * tl.load(PABS + j) * zm_j + u * un_j + tiny_u
-                epsw_j = three_u * zm_j
-                e_j = S * (g_ * wn_j * un_j + epsw_j * un_j + (wn_j + epsw_j) * delta_j) + tiny_d
-                mag_j = tl.abs(kap_j) + tl.abs(Dj64)
-                q = q - half_S * (e_c + e_j) - four_u64 * (mag_c + mag_j)
-                G = S * ((G + nu) * one_u + delta_c + delta_j)
-            rj = _pair_radius(q, G, tl.load(LAM + c * K + j, mask=rmask, other=0.0))
-            r = tl.where(c == j, r, tl.minimum(r, rj))
+                zm = zn[:, None] + tl.load(MUN + kc, mask=kmask, other=0.0)[None, :]
+                delta, e = _error_terms(uu.to(tl.float64), ww.to(tl.float64), zm,
+                                        tl.load(PABS + kc, mask=kmask, other=0.0)[None, :],
+                                        nu, u, g_, S, tiny_u, tiny_d, three_u)
+                mag = tl.abs(kap) + tl.abs(D64)
+                q = q - half_S * (e_c[:, None] + e) - four_u64 * (mag_c[:, None] + mag)
+                G = S * ((G + nu) * one_u + delta_c[:, None] + delta)
+            lam = tl.load(LAM + c[:, None] * K + kc[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            rj = _pair_radius(q, G, lam)
+            rj = tl.where(kmask[None, :] & (kc[None, :] != c[:, None]), rj, float("inf"))
+            r = tl.minimum(r, tl.min(rj, 1))
         if FP_SOUND:
             r = r * tl.load(CST + 13)
         tl.store(RAD + rows, tl.where(good & (r == r), r, 0.0), mask=rmask)
@@ -248,16 +247,16 @@ def perclass_certify(Z: torch.Tensor, p, lam: torch.Tensor | None, fp_sound: boo
         raise ValueError(f"lam: expected ({K}, {K}); got {tuple(lam_.shape)}")
     kind = _KIND[p.kind]
     if interpreting():
-        BM, BD, warps = pow2(B, 16, 64), pow2(d, 16, 128), 4
+        BM, BC, BD, warps = pow2(B, 16, 64), pow2(K, 2, 32), pow2(d, 16, 32), 4
     else:
-        BM, BD, warps = 32, 64, 4
+        BM, BC, BD, warps = 16, 8, 16, 4
 
     def launch(Zc, U, n, pred_c, rad_c):
         with launch_context():
             _perclass_kernel[(triton.cdiv(n, BM),)](
                 Zc, Zc.stride(0), Zc.stride(1), U, U.stride(0) if U.dim() == 2 else 0, mu, prec, kappa, pabs,
                 mun, lam_, cst, pred_c, rad_c, n, d, K, KIND=kind, NEED_RADIUS=need_radius, FP_SOUND=fp_sound,
-                BM=BM, BD=BD, num_warps=warps)
+                BM=BM, BC=BC, BD=BD, num_warps=warps, enable_fp_fusion=FP_FUSION)
 
     if kind != 0:
         launch(Z, cst, B, pred, radius if need_radius else cst)

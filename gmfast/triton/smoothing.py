@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gmfast.triton.tied import check_device, check_dtype, interpreting, launch_context, pow2, tile_argmax
+from gmfast.triton.tied import FP_FUSION, check_device, check_dtype, interpreting, launch_context, pow2, tile_argmax
 
 
 @triton.jit
@@ -98,5 +98,5 @@ def smoothing_counts(Z: torch.Tensor, owner: torch.Tensor, num_inputs: int, A: t
     with launch_context():
         _count_kernel[(triton.cdiv(N, BM),)](
             Z, Z.stride(0), Z.stride(1), A.contiguous(), beta.contiguous(), owner.contiguous(), counts, N, d, K,
-            num_inputs, BM=BM, BK=BK, BD=BD, num_warps=warps)
+            num_inputs, BM=BM, BK=BK, BD=BD, num_warps=warps, enable_fp_fusion=FP_FUSION)
     return counts

@@ -39,9 +39,12 @@ The arithmetic is exactly that of :func:`gmfast._reference.tied_epilogue`:
 Every float64 constant reaches the kernels through a float64 tensor: Triton types Python
 float arguments and literals as float32, which would round ``1 + 8u₆₄`` to 1. The kernels
 rely on IEEE float64 ``+ − × /`` and a correctly rounded float64 square root (what Triton
-emits for float64 on NVIDIA: ``div.rn.f64``/``sqrt.rn.f64``; FMA contraction is off by
-default and would only remove roundings), and on subnormals not being flushed (Triton
-does not set FTZ for plain arithmetic).
+emits for float64 on NVIDIA: ``div.rn.f64``/``sqrt.rn.f64``), and on subnormals not being
+flushed (Triton does not set FTZ for plain arithmetic). FMA contraction (``FP_FUSION``)
+is allowed: a fused ``a·b + c`` is one rounding where the bounds count two, Higham's
+inner-product bound holds with or without FMA, and no bound relies on an intermediate
+product being rounded (where a rounded ``û`` is reused, a fused exact product is within
+the same ``Δ`` of the exact ``u``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -60,6 +64,10 @@ from gmfast._fp import U64, gamma, slack_down, slack_up, underflow_unit, unit_ro
 FUSED_MAX_K = 64
 #: Scratch elements (logits or per-class gradients) one chunk of rows may use: 32 MiB f32.
 _CHUNK_ELEMS = 1 << 23
+#: FMA contraction, passed explicitly at every launch (Triton 3.9 warns when it is left to
+#: its default). On: the GEMMs need FMAs for speed, and contraction is sound here (see the
+#: module docstring).
+FP_FUSION = True
 
 
 # --------------------------------------------------------------------------------------
@@ -99,18 +107,23 @@ def check_f64(*tensors) -> None:
             raise TypeError(f"error-bound tables must be float64; got {t.dtype}")
 
 
+@contextlib.contextmanager
 def launch_context():
     """Where kernels run: under the interpreter, silence numpy's floating-point warnings.
 
-    The interpreter emulates the GPU with numpy, which warns on ``inf·0`` or ``inf − inf``
-    (NaN/Inf rows, masked ``+inf`` table entries); GPU arithmetic is IEEE non-stop, and the
-    kernels handle those values explicitly (``tl.where``), so the warnings carry nothing.
+    The interpreter emulates the GPU with numpy, which warns on ``inf·0``, ``inf − inf`` or
+    an all-NaN ``max`` (NaN/Inf rows, masked ``+inf`` table entries); GPU arithmetic is IEEE
+    non-stop, and the kernels handle those values explicitly (``tl.where``), so the warnings
+    carry nothing.
     """
-    if interpreting():
-        import numpy as np
+    if not interpreting():
+        yield
+        return
+    import numpy as np
 
-        return np.errstate(all="ignore")
-    return contextlib.nullcontext()
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def pow2(n: int, lo: int, hi: int) -> int:
@@ -122,7 +135,7 @@ def pow2(n: int, lo: int, hi: int) -> int:
 def chunk_rows(width: int, block: int, total: int) -> int:
     """Rows per chunk so that a ``rows × width`` scratch stays under ``_CHUNK_ELEMS``."""
     rows = max(block, (_CHUNK_ELEMS // max(1, width)) // block * block)
-    return min(rows, max(total, 1))
+    return min(rows, max(total, 1), 1 << 21)
 
 
 @functools.lru_cache(maxsize=64)
@@ -349,9 +362,12 @@ def gemm_nt_bias(X: torch.Tensor, Y: torch.Tensor, bias: torch.Tensor, out: torc
     else:
         BM, BN, BK, warps = 128, 128, 16, 8
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    if grid[1] > 65535:
+        raise ValueError(f"gemm_nt_bias: N={N} columns need more than 65535 column tiles of {BN}")
     with launch_context():
         _gemm_nt_bias_kernel[grid](X, X.stride(0), X.stride(1), Y, bias, out, out if ss is None else ss, M, N,
-                                   Kd, WRITE_SS=ss is not None, BM=BM, BN=BN, BK=BK, num_warps=warps)
+                                   Kd, WRITE_SS=ss is not None, BM=BM, BN=BN, BK=BK, num_warps=warps,
+                                   enable_fp_fusion=FP_FUSION)
 
 
 def tied_certify(Z: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, inv: torch.Tensor | None,
@@ -404,7 +420,8 @@ def tied_certify(Z: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, inv: torc
         with launch_context():
             _tied_fused_kernel[(triton.cdiv(B, BM),)](
                 Z, Z.stride(0), Z.stride(1), A, beta, inv_, alpha_, eps_, cst, pred, rad_, B, d, K,
-                NEED_RADIUS=need_radius, FP_SOUND=fp_sound, BM=BM, BK=BK, BD=BD, num_warps=warps)
+                NEED_RADIUS=need_radius, FP_SOUND=fp_sound, BM=BM, BK=BK, BD=BD, num_warps=warps,
+                enable_fp_fusion=FP_FUSION)
         return pred, radius
     BM_E, BK_E = (pow2(B, 16, 64), pow2(K, 16, 256)) if interpreting() else (32, 128)
     rows = chunk_rows(K, 128, B)
@@ -416,5 +433,5 @@ def tied_certify(Z: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, inv: torc
         with launch_context():
             _tied_epilogue_kernel[(triton.cdiv(n, BM_E),)](
                 L, SS, inv_, alpha_, eps_, cst, pred[r0:], rad_[r0:] if need_radius else dummy, n, K,
-                NEED_RADIUS=need_radius, FP_SOUND=fp_sound, BM=BM_E, BK=BK_E, num_warps=4)
+                NEED_RADIUS=need_radius, FP_SOUND=fp_sound, BM=BM_E, BK=BK_E, num_warps=4, enable_fp_fusion=FP_FUSION)
     return pred, radius

@@ -1,0 +1,236 @@
+"""CUDA backend: the compiled kernels of ``gmfast._C_cuda`` (csrc/cuda).
+
+Thin by design: make the operands contiguous where the kernels need it, allocate outputs
+and bounded scratch with torch (so the caching allocator and the current stream order
+everything), pass raw device pointers, shapes and ``torch.cuda.current_stream()`` to C++.
+
+The module links the CUDA runtime statically, so it imports on machines without a driver;
+``available()`` then reports why it cannot run. If the runtime still fails at the first
+real call (e.g. no kernel image for this GPU), the backend is marked broken for the
+process, a :class:`~gmfast.ops.BackendFallbackWarning` says so once, and that call and
+every later one go to the Triton backend, or to the reference when Triton is unavailable.
+After one successful call, errors propagate: they are bugs, not a missing runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+
+import torch
+
+from gmfast import _reference as ref
+from gmfast._fp import norm_upper
+
+_C = None
+_lock = threading.Lock()
+_state = {"verified": False, "warned": False}
+
+#: Scratch elements (logits, per-class gradients) per chunk of rows: 32 MiB of float32.
+_CHUNK_ELEMS = 1 << 23
+_KIND = {"full": 0, "diag": 1, "spherical": 2}
+
+
+def _load():
+    global _C
+    if _C is None:
+        from gmfast import _C_cuda as module
+
+        _C = module
+    return _C
+
+
+def available():
+    try:
+        C = _load()
+    except ImportError as exc:
+        return False, (f"gmfast._C_cuda is not built ({exc}); reinstall with GMFAST_CUDA=ON "
+                       "(pip install . -Ccmake.define.GMFAST_CUDA=ON, needs a CUDA toolkit)")
+    try:
+        n = C.device_count()
+    except C.CudaError as exc:
+        return False, f"the CUDA runtime cannot start: {exc}"
+    if n < 1:
+        return False, "no CUDA device"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device (a CPU-only torch build?)"
+    return True, "ok"
+
+
+# --------------------------------------------------------------------------------------
+# First-call guard and fallbacks
+# --------------------------------------------------------------------------------------
+
+
+def _guarded(run, fallback, *args):
+    if _state["verified"]:
+        return run(*args)
+    C = _load()
+    try:
+        out = run(*args)
+    except C.CudaError as exc:
+        from gmfast.ops import BackendFallbackWarning, mark_broken
+
+        reason = f"the CUDA kernels failed at their first call: {exc}"
+        mark_broken("cuda", reason)
+        with _lock:
+            first = not _state["warned"]
+            _state["warned"] = True
+        if first:
+            warnings.warn(f"gmfast: {reason}; falling back to {_fallback_name()} for this process",
+                          BackendFallbackWarning, stacklevel=4)
+        return fallback(*args)
+    _state["verified"] = True
+    return out
+
+
+def _fallback_name() -> str:
+    from gmfast.ops import _probe
+
+    return "triton" if _probe("triton")[0] else "the pure-PyTorch reference"
+
+
+def _tied_fallback(Z, A, beta, inv, alpha, eps):
+    from gmfast.ops import _probe, kernel_module
+
+    if _probe("triton")[0]:
+        return kernel_module("triton").tied_certify(Z, A, beta, inv, alpha, eps)
+    return reference_tied(Z, A, beta, inv, alpha, eps)
+
+
+def _perclass_fallback(Z, p, lam, fp_sound):
+    from gmfast.ops import _probe, kernel_module
+
+    if _probe("triton")[0]:
+        return kernel_module("triton").perclass_certify(Z, p, lam, fp_sound)
+    return reference_perclass(Z, p, lam, fp_sound)
+
+
+def reference_tied(Z, A, beta, inv, alpha, eps):
+    """The tied contract evaluated by the reference's own epilogue, in bounded row blocks
+    (outputs preallocated and filled in place, as the reference does)."""
+    B = Z.shape[0]
+    bs = max(1, ref._BLOCK_ELEMS // max(A.shape[0], 1))
+    pred = torch.empty(B, dtype=torch.int64, device=Z.device)
+    radius = torch.empty(B, dtype=torch.float64, device=Z.device) if inv is not None else None
+    for i in range(0, B, bs):
+        Zb = Z[i:i + bs]
+        logits = torch.addmm(beta, Zb, A.T)
+        if inv is None:
+            finite = torch.isfinite(logits).all(1)
+            pred[i:i + bs] = torch.where(finite, logits.argmax(1), torch.full_like(finite, -1, dtype=torch.int64))
+            continue
+        zn = norm_upper(Zb) if alpha is not None else None
+        pred[i:i + bs], radius[i:i + bs] = ref.tied_epilogue(logits, zn, inv, alpha, eps)
+    return pred, radius
+
+
+def reference_perclass(Z, p, lam, fp_sound):
+    """The per-class contract through :func:`gmfast._reference.perclass_certify`, with the
+    given curvature table (planted as the only cached one, so exactly it is used)."""
+    if lam is None:
+        return ref.perclass_certify(Z, p, fp_sound=fp_sound, need_radius=False)
+    q = dataclasses.replace(p, curvature={"exact": (lam, lam)}, master=None)
+    return ref.perclass_certify(Z, q, fp_sound=fp_sound, need_radius=True, curvature="exact")
+
+
+# --------------------------------------------------------------------------------------
+# The contracts
+# --------------------------------------------------------------------------------------
+
+
+def _rows(Z: torch.Tensor) -> torch.Tensor:
+    """Z with unit inner stride and non-overlapping rows, copying only if needed."""
+    B, d = Z.shape
+    if (d > 1 and Z.stride(1) != 1) or (B > 1 and Z.stride(0) < d):
+        Z = Z.contiguous()
+    return Z
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "f32"
+    if dtype == torch.float64:
+        return "f64"
+    raise TypeError(f"cuda kernels take float32 or float64; got {dtype}")
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check(Z, *tensors):
+    for t in tensors:
+        if t is not None and t.device != Z.device:
+            raise ValueError(f"all operands must be on {Z.device}; got one on {t.device}")
+    if Z.device.type != "cuda":
+        raise ValueError(f"the cuda backend takes CUDA tensors; got {Z.device}")
+
+
+def _chunk(width: int, lo: int, B: int) -> int:
+    """Rows per scratch chunk: ``rows × width ≤ _CHUNK_ELEMS`` but at least ``lo`` rows, and
+    at most ``kMaxChunkRows`` (2²¹) of csrc/cuda/kernels.h."""
+    return max(1, min(B, 1 << 21, max(lo, _CHUNK_ELEMS // max(1, width))))
+
+
+def _tied(Z, A, beta, inv, alpha, eps):
+    _check(Z, A, beta, inv, alpha, eps)
+    C = _load()
+    fn = getattr(C, "tied_certify_" + _suffix(Z.dtype))
+    Z = _rows(Z)
+    B, d = Z.shape
+    K = A.shape[0]
+    A, beta = A.to(Z.dtype).contiguous(), beta.to(Z.dtype).contiguous()
+    f64 = lambda t: None if t is None else t.to(torch.float64).contiguous()  # noqa: E731
+    inv, alpha, eps = f64(inv), f64(alpha), f64(eps)
+    dev = Z.device
+    pred = torch.empty(B, dtype=torch.int64, device=dev)
+    radius = torch.empty(B, dtype=torch.float64, device=dev) if inv is not None else None
+    if B == 0:
+        return pred, radius
+    chunk = _chunk(K, 128, B)
+    logits = torch.empty(chunk * K, dtype=Z.dtype, device=dev)
+    ss = torch.empty(chunk, dtype=Z.dtype, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, _ptr(A), _ptr(beta), K, _ptr(inv), _ptr(alpha),
+       _ptr(eps), _ptr(pred), _ptr(radius), _ptr(logits), _ptr(ss), chunk, stream)
+    return pred, radius
+
+
+def _perclass(Z, p, lam, fp_sound):
+    _check(Z, p.mu, p.prec, p.kappa, lam)
+    C = _load()
+    fn = getattr(C, "perclass_certify_" + _suffix(Z.dtype))
+    Z = _rows(Z)
+    B, d = Z.shape
+    K = p.mu.shape[0]
+    T = Z.dtype
+    mu, prec = p.mu.to(T).contiguous(), p.prec.to(T).contiguous()
+    f64 = lambda t: t.to(torch.float64).contiguous()  # noqa: E731
+    kappa, pabs, mun = f64(p.kappa), f64(p.prec_abs_up), f64(p.mu_norm_up)
+    lam = None if lam is None else f64(lam)
+    dev = Z.device
+    pred = torch.empty(B, dtype=torch.int64, device=dev)
+    radius = torch.empty(B, dtype=torch.float64, device=dev) if lam is not None else None
+    if B == 0:
+        return pred, radius
+    neg_pm = U = None
+    chunk = 1
+    if p.kind == "full":
+        neg_pm = (-p.prec_mu.to(T)).contiguous()  # exact negation: the kernel adds it as a bias
+        chunk = _chunk(K * d, 32, B)
+        U = torch.empty(chunk * K * d, dtype=T, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, _KIND[p.kind], _ptr(mu), _ptr(prec), _ptr(neg_pm),
+       _ptr(kappa), _ptr(pabs), _ptr(mun), K, _ptr(lam), bool(fp_sound), _ptr(pred), _ptr(radius), _ptr(U),
+       chunk, stream)
+    return pred, radius
+
+
+def tied_certify(Z, A, beta, inv, alpha, eps):
+    return _guarded(_tied, _tied_fallback, Z, A, beta, inv, alpha, eps)
+
+
+def perclass_certify(Z, p, lam, fp_sound: bool):
+    return _guarded(_perclass, _perclass_fallback, Z, p, lam, fp_sound)
