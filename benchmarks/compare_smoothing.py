@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     n_inputs = args.inputs or (20 if args.quick else 100)
 
     Xtr, ytr, Xte, yte = load_digits_split(0)
-    enc = train_encoder(lipschitz_encoder(), Xtr, ytr, epochs=8 if args.quick else 40, latent=32, scale=1.0,
-                        noise=sigma, margin=0.5, margin_weight=1.0, seed=0)
+    enc = train_encoder(lipschitz_encoder(), Xtr, ytr, epochs=8 if args.quick else 80, latent=32, scale=1.0,
+                        noise=sigma, margin=1.0, margin_weight=3.0, seed=0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr), batch_size=256)
     head = gmfast.fit_head(enc, loader, shrinkage=1.0, progress=False)
     idx = torch.arange(0, len(Xte), max(1, len(Xte) // n_inputs))[:n_inputs]

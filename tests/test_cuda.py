@@ -520,8 +520,11 @@ def _in_subprocess_without_interpreter(test_name):
     """Triton on a GPU must compile for real: re-run the test with TRITON_INTERPRET=0
     (conftest only sets it when absent)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
+    # cwd: `python -m` puts the working directory on sys.path, where a source checkout would
+    # shadow the installed package and its compiled modules
     run = subprocess.run([sys.executable, "-m", "pytest", f"{__file__}::{test_name}", "-q", "-m", "gpu",
-                          "-p", "no:cacheprovider"], env=env, capture_output=True, text=True, timeout=1800)
+                          "-p", "no:cacheprovider"], env=env, capture_output=True, text=True, timeout=1800,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
 
 

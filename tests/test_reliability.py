@@ -202,11 +202,13 @@ print((peak - base) / 1024.0, float(cert.radius.mean()))
 
 
 @pytest.mark.parametrize("backend,B", [("cpu", 400_000), ("reference", 100_000)])
-def test_certify_memory_is_bounded(backend, B):
+def test_certify_memory_is_bounded(backend, B, tmp_path):
     """B × 128 latents, K = 1000: a B×K float32 matrix alone would be 1.6 GB (0.4 GB for the
     slower reference at B = 100,000); certify must stay far below either."""
+    # cwd: `python -c` puts the working directory on sys.path; a source checkout there would
+    # shadow the installed package (and its compiled module)
     proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, backend, str(B)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     growth_mb = float(proc.stdout.split()[0])
     assert growth_mb < 200, f"certify grew memory by {growth_mb:.0f} MB"
