@@ -434,7 +434,9 @@ class TiedParams:
         Tables are always computed from the float64 master (the certified classifier), then
         moved: a float32 copy of ``A`` defines a different classifier.
         """
-        mv = lambda t, dt: t.to(device=device, dtype=dt)  # noqa: E731
+        # contiguous once here: LAPACK results come back column-major, and a kernel would
+        # otherwise copy them on every call
+        mv = lambda t, dt: t.to(device=device, dtype=dt).contiguous()  # noqa: E731
         return replace(
             self, A=mv(self.A, dtype), beta=mv(self.beta, dtype), W=mv(self.W, dtype),
             cov=mv(self.cov, torch.float64), a_norm_up=mv(self.a_norm_up, torch.float64),
@@ -476,7 +478,7 @@ class PerClassParams:
         return int(self.mu.shape[0])
 
     def to(self, device, dtype) -> "PerClassParams":
-        mv = lambda t, dt: t.to(device=device, dtype=dt)  # noqa: E731
+        mv = lambda t, dt: t.to(device=device, dtype=dt).contiguous()  # noqa: E731 (see TiedParams.to)
         return replace(
             self, mu=mv(self.mu, dtype), prec=mv(self.prec, dtype), prec_mu=mv(self.prec_mu, dtype),
             kappa=mv(self.kappa, torch.float64), prec_abs_up=mv(self.prec_abs_up, torch.float64),
@@ -489,7 +491,7 @@ def prepare_perclass(kind: str, means: torch.Tensor, cov: torch.Tensor, priors: 
     if kind == "full":
         L = torch.linalg.cholesky(cov)
         P = torch.cholesky_inverse(L)
-        P = 0.5 * (P + P.transpose(1, 2))  # exactly symmetric: the classifier's P_k
+        P = (0.5 * (P + P.transpose(1, 2))).contiguous()  # exactly symmetric: the classifier's P_k
         LP, info = torch.linalg.cholesky_ex(P)
         if bool((info != 0).any()):
             k = int((info != 0).nonzero()[0, 0])

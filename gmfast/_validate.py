@@ -119,21 +119,18 @@ def canonical_norm(norm):
 ON_NONFINITE = ("abstain", "raise")
 
 
-def nonfinite_rows(Z: torch.Tensor, on_nonfinite: str, name: str = "Z") -> torch.Tensor | None:
-    """Mask of rows with NaN/Inf; raise or warn per ``on_nonfinite``. ``None`` when all finite."""
-    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
-    if Z.shape[0] == 0:
-        return None
-    bad = nonfinite_mask(Z)
-    nbad = int(bad.sum())
-    if nbad == 0:
-        return None
-    if on_nonfinite == "raise":
-        first = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name} has {nbad} row(s) with NaN or Inf (first: row {first})")
-    warnings.warn(
-        f"{name} has {nbad} row(s) with NaN or Inf: they abstain (prediction -1, radius 0)",
-        NonFiniteWarning,
-        stacklevel=3,
-    )
-    return bad
+def report_abstentions(Z: torch.Tensor, rows: torch.Tensor, on_nonfinite: str, name: str = "Z") -> None:
+    """Explain rows a kernel abstained on: NaN/Inf inputs (warn, or raise per
+    ``on_nonfinite``) and finite rows whose logits overflowed (warn)."""
+    bad = ~torch.isfinite(Z[rows]).all(dim=1)
+    n_nonfinite = int(bad.sum())
+    n_overflow = int(rows.numel()) - n_nonfinite
+    if n_nonfinite:
+        first = int(rows[bad][0])
+        if on_nonfinite == "raise":
+            raise ValueError(f"{name} has {n_nonfinite} row(s) with NaN or Inf (first: row {first})")
+        warnings.warn(f"{name} has {n_nonfinite} row(s) with NaN or Inf (first: row {first}): they abstain "
+                      "(prediction -1, radius 0)", NonFiniteWarning, stacklevel=4)
+    if n_overflow:
+        warnings.warn(f"{n_overflow} row(s) of {name} are so large that their logits overflowed: they abstain "
+                      "(prediction -1, radius 0)", NonFiniteWarning, stacklevel=4)

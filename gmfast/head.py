@@ -17,7 +17,7 @@ from gmfast._validate import (
     canonical_norm,
     check_choice,
     check_finite_fit,
-    nonfinite_rows,
+    report_abstentions,
 )
 from gmfast.certificate import Certificate
 from gmfast.ops import BACKENDS
@@ -334,20 +334,20 @@ class GaussianMixtureHead(nn.Module):
             )
         Zt, work, in_dtype = self._prepare(Z)
         out_dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
-        bad = nonfinite_rows(Zt, on_nonfinite)
-        if bad is not None:
-            Zt = torch.where(bad[:, None], torch.zeros_like(Zt), Zt)
         backend = self.backend if backend is None else backend
+        # No pass over Z for NaN/Inf first (it would cost as much as the kernel on skinny
+        # shapes): every backend returns prediction -1 and radius 0 for a row whose logits
+        # are not all finite, which a NaN or Inf input always makes them. The abstained rows
+        # are then told apart: non-finite input (warn or raise) or overflow.
         if self.covariance_type == "tied":
             pred, radius = ops.tied_certify(Zt, work, norm, fp_sound=fp_sound, need_radius=need_radius,
                                             backend=backend)
         else:
             pred, radius = ops.perclass_certify(Zt, work, fp_sound=fp_sound, need_radius=need_radius,
                                                 backend=backend, curvature=curvature)
-        if bad is not None:
-            pred = pred.masked_fill(bad, -1)
-            if radius is not None:
-                radius = radius.masked_fill(bad, 0.0)
+        abstained = (pred < 0).nonzero().reshape(-1)
+        if abstained.numel():
+            report_abstentions(Zt, abstained, on_nonfinite)
         if radius is not None:
             radius = round_down_to(radius, out_dtype)
         return Certificate(prediction=pred, radius=radius, norm=norm)

@@ -4,6 +4,7 @@ import json
 import math
 import pickle
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -138,7 +139,11 @@ def test_nonfinite_rows_abstain_or_raise(kind, backend):
     # or returns a radius that the float64 formula confirms
     X = torch.full((2, 4), 3e38)
     X[1] *= -0.5
-    huge = head.certify(X, backend=backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        huge = head.certify(X, backend=backend)
+    overflowed = [w for w in caught if "overflowed" in str(w.message)]
+    assert bool((huge.prediction == -1).any()) == bool(overflowed)  # an abstention is always explained
     if kind == "tied":
         p = head.classifier_params
         pred_ref, r_ref, _, _ = linear_radius_bruteforce(X.double().numpy(), p.A.numpy(), p.beta.numpy(), 2)
