@@ -216,8 +216,8 @@ def _print_table(rows, log) -> None:
     log(hdr)
     log("-" * len(hdr))
     for r in rows:
-        L = f"{r['L']:.3g}" if r["L"] is not None else "-"
-        Le = f"{r['L_est']:.3g}" if r.get("L_est") is not None else "-"
+        L = "-" if r["L"] is None else f"{r['L']:.3g}" if r["L"] >= 10 else f"{r['L']:.2f}"
+        Le = "-" if r.get("L_est") is None else f"{r['L_est']:.3g}" if r["L_est"] >= 10 else f"{r['L_est']:.2f}"
         acc = " ".join(f"{100 * a:>7.1f}" for a in r["accuracy"])
         name = r["method"] + (f" ({r['subset']} in.)" if "subset" in r else "")
         log(f"{name:<36} {L:>8} {Le:>7} {acc} {r['ms']:>9.3f} {r['samples']:>8}")
@@ -225,3 +225,6 @@ def _print_table(rows, log) -> None:
     for r in enc_ms:
         log(f"  {r['method']}: certify {r['ms']:.4f} ms/input vs the encoder's own forward {r['ms_encoder']:.4f} "
             f"ms/input ({r['ms'] / r['ms_encoder']:.2f}x)")
+    if enc_ms:
+        log("  (these encoders take ~1 us per input, so a fixed per-call cost shows; on a CIFAR-sized CNN "
+            "certify costs 1.02x the forward: benchmarks/RESULTS.md)")
