@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import math
 import operator
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -293,7 +294,7 @@ class Smooth:
     tensors; radii are float64 and rounded down.
     """
 
-    def __init__(self, base, num_classes, sigma, *, seed=None, generator=None, progress=False):
+    def __init__(self, base, num_classes, sigma, *, seed=None, generator=None, progress=False, fused="auto"):
         if isinstance(base, tuple):
             if len(base) != 2:
                 raise ValueError(
@@ -325,6 +326,9 @@ class Smooth:
         self._seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
         self._generators = {}
         self.progress = bool(progress)
+        if fused not in ("auto", True, False):
+            raise ValueError(f"fused must be 'auto', True or False; got {fused!r}")
+        self.fused = fused
         self._check_eval()
 
     # -- public API ---------------------------------------------------------------------
@@ -579,6 +583,37 @@ class Smooth:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[device]
 
+    def _fused_counter(self, device) -> bool:
+        """Whether the head's argmax and the counting run fused in one Triton kernel.
+
+        Only for a tied :class:`gmfast.GaussianMixtureHead` base (``base=(encoder, head)`` or
+        the head alone): its logits are linear, so the kernel keeps them in registers and
+        adds one count per row (:func:`gmfast.triton.smoothing.smoothing_counts`). ``"auto"``
+        uses it on CUDA when Triton is available; ``True`` insists (on the CPU only under
+        ``TRITON_INTERPRET=1``, for tests).
+        """
+        if self.fused is False:
+            return False
+        from gmfast.head import GaussianMixtureHead
+
+        ok = isinstance(self._head, GaussianMixtureHead) and self._head.covariance_type == "tied"
+        if ok:
+            from gmfast.ops import _probe
+
+            ok = _probe("triton")[0] if device.type == "cuda" else (
+                self.fused is True and os.environ.get("TRITON_INTERPRET") == "1")
+        if self.fused is True and not ok:
+            raise RuntimeError("fused=True needs a tied GaussianMixtureHead base and Triton on a CUDA device")
+        return ok
+
+    def _count_fused(self, noisy, owner, counts) -> None:
+        """counts (n_owned, K) += per-owner histogram of the tied head's argmax, fused."""
+        from gmfast.triton.smoothing import smoothing_counts
+
+        z = noisy if self._encoder is None else self._encoder(noisy)
+        Zt, work, _ = self._head._prepare(z.reshape(z.shape[0], -1))
+        smoothing_counts(Zt, owner, counts.shape[0], work.A, work.beta, counts=counts)
+
     def _labels(self, batch):
         """Base-classifier classes of a noisy batch (N, *shape): LongTensor (N,), -1 = none."""
         z = batch if self._encoder is None else self._encoder(batch)
@@ -645,6 +680,9 @@ class Smooth:
                     noisy = X.index_select(0, owner + first)
                     noise = torch.randn(noisy.shape, generator=gen, dtype=X.dtype, device=device)
                     noisy.add_(noise, alpha=self.sigma)
+                    if self._fused_counter(device):
+                        self._count_fused(noisy, owner, counts[first : last + 1])
+                        continue
                     labels = self._labels(noisy)
                     counts[first : last + 1] += _count(labels, owner, last - first + 1, K)
         counts = counts.cpu()

@@ -544,3 +544,25 @@ def test_adaptive_without_target_converges_and_is_sound():
     assert np.all(radius[40:][early[40:]] >= 0.8 * np.abs(true_r[40:][early[40:]]))
     saving = (100 + n_max) / samples[40:].mean()
     print(f"rtol=0.1 mode: {saving:.1f}x fewer samples than fixed n={n_max} on clear inputs")
+
+
+def test_fused_counter_equals_unfused():
+    """The Triton counter (argmax of a tied head fused with the histogram; under
+    TRITON_INTERPRET on the CPU here) gives the same counts as head.predict + bincount."""
+    import os
+
+    from gmfast import GaussianMixtureHead
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(300, 5, generator=g, dtype=torch.float64) + torch.arange(3).repeat(100)[:, None] * 1.5
+    head = GaussianMixtureHead("tied").fit(Z, torch.arange(3).repeat(100))
+    enc = torch.nn.Linear(5, 5).double().eval()
+    X = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    plain = Smooth((enc, head), 3, 0.5, seed=7, fused=False).certify_batch(X, 10, 200, 0.01, 64)
+    fused = Smooth((enc, head), 3, 0.5, seed=7, fused=True).certify_batch(X, 10, 200, 0.01, 64)
+    assert torch.equal(plain.counts, fused.counts) and torch.equal(plain.counts_selection, fused.counts_selection)
+    assert torch.equal(plain.prediction, fused.prediction) and torch.equal(plain.radius, fused.radius)
+    with pytest.raises(RuntimeError, match="tied GaussianMixtureHead"):
+        Smooth((enc, GaussianMixtureHead("diag").fit(Z, torch.arange(3).repeat(100))), 3, 0.5,
+               fused=True).certify_batch(X, 10, 20, 0.01, 64)
