@@ -109,6 +109,23 @@ def _e2e_encoder(latent: int) -> torch.nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, latent))
 
 
+def _straightforward_perclass(Z, work, make_u):
+    """The plain-PyTorch per-class certificate (without curvature or rounding terms): it
+    materialises the B×K×d residuals R and gradients U = make_u(R)."""
+    mu, kappa = work.mu, work.kappa.float()
+
+    def run():
+        R = Z[:, None, :] - mu[None]
+        U = make_u(R)
+        f = kappa - 0.5 * (R * U).sum(-1)
+        c = f.argmax(1)
+        G = (U - U[torch.arange(Z.shape[0]), c][:, None]).norm(dim=-1)
+        q = f.gather(1, c[:, None]) - f
+        return c, (q / G).amin(1)
+
+    return run
+
+
 def _setup(case, variant):
     """Inputs and a zero-argument callable that runs the variant once."""
     from gmfast import _reference as ref
@@ -174,36 +191,15 @@ def _setup(case, variant):
             Pstack = work.prec.reshape(K * d, d)
             return lambda: Z @ Pstack.T
         if variant == "torch":
-            mu, P = work.mu, work.prec
-            kappa = work.kappa.float()
-
-            def straightforward():  # materialises the B×K×d residuals and gradients
-                R = Z[:, None, :] - mu[None]
-                U = torch.einsum("kij,bkj->bki", P, R)
-                f = kappa - 0.5 * (R * U).sum(-1)
-                c = f.argmax(1)
-                G = (U - U[torch.arange(B), c][:, None]).norm(dim=-1)
-                q = f.gather(1, c[:, None]) - f
-                return c, (q / G).amin(1)
-
-            return straightforward
+            P = work.prec
+            return _straightforward_perclass(Z, work, lambda R: torch.einsum("kij,bkj->bki", P, R))
     else:  # diag
         if variant == "floor":
             W = work.prec
             return lambda: Z @ W.T
         if variant == "torch":
-            mu, p, kappa = work.mu, work.prec, work.kappa.float()
-
-            def straightforward():
-                R = Z[:, None, :] - mu[None]
-                U = p[None] * R
-                f = kappa - 0.5 * (R * U).sum(-1)
-                c = f.argmax(1)
-                G = (U - U[torch.arange(B), c][:, None]).norm(dim=-1)
-                q = f.gather(1, c[:, None]) - f
-                return c, (q / G).amin(1)
-
-            return straightforward
+            p = work.prec
+            return _straightforward_perclass(Z, work, lambda R: p[None] * R)
     backend = "reference" if variant == "reference" else "cpu"
     return lambda: head.certify(Z, backend=backend)
 

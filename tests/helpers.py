@@ -6,6 +6,7 @@ import math
 
 import mpmath
 import numpy as np
+import torch
 
 
 def blobs(n, K, d, *, sep=3.0, seed=0, per_class_cov=False, scale_spread=1.0):
@@ -166,3 +167,27 @@ def bound_reference(Z, mu, P, kappa):
         out_pred.append(c)
         out_r.append(r)
     return np.array(out_pred), np.array(out_r)
+
+
+def random_head(kind, d, K, seed, *, uniform_priors=False):
+    """A fitted head of ``kind`` with random float64 parameters (cheap for any shape)."""
+    from gmfast import GaussianMixtureHead
+
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(K, d, generator=g, dtype=torch.float64) * 2
+    if uniform_priors:
+        pri = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    else:
+        pri = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
+        pri /= pri.sum()
+    if kind == "tied":
+        X = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+        cov = X @ X.T + 0.5 * torch.eye(d, dtype=torch.float64)
+    elif kind == "full":
+        X = torch.randn(K, d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+        cov = X @ X.transpose(1, 2) + 0.5 * torch.eye(d, dtype=torch.float64)
+    elif kind == "diag":
+        cov = torch.rand(K, d, generator=g, dtype=torch.float64) + 0.3
+    else:
+        cov = torch.rand(K, generator=g, dtype=torch.float64) + 0.3
+    return GaussianMixtureHead.from_params(mu, cov, pri, kind)

@@ -11,30 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import random_head
 
-from gmfast import GaussianMixtureHead as Head
 from gmfast.ops import _cpu
 
 SHAPES = [(B, d, K) for B, d, K in itertools.product((0, 1, 7, 4097), (1, 3, 64, 513), (2, 3, 1001))
           if B * d * K <= 4097 * 64 * 1001]
-
-
-def random_head(kind, d, K, seed):
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(K, d, generator=g, dtype=torch.float64) * 2
-    pri = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
-    pri /= pri.sum()
-    if kind == "tied":
-        X = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-        cov = X @ X.T + 0.5 * torch.eye(d, dtype=torch.float64)
-    elif kind == "full":
-        X = torch.randn(K, d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-        cov = X @ X.transpose(1, 2) + 0.5 * torch.eye(d, dtype=torch.float64)
-    elif kind == "diag":
-        cov = torch.rand(K, d, generator=g, dtype=torch.float64) + 0.3
-    else:
-        cov = torch.rand(K, generator=g, dtype=torch.float64) + 0.3
-    return Head.from_params(mu, cov, pri, kind)
 
 
 def sample(head, B, dtype, seed, noncontig=False):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_head
 
 from gmfast import GaussianMixtureHead as Head
 from gmfast import _reference as ref
@@ -386,20 +387,7 @@ def test_cuda_available_reports_a_reason():
 
 
 def _random_head(kind, d, K, seed):
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(K, d, generator=g, dtype=torch.float64) * 2
-    pri = torch.full((K,), 1.0 / K, dtype=torch.float64)
-    if kind == "tied":
-        X = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-        cov = X @ X.T + 0.5 * torch.eye(d, dtype=torch.float64)
-    elif kind == "full":
-        X = torch.randn(K, d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-        cov = X @ X.transpose(1, 2) + 0.5 * torch.eye(d, dtype=torch.float64)
-    elif kind == "diag":
-        cov = torch.rand(K, d, generator=g, dtype=torch.float64) + 0.3
-    else:
-        cov = torch.rand(K, generator=g, dtype=torch.float64) + 0.3
-    return Head.from_params(mu, cov, pri, kind)
+    return random_head(kind, d, K, seed, uniform_priors=True)
 
 
 class _FakeModule:

@@ -34,6 +34,7 @@ from gmfast.smoothing import _count  # noqa: E402
 from gmfast.triton import perclass as tpc  # noqa: E402
 from gmfast.triton import smoothing as tsm  # noqa: E402
 from gmfast.triton import tied as ttied  # noqa: E402
+from helpers import random_head  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
     pytest.skip("these tests run the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
@@ -50,21 +51,7 @@ DTYPES = (torch.float32, torch.float64)
 
 def random_params(kind, d, K, seed):
     """Float64 master parameters of a random head of ``kind``."""
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(K, d, generator=g, dtype=torch.float64) * 2
-    pri = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
-    pri /= pri.sum()
-    if kind == "tied":
-        X = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-        cov = X @ X.T + 0.5 * torch.eye(d, dtype=torch.float64)
-    elif kind == "full":
-        X = torch.randn(K, d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-        cov = X @ X.transpose(1, 2) + 0.5 * torch.eye(d, dtype=torch.float64)
-    elif kind == "diag":
-        cov = torch.rand(K, d, generator=g, dtype=torch.float64) + 0.3
-    else:
-        cov = torch.rand(K, generator=g, dtype=torch.float64) + 0.3
-    return Head.from_params(mu, cov, pri, kind).classifier_params
+    return random_head(kind, d, K, seed).classifier_params
 
 
 def sample(means, B, dtype, seed, noncontig=False):
