@@ -38,8 +38,9 @@ jointly Gaussian: ``m_y ~ N(D_y μ_y + β_y − β_{−y}, D_y Σ D_yᵀ)`` with
   estimates, so their spread is an honest standard error. Needs ``D_y Σ D_yᵀ`` positive
   definite (``K − 1 ≤ d`` and affinely independent means);
 * ``"qmc"``: the indicator of the event at randomized-QMC points of the margin law
-  (factored by an eigendecomposition, so any rank works: ``K − 1 > d`` too), same
-  replicate standard error; less accurate per point than Genz but cheap for large ``K``;
+  (factored by an eigendecomposition, so any rank works: ``K − 1 > d`` too; ``genz`` falls
+  back to it), same replicate standard error, plus a binomial confidence bound (the
+  replicate spread of an indicator is 0 when no point misses);
 * ``"mc"``: any head (per-class covariance types, :class:`gmfast.multiproto.MultiPrototypeHead`):
   draws from ``Q``, certified by the head's own ``certify`` (a sound radius, so this is the
   certified accuracy gmfast actually delivers), stratified by class, binomial standard
@@ -58,7 +59,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special, stats
+
+from gmfast._validate import canonical_norm, check_choice
+from gmfast.certificate import certified_accuracy
+from gmfast.head import GaussianMixtureHead
+from gmfast.multiproto import MultiPrototypeHead
 
 __all__ = [
     "CAResult", "certified_accuracy_gmm", "tv_from_kl", "certified_accuracy_lower_bound", "sample_mixture",
@@ -67,9 +73,10 @@ __all__ = [
 ]
 
 METHODS = ("auto", "closed", "genz", "qmc", "mc")
-_DEFAULT_POINTS = {"genz": 1 << 14, "qmc": 1 << 16, "mc": 200_000}
-# Genz's method costs O(points · (K−1)²) per class and radius; above this K the indicator
-# QMC (O(points · (K−1) · rank)) is the better use of the same time.
+_DEFAULT_POINTS = {"genz": 1 << 12, "qmc": 1 << 14, "mc": 200_000}
+# Genz's method costs O(points · K²) special-function calls per class and radius, O(K³ · points
+# · radii) in all; above this K, Monte Carlo through the certify kernel is the better use of
+# the time (O(draws · K · d) for all radii together).
 _GENZ_MAX_K = 32
 
 
@@ -108,24 +115,27 @@ class CAResult:
         * Monte Carlo: ``Σ_k π_k p_k⁻`` with ``p_k⁻`` the exact Clopper–Pearson lower bound
           of class ``k``'s hit rate at level ``1 − (1 − confidence)/K`` (Bonferroni: all
           ``K`` hold together with probability ≥ ``confidence``). Valid even where every
-          draw hit (a normal interval would claim certainty there).
+          draw hit (a normal interval would claim certainty there);
+        * indicator QMC: the smaller of the two above (the pooled points counted as if they
+          were i.i.d.). An indicator's replicate spread is 0 when no point misses the event
+          although the true miss rate may be ~1/points; the binomial bound covers that case.
         """
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must lie in (0, 1); got {confidence!r}")
         kind = self.details.get("kind", "exact")
-        if kind == "exact":
-            return self.estimate.copy()
+        if kind not in ("exact", "replicates", "binomial"):
+            raise ValueError(f"unknown kind {kind!r}")
+        bounds = [self.estimate.copy()]
         if kind == "replicates":
             r = self.details["replicates"].shape[0]
-            return self.estimate - stats.t.ppf(confidence, r - 1) * self.stderr
-        if kind == "binomial":
+            bounds.append(self.estimate - stats.t.ppf(confidence, r - 1) * self.stderr)
+        if "hits" in self.details:
             from gmfast.smoothing import clopper_pearson_lower
 
             hits, n, pri = self.details["hits"], self.details["n"], self.details["priors"]
             alpha = (1.0 - confidence) / hits.shape[0]
-            lo = clopper_pearson_lower(hits, n[:, None], alpha)
-            return (pri[:, None] * lo).sum(0)
-        raise ValueError(f"unknown kind {kind!r}")
+            bounds.append((pri[:, None] * clopper_pearson_lower(hits, n[:, None], alpha)).sum(0))
+        return np.minimum.reduce(bounds)
 
 
 def _radii(radii) -> np.ndarray:
@@ -167,8 +177,6 @@ class _Mixture:
 
 
 def _mixture(head) -> _Mixture:
-    from gmfast.multiproto import MultiPrototypeHead
-
     if isinstance(head, MultiPrototypeHead):
         return _Mixture(head.priors_, head.component_class_, head.component_weights_, head.component_means_,
                         "tied", head.covariance_)
@@ -294,80 +302,96 @@ def _orthant_genz(mean, C, N, radii, n_points: int, replicates: int, seed: int) 
     and, writing ``Y_i = Φ⁻¹(w_i e_i)`` with ``e_i = Φ(that bound)``, the probability is
     ``∫_{[0,1]^{k−1}} Π_i e_i(w_1..w_{i−1}) dw`` (Genz 1992): a smooth integrand.
     """
+    # numpy/scipy here: torch's float64 ndtr (erfc) is ~100x slower on CPU than scipy's
+    mean, C, N = mean.numpy(), C.numpy(), N.numpy()
     k = mean.shape[0]
-    rad = torch.from_numpy(radii)
-    b = mean[None, :] - rad[:, None] * N[None, :]  # (R, k)
-    sd = torch.sqrt(torch.diagonal(C))
-    perm = torch.argsort(b / sd, dim=1)
-    Cp = C[perm[:, :, None], perm[:, None, :]]
-    L, info = torch.linalg.cholesky_ex(Cp)
-    diag = torch.diagonal(L, dim1=1, dim2=2)
-    if bool((info != 0).any()) or bool((diag <= 1e-12 * sd.max()).any()):
+    b = mean[None, :] - radii[:, None] * N[None, :]  # (R, k)
+    sd = np.sqrt(np.diagonal(C))
+    if not np.all(sd > 0):  # a constant margin: C is singular
         raise _NotPositiveDefinite
-    bp = b.gather(1, perm)  # (R, k)
+    perm = np.argsort(b / sd, axis=1, kind="stable")
+    Cp = C[perm[:, :, None], perm[:, None, :]]
+    try:
+        L = np.linalg.cholesky(Cp)
+    except np.linalg.LinAlgError:
+        raise _NotPositiveDefinite from None
+    if np.any(np.diagonal(L, axis1=1, axis2=2) <= 1e-12 * sd.max()):
+        raise _NotPositiveDefinite
+    bp = np.take_along_axis(b, perm, axis=1)
     tiny, top = 1e-300, 1.0 - 2.0**-53
     out = np.empty((replicates, len(radii)))
     for r in range(replicates):
-        e = torch.special.ndtr(bp[:, 0] / L[:, 0, 0])[:, None].expand(-1, n_points)  # (R, n)
-        f = e.clone()
+        e = np.broadcast_to(special.ndtr(bp[:, :1] / L[:, :1, 0]), (len(radii), n_points))  # (R, n)
+        f = e.copy()
         if k > 1:
-            w = _sobol(k - 1, n_points, seed + r)
-            Y = torch.empty(len(radii), n_points, k - 1, dtype=torch.float64)
+            w = _sobol(k - 1, n_points, seed + r).numpy()
+            Y = np.empty((len(radii), n_points, k - 1))
             for i in range(1, k):
-                Y[:, :, i - 1] = torch.special.ndtri((w[:, i - 1] * e).clamp(tiny, top))
-                s = (Y[:, :, :i] @ L[:, i, :i, None])[..., 0]
-                e = torch.special.ndtr((bp[:, i, None] - s) / L[:, i, i, None])
-                f = f * e
-        out[r] = f.mean(1).numpy()
+                Y[:, :, i - 1] = special.ndtri(np.clip(w[:, i - 1] * e, tiny, top))
+                s = np.einsum("rnj,rj->rn", Y[:, :, :i], L[:, i, :i])
+                e = special.ndtr((bp[:, i, None] - s) / L[:, i, i, None])
+                f *= e
+        out[r] = f.mean(1)
     return out
 
 
 def _orthant_qmc(mean, C, N, radii, n_points: int, replicates: int, seed: int) -> np.ndarray:
     """Replicate estimates (replicates, R) of ``P[m > 0, m ≥ εN]`` by the indicator at
     randomized-QMC draws ``m = mean + F g``, ``C = FFᵀ`` (eigendecomposition: any rank)."""
-    lam, V = torch.linalg.eigh(C)
-    keep = lam > 1e-13 * lam.max().clamp_min(0)
-    F = V[:, keep] * lam[keep].sqrt()
-    rad = torch.from_numpy(radii)
-    out = np.zeros((replicates, len(radii)))
+    # numpy: single-threaded elementwise work; torch's thread pool costs more than it saves
+    # on these small blocks, much more on a busy machine
+    mean, C, N = mean.numpy(), C.numpy(), N.numpy()
+    lam, V = np.linalg.eigh(C)
+    keep = lam > 1e-13 * max(lam.max(), 0.0)
+    Ft = np.ascontiguousarray((V[:, keep] * np.sqrt(lam[keep])).T)  # (rank, k)
+    rank = Ft.shape[0]
     chunk = max(256, (1 << 22) // max(1, mean.shape[0]))
+    out = np.empty((replicates, len(radii)))
     for r in range(replicates):
-        g = torch.special.ndtri(_sobol(max(1, F.shape[1]), n_points, seed + r)[:, :F.shape[1]])
+        g = special.ndtri(_sobol(max(1, rank), n_points, seed + r).numpy()[:, :rank])
+        ratio = np.empty(n_points)
         for i in range(0, n_points, chunk):
-            m = mean + g[i:i + chunk] @ F.T
-            # the exact radius when every margin is positive (0 otherwise); N = 0 only for
-            # a margin that is constant, and then never binding
-            ratio = torch.where(N > 0, m / N, torch.full_like(m, math.inf)).amin(1)
-            ratio = torch.where((m > 0).all(1), ratio, torch.full_like(ratio, -1.0))
-            out[r] += (ratio[:, None] >= rad[None]).sum(0).numpy()
-    return out / n_points
+            m = mean + g[i:i + chunk] @ Ft
+            # the exact radius where every margin is positive (else -1); N = 0 only for a
+            # constant margin, which then never binds
+            q = np.divide(m, N, out=np.full_like(m, np.inf), where=N > 0).min(1)
+            ratio[i:i + chunk] = np.where((m > 0).all(1), q, -1.0)
+        ratio.sort()
+        out[r] = (n_points - np.searchsorted(ratio, radii, side="left")) / n_points  # #{ratio ≥ ε}
+    return out
 
 
-def _tied_ca(head, radii, norm, method, n_points, replicates, seed) -> CAResult:
+def _tied_ca(head, radii, norm, method, n_total, replicates, seed) -> CAResult:
+    """``CA_Q`` of a tied head from the margin laws; ``n_total`` points per class in all."""
     pri = head.priors_.numpy()
     laws = _tied_margin_laws(head, norm)
     if method == "closed":
         est = sum(pri[y] * _orthant_closed(*law, radii) for y, law in enumerate(laws))
         return CAResult(radii, est, np.zeros_like(est), "closed form (K = 2)", dict(kind="exact"))
-    n_points = 1 << max(1, math.ceil(math.log2(max(2, n_points // replicates))))
+    n_points = 1 << max(1, math.ceil(math.log2(max(2, n_total // replicates))))
     reps = np.zeros((replicates, len(radii)))
-    fallback = 0
-    for y, (mean, C, N) in enumerate(laws):
-        s = seed + 7919 * y
-        if method == "genz":
-            try:
-                reps += pri[y] * _orthant_genz(mean, C, N, radii, n_points, replicates, s)
-                continue
-            except _NotPositiveDefinite:
-                fallback += 1
-        reps += pri[y] * _orthant_qmc(mean, C, N, radii, n_points, replicates, s)
-    name = ("Genz separation of variables, randomized QMC" if method == "genz" else
-            "indicator randomized QMC")
-    name += f" ({replicates} scrambles x {n_points} Sobol points per class"
-    name += f"; {fallback} singular classes by indicator QMC)" if fallback else ")"
+    hits = []  # per class, pooled hit counts of the indicator estimator
+    note = ""
+    if method == "genz":
+        try:
+            for y, (mean, C, N) in enumerate(laws):
+                reps += pri[y] * _orthant_genz(mean, C, N, radii, n_points, replicates, seed + 7919 * y)
+        except _NotPositiveDefinite:
+            # a class's margins are (numerically) linearly dependent: no Cholesky factor
+            method, note, reps = "qmc", "; Genz impossible: singular margin covariance", reps * 0
+    if method == "qmc":
+        for y, (mean, C, N) in enumerate(laws):
+            est_y = _orthant_qmc(mean, C, N, radii, n_points, replicates, seed + 7919 * y)
+            reps += pri[y] * est_y
+            hits.append(np.rint(est_y * n_points).sum(0))
+    name = ("Genz separation of variables, randomized QMC" if method == "genz" else "indicator randomized QMC")
+    name += f" ({replicates} scrambles x {n_points} Sobol points per class{note})"
     est = reps.mean(0)
     se = reps.std(0, ddof=1) / math.sqrt(replicates)
-    return CAResult(radii, est, se, name, dict(kind="replicates", replicates=reps))
+    details = dict(kind="replicates", replicates=reps)
+    if hits:
+        details.update(hits=np.array(hits), n=np.full(len(hits), float(replicates * n_points)), priors=pri)
+    return CAResult(radii, est, se, name, details)
 
 
 # ----------------------------------------------------------------------------- CA_Q, Monte Carlo
@@ -413,9 +437,9 @@ def certified_accuracy_gmm(head, radii, *, method: str = "auto", n_samples: int 
     radii : sequence of float (R,), ≥ 0
     method : {"auto", "closed", "genz", "qmc", "mc"}
         See the module docstring. ``auto``: ``closed`` for tied ``K = 2``, ``genz`` for tied
-        ``K ≤ 32`` with ``K − 1 ≤ d``, ``qmc`` for other tied heads, ``mc`` otherwise.
+        ``K ≤ 32`` with ``K − 1 ≤ d``, ``mc`` otherwise.
     n_samples : int, optional
-        ``genz``/``qmc``: points per class over all replicates (default 2¹⁴ / 2¹⁶, rounded
+        ``genz``/``qmc``: points per class over all replicates (default 2¹² / 2¹⁴, rounded
         to ``replicates`` × a power of 2); ``mc``: draws in all (default 200,000).
     replicates : int
         Independent scrambles for the randomized-QMC standard error (≥ 2).
@@ -431,18 +455,13 @@ def certified_accuracy_gmm(head, radii, *, method: str = "auto", n_samples: int 
         ``estimate`` and ``stderr`` (R,) (``stderr`` is 0 for the closed form), ``method``;
         :meth:`CAResult.lower_confidence` gives a one-sided confidence bound.
     """
-    from gmfast._validate import canonical_norm, check_choice
-
     radii = _radii(radii)
     norm = canonical_norm(norm)
     check_choice("method", method, METHODS)
-    from gmfast.head import GaussianMixtureHead
-
     tied = isinstance(head, GaussianMixtureHead) and head.covariance_type == "tied"
     K, d = head.n_classes_, head.n_features_in_
     if method == "auto":
-        method = ("closed" if tied and K == 2 else "genz" if tied and K <= _GENZ_MAX_K and K - 1 <= d
-                  else "qmc" if tied else "mc")
+        method = "closed" if tied and K == 2 else "genz" if tied and K <= _GENZ_MAX_K and K - 1 <= d else "mc"
     if method != "mc" and not tied:
         raise ValueError(
             f"method={method!r} needs a GaussianMixtureHead with covariance_type='tied' (Gaussian margins); "
@@ -622,8 +641,6 @@ def joint_kl_estimate(head, Z, y, *, k: int = 1, max_per_class: int = 2000, seed
 
 def _mahalanobis_sq(head, Z, y) -> torch.Tensor:
     """Squared Mahalanobis distance of each row to its own class mean (B,), float64."""
-    from gmfast.head import GaussianMixtureHead
-
     if not isinstance(head, GaussianMixtureHead):
         raise TypeError("the Mahalanobis Gaussianity check needs a GaussianMixtureHead (one Gaussian per class)")
     Z = torch.as_tensor(Z).double()
@@ -745,49 +762,54 @@ def report(head, Z_test, y_test, radii, kl=None, *, out_dir=None, norm=2, confid
     joint log-likelihood per sample); ``gaussianity`` (``{class: (n, KS, p)}`` or None);
     ``n_test``; ``plots`` (list of paths).
     """
-    from gmfast.certificate import certified_accuracy
-
     radii = _radii(radii)
     Z = torch.as_tensor(Z_test)
     y = torch.as_tensor(y_test).long()
-    empirical = certified_accuracy(head.certify(Z, norm=norm), y, radii)
-    ca_q = certified_accuracy_gmm(head, radii, norm=norm, n_samples=n_samples, seed=seed)
+    cert = head.certify(Z, norm=norm)
+    # with plots, CA_Q is computed once on the user's radii merged with a fine grid (one run of
+    # the estimator; the radii are thresholds on the same draws), then the user's are picked out
+    grid = radii if out_dir is None else np.unique(np.concatenate([radii, np.linspace(0, radii.max(), 25)]))
+    pick = np.searchsorted(grid, radii)
+    ca_grid = certified_accuracy_gmm(head, grid, norm=norm, n_samples=n_samples, seed=seed)
     if kl is None:
         kl = joint_kl_estimate(head, Z, y, seed=seed + 1)
         kl_source = "k-NN estimate (not a guarantee)"
     else:
         kl_source = "given"
-    lb = certified_accuracy_lower_bound(head, radii, kl, confidence=confidence, ca_q=ca_q)
+    lb_grid = certified_accuracy_lower_bound(head, grid, kl, confidence=confidence, ca_q=ca_grid)
     try:
         gauss = mahalanobis_gaussianity(head, Z, y)
     except TypeError:
         gauss = None
     n = len(y)
+    empirical = certified_accuracy(cert, y, radii)
     res = dict(radii=radii, empirical=empirical, empirical_stderr=np.sqrt(empirical * (1 - empirical) / max(n, 1)),
-               ca_q=ca_q.estimate, ca_q_stderr=ca_q.stderr, ca_q_method=ca_q.method, lower_bound=lb.estimate,
-               confidence=confidence, kl=float(kl), kl_source=kl_source, tv=lb.details["tv"],
-               loglik=heldout_log_likelihood(head, Z, y), gaussianity=gauss, n_test=n, plots=[])
+               ca_q=ca_grid.estimate[pick], ca_q_stderr=ca_grid.stderr[pick], ca_q_method=ca_grid.method,
+               lower_bound=lb_grid.estimate[pick], confidence=confidence, kl=float(kl), kl_source=kl_source,
+               tv=lb_grid.details["tv"], loglik=heldout_log_likelihood(head, Z, y), gaussianity=gauss, n_test=n,
+               plots=[])
     if out_dir is not None:
         out = Path(out_dir)
-        res["plots"].append(str(_plot_report(res, head, Z, y, norm, out / "certified_accuracy.png")))
+        res["plots"].append(str(_plot_report(res, cert, y, ca_grid, lb_grid, norm, out / "certified_accuracy.png")))
         if gauss is not None:
             res["plots"].append(str(plot_mahalanobis_qq(head, Z, y, out / "mahalanobis_qq.png")))
     return res
 
 
-def _plot_report(res, head, Z, y, norm, path) -> Path:
+def _plot_report(res, cert, y, ca: CAResult, lb: CAResult, norm, path) -> Path:
     from gmfast.plot import certified_accuracy_curve
 
     plt = _pyplot()
-    r = res["radii"]
+    r = ca.radii
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    fine, emp = certified_accuracy_curve(head.certify(Z, norm=norm), y, max_radius=float(r.max()) or 1.0)
+    fine, emp = certified_accuracy_curve(cert, y, max_radius=float(r.max()) or 1.0)
     ax.plot(fine, 100 * emp, lw=2, label=f"empirical (n={res['n_test']} test latents)")
-    ca, se = 100 * res["ca_q"], 100 * res["ca_q_stderr"]
-    ax.plot(r, ca, "o-", lw=2, ms=4, label="CA_Q (fitted mixture)")
-    ax.fill_between(r, ca - 2 * se, ca + 2 * se, alpha=0.25, lw=0)
-    what = "bound" if res["kl_source"] == "given" else "estimated bound"
-    ax.plot(r, 100 * res["lower_bound"], "s--", lw=2, ms=4, label=f"lower {what}, KL={res['kl']:.3g}")
+    est, se = 100 * ca.estimate, 100 * ca.stderr
+    ax.plot(r, est, lw=2, label="CA_Q (fitted mixture)")
+    ax.fill_between(r, est - 2 * se, est + 2 * se, alpha=0.25, lw=0)
+    what = "" if res["kl_source"] == "given" else " (KL estimated: not a guarantee)"
+    ax.plot(r, 100 * lb.estimate, "--", lw=2, label=f"CA_Q - TV bound, KL={res['kl']:.3g}{what}")
+    ax.plot(res["radii"], 100 * res["lower_bound"], "s", ms=4, color=ax.lines[-1].get_color())
     ax.set_xlabel(f"latent radius ({'ℓ' + str(norm) if norm != 'mahalanobis' else 'Mahalanobis'})")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)
@@ -808,11 +830,11 @@ def format_report(res: dict) -> str:
         f"lower bound = CA_Q{'' if conf is None else f' ({conf:g} lower confidence bound)'} - TV"
         + ("   [an ESTIMATE: KL was estimated, not given]" if est else "   [valid if KL(P||Q) <= the KL above]"),
         f"held-out log-likelihood (joint): {res['loglik']:.4g} nats/sample on {res['n_test']} test latents",
-        f"{'radius':>8} {'empirical':>10} {'+-':>5} {'CA_Q':>7} {'+-':>6} {'lower bound':>12}",
+        f"{'radius':>8} {'empirical':>10} {'+-':>5} {'CA_Q':>7} {'+-':>7} {'lower bound':>12}",
     ]
     for i, r in enumerate(res["radii"]):
         lines.append(f"{r:>8.4g} {100 * res['empirical'][i]:>9.1f}% {100 * res['empirical_stderr'][i]:>5.1f} "
-                     f"{100 * res['ca_q'][i]:>6.1f}% {100 * res['ca_q_stderr'][i]:>6.2f} "
+                     f"{100 * res['ca_q'][i]:>6.1f}% {100 * res['ca_q_stderr'][i]:>7.2g} "
                      f"{100 * res['lower_bound'][i]:>11.1f}%")
     g = res.get("gaussianity")
     if g:

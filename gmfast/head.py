@@ -147,7 +147,8 @@ class GaussianMixtureHead(nn.Module):
         """
         from gmfast.io import validated_params
 
-        f64 = lambda t: torch.as_tensor(t).detach().to("cpu", torch.float64).clone()  # noqa: E731
+        # straight to float64: a python list would otherwise become float32 first
+        f64 = lambda t: torch.as_tensor(t, dtype=torch.float64, device="cpu").detach().clone()  # noqa: E731
         means, covariance, priors = f64(means), f64(covariance), f64(priors)
         if covariance_type in ("tied", "full") and covariance.dim() >= 2:
             # a covariance computed as X Xᵀ is symmetric only up to rounding: accept that much
