@@ -215,7 +215,7 @@ def _distributional_section(setup, loader, Xte, yte, quick, log) -> dict:
     estimate of KL, and whether more prototypes per class pay."""
     from gmfast.bounds import joint_kl_estimate, report
     from gmfast.fit import encode
-    from gmfast.multiproto import compare_prototypes
+    from gmfast.multiproto import compare_prototypes, format_prototype_table
 
     enc, head, _ = setup
     with torch.no_grad():
@@ -236,11 +236,10 @@ def _distributional_section(setup, loader, Xte, yte, quick, log) -> dict:
     log(f"  k-NN estimate of KL(P||Q): {kl_est:.3g} nats (d={Zte.shape[1]}, ~{len(yte) // 10} test latents per "
         "class: far too few for this estimator, whose bias grows with d; no guarantee can use it). "
         f"Lowest per-class chi2 p-value {min(v[2] for v in g.values()):.2g}: the classes are not Gaussian.")
-    rows = compare_prototypes(Ztr, ytr, Zte, yte, Ms=(1, 2, 4), radii=radii, shrinkage=0.1)
-    log("more prototypes per class (one shared covariance, shrinkage 0.1, EM): does a closer fit pay?")
-    log("  " + f"{'M':>3} {'held-out log-lik':>17} " + " ".join(f"{'r=' + format(r, 'g'):>7}" for r in radii))
-    for r in rows:
-        log("  " + f"{r['M']:>3} {r['loglik']:>17.2f} " + " ".join(f"{100 * a:>7.1f}" for a in r["accuracy"]))
+    rows = compare_prototypes(Ztr, ytr, Zte, yte, Ms=(1, 2, 4), radii=radii, shrinkage="ledoit-wolf")
+    log("does a closer fit pay? several prototypes per class, EM, one shared Ledoit-Wolf covariance:")
+    for line in format_prototype_table(rows).splitlines()[1:]:
+        log("  " + line)
     return dict(report=res, kl_estimate=kl_est, prototypes=rows)
 
 

@@ -13,7 +13,7 @@ def test_demo_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     for needle in ("certified accuracy (%)", "gmfast, cnn encoder", "gmfast, lipschitz enc., isotropic",
-                   "smoothing σ=0.25", "distributional guarantee", "more prototypes per class"):
+                   "smoothing σ=0.25", "distributional guarantee", "does a closer fit pay?"):
         assert needle in text, needle
     assert out.exists() and out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the Lipschitz encoder's bound is computed, close to 1, and above its estimate
