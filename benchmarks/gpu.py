@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         case = Case(kind, *shape)
         floor = case.floor()
         f_ms, f_lo, f_hi = timed(floor, args.reps)
-        entries = [("floor (cuBLAS addmm)", floor)] + [(v, (lambda v=v: case.run(v))) for v in timed_variants]
+        entries = [("floor (cuBLAS addmm)", floor)] + [(v, (lambda v=v, c=case: c.run(v))) for v in timed_variants]
         for name, fn in entries:
             ms, lo, hi = (f_ms, f_lo, f_hi) if fn is floor else timed(fn, args.reps)
             rows.append(dict(variant=name, kind=kind, B=shape[0], d=shape[1], K=shape[2], ms=ms, ms_q1=lo, ms_q3=hi,

@@ -100,8 +100,8 @@ def check_finite_fit(Z: torch.Tensor, name: str = "Z") -> None:
 
 NORMS = (2, 1, math.inf, "mahalanobis")
 _NORM_ALIASES = {
-    2: 2, 2.0: 2, "2": 2, "l2": 2,
-    1: 1, 1.0: 1, "1": 1, "l1": 1,
+    2: 2, "2": 2, "l2": 2,  # 2.0 hashes like 2 (and 1.0 like 1): one key covers both
+    1: 1, "1": 1, "l1": 1,
     math.inf: math.inf, "inf": math.inf, "linf": math.inf,
     "mahalanobis": "mahalanobis",
 }

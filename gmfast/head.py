@@ -28,7 +28,28 @@ PRIORS = ("empirical", "uniform")
 CURVATURES = ("auto", "exact", "weyl")
 
 
-class GaussianMixtureHead(nn.Module):
+class StatisticalHead(nn.Module):
+    """Base of heads fitted by statistics rather than gradients.
+
+    They have no training-time behaviour, so they always report eval mode (wrappers that
+    refuse train-mode modules, such as randomized smoothing, accept them), and a property's
+    own AttributeError (not fitted, wrong covariance type) reaches the user instead of
+    ``nn.Module``'s generic "has no attribute".
+    """
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def __getattr__(self, name):
+        # An AttributeError raised inside a property makes Python fall back to
+        # nn.Module.__getattr__, which would replace our message: run the property again.
+        prop = getattr(type(self), name, None)
+        if isinstance(prop, property):
+            return prop.fget(self)
+        return super().__getattr__(name)
+
+
+class GaussianMixtureHead(StatisticalHead):
     """Gaussian class-conditional classifier with closed-form certified radii.
 
     Fits ``N(μ_k, Σ_k)`` per class on latents ``z`` and classifies with the Bayes rule
@@ -185,21 +206,6 @@ class GaussianMixtureHead(nn.Module):
                 "this GaussianMixtureHead is not fitted yet; call fit(Z, y) or partial_fit(...) then finalize()"
             )
         return self._params
-
-    def train(self, mode: bool = True) -> "GaussianMixtureHead":
-        """No-op: the head has no training-time behaviour (it is fitted by statistics, not
-        gradients), so it always reports eval mode and wrappers that refuse train-mode
-        modules (e.g. randomized smoothing) accept it."""
-        return super().train(False)
-
-    def __getattr__(self, name):
-        # An AttributeError raised inside a property (not fitted, wrong covariance type) makes
-        # Python fall back to nn.Module.__getattr__, which would replace our message with a
-        # generic one: run the property again so its own error reaches the user.
-        prop = getattr(type(self), name, None)
-        if isinstance(prop, property):
-            return prop.fget(self)
-        return super().__getattr__(name)
 
     @property
     def means_(self) -> torch.Tensor:

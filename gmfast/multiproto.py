@@ -83,7 +83,6 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 
 from gmfast import _reference as ref
 from gmfast._fp import U64, norm_upper, round_down_to, slack_down, slack_up
@@ -98,7 +97,7 @@ from gmfast._validate import (
     report_abstentions,
 )
 from gmfast.certificate import Certificate, certified_accuracy
-from gmfast.head import GaussianMixtureHead
+from gmfast.head import GaussianMixtureHead, StatisticalHead
 
 __all__ = ["MultiPrototypeHead", "ConvergenceWarning", "multiproto_certify", "multiproto_epilogue",
            "compare_prototypes", "format_prototype_table"]
@@ -288,7 +287,7 @@ def _e_step(classes, fit: _Fit, log_priors, lam: float, tau: float):
 # ----------------------------------------------------------------------------- the head
 
 
-class MultiPrototypeHead(nn.Module):
+class MultiPrototypeHead(StatisticalHead):
     """Several Gaussians per class, one shared covariance; certified like the tied head.
 
     See the module docstring for the model, the EM, and the certificate.
@@ -341,18 +340,6 @@ class MultiPrototypeHead(nn.Module):
         self._state = None
         self._work = {}
         self.train(False)
-
-    def train(self, mode: bool = True) -> "MultiPrototypeHead":
-        """No-op: fitted by EM, not gradients; always in eval mode."""
-        return super().train(False)
-
-    def __getattr__(self, name):
-        # as GaussianMixtureHead: keep a property's own error (e.g. not fitted) instead of
-        # nn.Module's generic "has no attribute"
-        prop = getattr(type(self), name, None)
-        if isinstance(prop, property):
-            return prop.fget(self)
-        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ fitting
 

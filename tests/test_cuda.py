@@ -30,7 +30,6 @@ import pytest
 import torch
 from helpers import random_head
 
-from gmfast import GaussianMixtureHead as Head
 from gmfast import _reference as ref
 from gmfast import ops
 from gmfast.ops import BackendFallbackWarning

@@ -12,9 +12,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import blobs

@@ -26,7 +26,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from gmfast import GaussianMixtureHead as Head  # noqa: E402
 from gmfast import _reference as ref  # noqa: E402
 from gmfast._fp import norm_upper  # noqa: E402
 from gmfast.ops import _triton  # noqa: E402
