@@ -100,7 +100,7 @@ py::tuple perclass_certify(const py::array& Z, int kind, const py::array& mu, co
   const index_t K = mu.shape(0);
   if (K < 1) fail("mu: expected at least one class");
   const T* p;
-  if (kind == 0) p = need<T>(prec, "prec", {K, d, d});
+  if (kind == 0) fail("kind 0 (full): full covariances use full_certify_chol (the Cholesky form)");
   else if (kind == 1) p = need<T>(prec, "prec", {K, d});
   else if (kind == 2) p = need<T>(prec, "prec", {K});
   else fail("kind: expected 0 (full), 1 (diag) or 2 (spherical), got " + std::to_string(kind));
@@ -117,6 +117,43 @@ py::tuple perclass_certify(const py::array& Z, int kind, const py::array& mu, co
     py::gil_scoped_release nogil;
     gmfast::perclass_certify<T>(z, B, d, ldz, static_cast<gmfast::PerClassKind>(kind), m, p, pm, kap, pa, mn, K, la,
                                 fp_sound, po, ro);
+  }
+  if (!la) return py::make_tuple(pred, py::none());
+  return py::make_tuple(pred, radius);
+}
+
+template <class T>
+py::tuple full_certify_chol(const py::array& Z, const py::array& rpack, const py::array& rbias,
+                            const py::array& kappa, const py::array& rho, const py::array& sigma,
+                            const py::array& eps, const py::array& prec, const py::array& prec_mu,
+                            const py::array& prec_abs_up, const py::array& mu_norm_up, std::optional<py::array> lam,
+                            bool fp_sound) {
+  index_t B, d, ldz;
+  const T* z = need_rows<T>(Z, &B, &d, &ldz);
+  const double* kap = need<double>(kappa, "kappa", {-1});
+  const index_t K = kappa.shape(0);
+  if (K < 1) fail("kappa: expected at least one class");
+  const index_t NR = gmfast::chol_panel_rows<T>();
+  const index_t np = (d + NR - 1) / NR;
+  index_t per_class = 0;
+  for (index_t p = 0; p < np; ++p) per_class += (d - p * NR) * NR;
+  const T* rp = need<T>(rpack, "rpack", {K, per_class});
+  const T* rb = need<T>(rbias, "rbias", {K, np * NR});
+  const double* rh = need<double>(rho, "rho", {K});
+  const double* sg = need<double>(sigma, "sigma", {K});
+  const double* ep = need<double>(eps, "eps", {K});
+  const T* p = need<T>(prec, "prec", {K, d, d});
+  const T* pm = need<T>(prec_mu, "prec_mu", {K, d});
+  const double* pa = need<double>(prec_abs_up, "prec_abs_up", {K});
+  const double* mn = need<double>(mu_norm_up, "mu_norm_up", {K});
+  const double* la = lam ? need<double>(*lam, "lam", {K, K}) : nullptr;
+  py::array_t<int64_t> pred(B);
+  py::array_t<double> radius(la ? B : 0);
+  int64_t* po = pred.mutable_data();
+  double* ro = la ? radius.mutable_data() : nullptr;
+  {
+    py::gil_scoped_release nogil;
+    gmfast::full_certify_chol<T>(z, B, d, ldz, rp, rb, kap, rh, sg, ep, p, pm, pa, mn, K, la, fp_sound, po, ro);
   }
   if (!la) return py::make_tuple(pred, py::none());
   return py::make_tuple(pred, radius);
@@ -145,6 +182,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("alpha"), py::arg("eps"));
   m.def("tied_certify_f64", &tied_certify<double>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("inv"),
         py::arg("alpha"), py::arg("eps"));
+  m.def("chol_panel_rows", [](bool f64) { return f64 ? gmfast::chol_panel_rows<double>() : gmfast::chol_panel_rows<float>(); },
+        py::arg("f64"), "Rows per packed panel of the Cholesky-form kernels (float32 or float64).");
+  m.def("full_certify_chol_f32", &full_certify_chol<float>, py::arg("Z"), py::arg("rpack"), py::arg("rbias"),
+        py::arg("kappa"), py::arg("rho"), py::arg("sigma"), py::arg("eps"), py::arg("prec"), py::arg("prec_mu"),
+        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("lam"), py::arg("fp_sound"));
+  m.def("full_certify_chol_f64", &full_certify_chol<double>, py::arg("Z"), py::arg("rpack"), py::arg("rbias"),
+        py::arg("kappa"), py::arg("rho"), py::arg("sigma"), py::arg("eps"), py::arg("prec"), py::arg("prec_mu"),
+        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("lam"), py::arg("fp_sound"));
   m.def("perclass_certify_f32", &perclass_certify<float>, py::arg("Z"), py::arg("kind"), py::arg("mu"),
         py::arg("prec"), py::arg("prec_mu"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
         py::arg("lam"), py::arg("fp_sound"));

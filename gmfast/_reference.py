@@ -471,6 +471,7 @@ class PerClassParams:
     prec_abs_up: torch.Tensor  # (K,) ≥ ‖|P_k|‖₂ (spectral norm of the elementwise |P_k|)
     mu_norm_up: torch.Tensor  # (K,) ≥ ‖μ_k‖₂
     curvature: dict = field(default_factory=dict, compare=False)  # mode -> (λ̂, λ⁺), (K, K)
+    cholesky: dict = field(default_factory=dict, compare=False)  # cache of cholesky_tables
     master: "PerClassParams | None" = field(default=None, compare=False)  # the float64 original
 
     @property
@@ -482,7 +483,8 @@ class PerClassParams:
         return replace(
             self, mu=mv(self.mu, dtype), prec=mv(self.prec, dtype), prec_mu=mv(self.prec_mu, dtype),
             kappa=mv(self.kappa, torch.float64), prec_abs_up=mv(self.prec_abs_up, torch.float64),
-            mu_norm_up=mv(self.mu_norm_up, torch.float64), curvature={}, master=self.master or self,
+            mu_norm_up=mv(self.mu_norm_up, torch.float64), curvature={}, cholesky={},
+            master=self.master or self,
         )
 
 
@@ -784,6 +786,156 @@ def curvature_table(p: PerClassParams, mode: str = "auto") -> tuple[torch.Tensor
     return lam, up, mode_used
 
 
+@dataclass(frozen=True)
+class CholeskyTables:
+    """The Cholesky form of a full-covariance head (float64, from the master parameters).
+
+    ``R_k`` is upper triangular with ``R_kᵀR_k ≈ P_k`` (``R_k = chol(P_k)ᵀ``), so
+    ``D_k = ‖R_k(z−μ_k)‖²`` up to ``ε_k‖z−μ_k‖²``: half the multiply-adds of ``P_k(z−μ_k)``
+    and a sum of squares (no cancellation). Bounds, each rigorous in float64:
+
+    * ``rho_k ≥ ‖|R_k|‖₂`` as ``min(‖R‖_F, √(‖R‖₁‖R‖_∞))``;
+    * ``eps_k ≥ ‖R_kᵀR_k − P_k‖₂``: the residual ``Ê = fl(fl(RᵀR) − P)`` is computed, and
+      ``‖E‖₂ ≤ ‖Ê‖_F(1 + u₆₄) + γ_d(u₆₄)·rho²`` (error of the product and the subtraction),
+      so nothing rests on the backward error of the factorisation itself;
+    * ``sigma_k ≥ ‖R_k‖₂``: ``‖R‖₂² = λ_max(P + E) ≤ λ_max(P) + eps``, with the eigensolver's
+      slack of :func:`curvature_table`; also capped by ``rho``.
+    """
+
+    R: torch.Tensor  # (K, d, d) upper triangular
+    b: torch.Tensor  # (K, d) R_k μ_k
+    rho: torch.Tensor  # (K,)
+    sigma: torch.Tensor  # (K,)
+    eps: torch.Tensor  # (K,)
+
+
+def cholesky_tables(p: PerClassParams) -> CholeskyTables:
+    """:class:`CholeskyTables` of a full-covariance head, computed once from the float64
+    master and cached on it (working copies share the master's)."""
+    if p.kind != "full":
+        raise ValueError(f"the Cholesky form is for full covariances; got kind {p.kind!r}")
+    m = p.master or p
+    if "tables" in m.cholesky:
+        return m.cholesky["tables"]
+    P = m.prec
+    K, d, _ = P.shape
+    fix = 1.0 + gamma(d * d + 4, U64)  # a Frobenius norm or a row sum: ≤ d² + 3 roundings
+    R = torch.empty_like(P)
+    b = torch.empty_like(m.mu)
+    rho = torch.empty(K, dtype=torch.float64, device=P.device)
+    eps = torch.empty_like(rho)
+    lmax = torch.empty_like(rho)
+    step = max(1, _BLOCK_ELEMS // max(1, d * d))
+    for i in range(0, K, step):
+        Pi = P[i:i + step]
+        L, info = torch.linalg.cholesky_ex(Pi)
+        if bool((info != 0).any()):
+            k = i + int((info != 0).nonzero()[0, 0])
+            raise ValueError(f"the precision of class {k} is not positive definite in float64; use shrinkage > 0")
+        Ri = L.transpose(1, 2).contiguous()
+        R[i:i + step] = Ri
+        b[i:i + step] = torch.einsum("kij,kj->ki", Ri, m.mu[i:i + step])
+        A = Ri.abs()
+        r = torch.minimum(torch.linalg.matrix_norm(Ri), (A.sum(1).amax(1) * A.sum(2).amax(1)).sqrt()) * fix
+        rho[i:i + step] = r
+        E = Ri.transpose(1, 2) @ Ri - Pi
+        eps[i:i + step] = (torch.linalg.matrix_norm(E) * (1.0 + U64) + gamma(d, U64) * r * r) * fix
+        ev = torch.linalg.eigvalsh(Pi)[:, -1]
+        lmax[i:i + step] = ev + 16 * (d + 1) * U64 * torch.linalg.matrix_norm(Pi)
+    sigma = torch.minimum(rho, torch.sqrt((lmax + eps) * slack_up(4)) * slack_up(4))
+    t = CholeskyTables(R=R, b=b, rho=rho, sigma=sigma, eps=eps)
+    m.cholesky["tables"] = t
+    return t
+
+
+def _perclass_certify_cholesky(Z: torch.Tensor, p: PerClassParams, fp_sound: bool, need_radius: bool,
+                               curvature: str):
+    """:func:`perclass_certify` with the margins from the Cholesky form (``form="cholesky"``).
+
+    ``D̂_k = fl(Σ ŷ_i²)`` with ``ŷ = fl(fl(R̃_k z) − b̃_k)`` (``R̃, b̃``: the tables rounded to
+    the working precision). With ``ρ, σ, ε`` of :class:`CholeskyTables`, ``γ = γ_{d+4}(u)``,
+    ``ζ_k = ‖z‖ + ‖μ_k‖ ≥ ‖z − μ_k‖``:
+
+    * ``‖ŷ‖ ≤ ŷn = √((D̂ + 2(d+4)η)/(1 − γ_d))`` (a sum of ``d`` non-negative terms in any
+      order has relative error ``≤ γ_d``; ``η``: underflow of the squares);
+    * ``‖ŷ − R w‖ ≤ Δ = γ ρ ζ + u ŷn + 2(d+4)^{3/2}η`` (the product with ``R̃ = R(1+δ)``, the
+      float64 ``b`` rounded once, one subtraction: the same shape as the precision form);
+    * ``D = wᵀPw = ‖Rw‖² − wᵀEw``, so ``|D̂ − D| ≤ e = γ_d ŷn² + Δ(2ŷn + Δ) + ε ζ² + 2(d+4)η``;
+    * ``‖u_k‖ = ‖P_k w‖ ≤ σ‖Rw‖ + ε‖w‖ ≤ ub_k = σ(ŷn + Δ) + ε ζ``: with it every pair has the
+      cheap bound ``‖g_cj‖ ≤ ub_c + ub_j``.
+
+    ``‖g_cj‖`` itself comes from ``û = fl(P̃z − P̃μ)`` as in the precision form (bound
+    ``G``), and the radius of a pair uses ``min(G, S(ub_c' + ub_j))`` with
+    ``ub_c' = min(ub_c, ‖û_c‖ + ν + Δ_c)``: both are upper bounds on ``‖g_cj‖``, so the min
+    is one. The CPU kernel computes ``û`` only for the pairs that can be the minimum (those
+    whose radius with the cheap bound is below the best exact one); its result is this
+    function's. Predictions are the argmax of ``κ − ½D̂``.
+    """
+    B, d = Z.shape
+    K = p.K
+    T = Z.dtype
+    u = unit_roundoff(T)
+    g_ = gamma(d + 4, u)
+    gd = gamma(d, u)
+    S = 1.0 + 4.0 * g_
+    eta = underflow_unit(T)
+    nu = math.sqrt(2.0 * (d + 4) * eta)
+    tiny_u = 2.0 * (d + 4) ** 1.5 * eta
+    tiny_d = 2.0 * (d + 4) * eta
+    tab = cholesky_tables(p)
+    work = p.cholesky.get("work")
+    if work is None:
+        work = p.cholesky["work"] = (tab.R.to(device=Z.device, dtype=T), tab.b.to(device=Z.device, dtype=T))
+    Rt, bt = work
+    if need_radius:
+        lam_hat, lam_up, _ = curvature_table(p, curvature)
+        lam_tab = (lam_up if fp_sound else lam_hat).to(Z.device)
+    rho, sig, eps = (t.to(Z.device) for t in (tab.rho, tab.sigma, tab.eps))
+    bs = max(1, _BLOCK_ELEMS // max(1, K * d))
+    out_pred = torch.empty(B, dtype=torch.int64, device=Z.device)
+    out_radius = torch.empty(B, dtype=torch.float64, device=Z.device) if need_radius else None
+    for i in range(0, B, bs):
+        Zb = Z[i:i + bs]
+        Y = torch.einsum("bd,ked->bke", Zb, Rt) - bt[None]
+        D = Y.square().sum(-1).double()
+        f = p.kappa[None, :] - 0.5 * D
+        pred = f.argmax(1)
+        finite = torch.isfinite(f).all(1)
+        out_pred[i:i + bs] = torch.where(finite, pred, torch.full_like(pred, -1))
+        if not need_radius:
+            continue
+        ar = torch.arange(Zb.shape[0], device=Z.device)
+        _, U = _quadratic_u(Zb, p)
+        Uc = U[ar, pred]
+        G = torch.linalg.vector_norm((U - Uc[:, None, :]).double(), dim=-1)
+        q = f.gather(1, pred[:, None]) - f
+        lam = lam_tab[pred]
+        un = torch.linalg.vector_norm(U.double(), dim=-1)
+        if fp_sound:
+            zm = norm_upper(Zb)[:, None] + p.mu_norm_up[None, :]
+            yn = torch.sqrt((D + tiny_d) / (1.0 - gd)) * slack_up(4)
+            dy = g_ * rho[None] * zm + u * yn + tiny_u
+            e = S * (gd * yn * yn + dy * (2.0 * yn + dy) + eps[None] * zm * zm + tiny_d)
+            ub = (sig[None] * (yn + dy) + eps[None] * zm) * slack_up(4)
+            mag = p.kappa[None, :].abs() + D.abs()
+            q = q - 0.5 * S * (e.gather(1, pred[:, None]) + e) - 4.0 * U64 * (mag.gather(1, pred[:, None]) + mag)
+            dp = g_ * p.prec_abs_up[None, :] * zm + u * (un + nu) + tiny_u
+            G = S * ((G + nu) * (1.0 + u) + dp.gather(1, pred[:, None]) + dp)
+            ubc = torch.minimum(ub.gather(1, pred[:, None]), (un + nu + dp).gather(1, pred[:, None]) * slack_up(4))
+            G = torch.minimum(G, S * (ubc + ub))
+        else:
+            ub = sig[None] * D.clamp_min(0).sqrt()
+            ubc = torch.minimum(ub.gather(1, pred[:, None]), un.gather(1, pred[:, None]))
+            G = torch.minimum(G, ubc + ub)
+        r = perclass_radius(q, G, lam)
+        r.scatter_(1, pred[:, None], math.inf)
+        radius = r.amin(1)
+        if fp_sound:
+            radius = radius * slack_down(8)
+        out_radius[i:i + bs] = torch.where(finite & ~torch.isnan(radius), radius, torch.zeros_like(radius))
+    return out_pred, out_radius
+
+
 def perclass_radius(q: torch.Tensor, g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Largest ``r`` with ``q − g r − ½ λ r² ≥ 0``: ``2q / (g + √(g² + 2λq))``, float64.
 
@@ -797,7 +949,7 @@ def perclass_radius(q: torch.Tensor, g: torch.Tensor, lam: torch.Tensor) -> torc
 
 
 def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = True,
-                     need_radius: bool = True, curvature: str = "auto"):
+                     need_radius: bool = True, curvature: str = "auto", form: str = "precision"):
     """Sound ℓ2 radius for per-class covariances (DESIGN 1.4).
 
     ``q_cj(z) = f_c − f_j`` is quadratic, so ``q_cj(z+δ) = q + gᵀδ + ½δᵀHδ`` exactly with
@@ -825,8 +977,16 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
       ``‖g‖`` and ``λ``), so the pessimistic inputs give a lower bound; it is deflated by
       ``slack_down`` for its float64 evaluation.
 
+    ``form="cholesky"`` (full covariances): the margins from ``‖R_k(z−μ_k)‖²`` instead, as the
+    CPU kernel computes them (:func:`_perclass_certify_cholesky`); ``"precision"`` (default)
+    is the form above, that of the Triton and CUDA kernels.
+
     Z (B, d) in ``p``'s working dtype. Returns pred (B,) int64, radius (B,) float64 or None.
     """
+    if form not in ("precision", "cholesky"):
+        raise ValueError(f"form must be 'precision' or 'cholesky'; got {form!r}")
+    if form == "cholesky" and p.kind == "full":
+        return _perclass_certify_cholesky(Z, p, fp_sound, need_radius, curvature)
     B, d = Z.shape
     K = p.K
     T = Z.dtype

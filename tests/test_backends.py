@@ -13,6 +13,9 @@ import pytest
 import torch
 from helpers import random_head
 
+from gmfast import _reference as ref
+from gmfast._fp import round_down_to
+from gmfast.certificate import Certificate
 from gmfast.ops import _cpu
 
 SHAPES = [(B, d, K) for B, d, K in itertools.product((0, 1, 7, 4097), (1, 3, 64, 513), (2, 3, 1001))
@@ -73,8 +76,17 @@ def test_perclass_cpu_equals_reference(kind, B, d, K, dtype):
     head = random_head(kind, d, K, seed=B + d + K)
     Z = sample(head, B, dtype, seed=2, noncontig=(B % 2 == 1))
     a = head.certify(Z, backend="cpu")
-    b = head.certify(Z, backend="reference")
-    assert_same(a, b, Z, head, dtype, kind)
+    assert_same(a, reference_as_cpu(head, Z), Z, head, dtype, kind)
+
+
+def reference_as_cpu(head, Z):
+    """The reference in the form the cpu kernel computes: for full covariances the margins of
+    the Cholesky form (the kernel's pruning of pairs must not change the result)."""
+    if head.covariance_type != "full":
+        return head.certify(Z, backend="reference")
+    head.predict(Z[:1])  # the working copy for Z's dtype
+    pred, radius = ref.perclass_certify(Z, head._work[(Z.device, Z.dtype)], form="cholesky")
+    return Certificate(prediction=pred, radius=round_down_to(radius, Z.dtype), norm=2)
 
 
 @pytest.mark.parametrize("kind", ["tied", "full", "diag", "spherical"])

@@ -1,8 +1,7 @@
-// Per-class certify (full / diag / spherical): batched Mahalanobis terms and the sound l2
-// radius of DESIGN 1.4, fused by row blocks; scratch is bounded (never B x K x d).
+// Per-class certify for diagonal and spherical covariances (full ones: fullchol.cpp): the
+// sound l2 radius of DESIGN 1.4, one row at a time; scratch is O(K d) per thread.
 //
-// For a row z and class k: w_k = z - mu_k, u_k = P_k w_k (full: one GEMM of the row block
-// against the stacked [P_1; ...; P_K], then minus P_k mu_k), D_k = w_k^T u_k,
+// For a row z and class k: w_k = z - mu_k, u_k = P_k w_k (elementwise), D_k = w_k^T u_k,
 // f_k = kappa_k - D_k / 2, c = argmax f. For every j != c:
 //   q = f_c - f_j,  g = ||u_c - u_j||,  lam = lam[c, j]  ->  r_j = 2q / (g + sqrt(g^2 + 2 lam q))
 // and the radius is min_j r_j. With fp_sound, q is lowered and g raised by the rigorous
@@ -141,31 +140,6 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
                       double* radius) {
   if (B == 0) return;
   const size_t Kd = static_cast<size_t>(K) * d;
-  if (kind == PerClassKind::kFull) {
-    // One GEMM per row block against the stacked precisions (K*d x d; P_k symmetric, so
-    // its rows are its columns). The block buffer holds mb x K x d: capped at ~32 MiB.
-    const index_t cap = static_cast<index_t>((32u << 20) / (sizeof(T) * std::max<size_t>(Kd, 1)));
-    const index_t mb = std::clamp<index_t>(cap, 1, 256);
-    std::vector<T> U(static_cast<size_t>(mb) * Kd);
-    for (index_t r0 = 0; r0 < B; r0 += mb) {
-      const index_t rows = std::min(mb, B - r0);
-      gemm_nt<T>(rows, static_cast<index_t>(Kd), d, Z + r0 * ldz, ldz, prec, d, U.data(), static_cast<index_t>(Kd),
-                 /*prefer_blas=*/true);
-#pragma omp parallel
-      {
-        std::vector<double> f(K), D(K), un(K), wn(K);
-#pragma omp for schedule(static)
-        for (index_t r = 0; r < rows; ++r) {
-          T* Ur = U.data() + r * Kd;
-#pragma omp simd
-          for (size_t i = 0; i < Kd; ++i) Ur[i] -= prec_mu[i];
-          row_epilogue<T>(Z + (r0 + r) * ldz, d, mu, Ur, kappa, prec_abs_up, mu_norm_up, K, lam, fp_sound, f.data(),
-                          D.data(), un.data(), wn.data(), pred + r0 + r, radius + r0 + r);
-        }
-      }
-    }
-    return;
-  }
 #pragma omp parallel
   {
     std::vector<T> U(Kd);

@@ -124,8 +124,38 @@ def tied_certify(Z, A, beta, inv, alpha, eps):
 _KIND = {"full": 0, "diag": 1, "spherical": 2}
 
 
+def _cholesky_pack(p: ref.PerClassParams, dtype: torch.dtype):
+    """The Cholesky tables in the kernel's layout (``csrc/cpu/kernels.h: full_certify_chol``),
+    built once per working copy: each class's ``R_k`` as row panels of ``NR`` rows, panel
+    ``p`` holding columns ``p·NR … d−1`` (the triangle's zeros left of it are skipped)."""
+    key = ("pack", dtype)
+    if key not in p.cholesky:
+        t = ref.cholesky_tables(p)
+        C = _load()
+        NR = C.chol_panel_rows(dtype == torch.float64)
+        K, d, _ = t.R.shape
+        npn = -(-d // NR)
+        Rp = torch.zeros(K, npn * NR, d, dtype=torch.float64)
+        Rp[:, :d] = t.R.cpu()
+        panels = [Rp[:, i0:i0 + NR, i0:].transpose(1, 2).reshape(K, -1) for i0 in range(0, d, NR)]
+        rpack = torch.cat(panels, 1).to(dtype).contiguous()
+        rbias = torch.zeros(K, npn * NR, dtype=torch.float64)
+        rbias[:, :d] = t.b.cpu()
+        p.cholesky[key] = (rpack, rbias.to(dtype).contiguous(), t.rho.cpu(), t.sigma.cpu(), t.eps.cpu())
+    return p.cholesky[key]
+
+
 def perclass_certify(Z, p: ref.PerClassParams, lam, fp_sound: bool):
+    """Per-class certify; full covariances take the Cholesky form
+    (``gmfast._reference.perclass_certify(form="cholesky")`` is its oracle)."""
     C = _load()
+    if p.kind == "full":
+        rpack, rbias, rho, sigma, eps = _cholesky_pack(p, Z.dtype)
+        fn = getattr(C, "full_certify_chol_" + _suffix(Z.dtype))
+        pred, radius = fn(_rows(Z), _np(rpack), _np(rbias), _np(p.kappa), _np(rho), _np(sigma), _np(eps),
+                          _np(p.prec), _np(p.prec_mu), _np(p.prec_abs_up), _np(p.mu_norm_up), _np(lam),
+                          bool(fp_sound))
+        return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)
     fn = getattr(C, "perclass_certify_" + _suffix(Z.dtype))
     pred, radius = fn(_rows(Z), _KIND[p.kind], _np(p.mu), _np(p.prec), _np(p.prec_mu), _np(p.kappa),
                       _np(p.prec_abs_up), _np(p.mu_norm_up), _np(lam), bool(fp_sound))
