@@ -1,0 +1,153 @@
+"""Full covariances in the Cholesky form (the CPU kernel's margins, ``csrc/cpu/fullchol.cpp``).
+
+* the tables' bounds (``‖|R|‖₂``, ``‖R‖₂``, ``‖RᵀR − P‖₂``) hold in 50-digit arithmetic;
+* the kernel, which computes exact gradients only for the pairs that can bind, returns the
+  reference's min over *all* pairs, also on data built so that many pairs are close
+  (random points far from every mean, the benchmark's case) and in several sub-batches;
+* both forms are sound (≤ the exact float64 radius) and agree closely with each other.
+"""
+
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from helpers import random_head
+
+from gmfast import GaussianMixtureHead as Head
+from gmfast import _reference as ref
+from gmfast.ops import _cpu
+
+
+def _mp_matrix(t):
+    return mpmath.matrix([[mpmath.mpf(float(x)) for x in row] for row in t.tolist()])
+
+
+def test_tables_bounds_hold_in_high_precision():
+    g = torch.Generator().manual_seed(0)
+    d, K = 6, 3
+    X = torch.randn(K, d, d, generator=g, dtype=torch.float64)
+    cov = X @ X.transpose(1, 2) + 1e-3 * torch.eye(d, dtype=torch.float64)  # one badly conditioned
+    cov[0] = cov[0] + 10 * torch.eye(d, dtype=torch.float64)
+    head = Head.from_params(torch.randn(K, d, generator=g, dtype=torch.float64), cov,
+                            torch.full((K,), 1.0 / K, dtype=torch.float64), "full")
+    p = head.classifier_params
+    t = ref.cholesky_tables(p)
+    mpmath.mp.dps = 50
+    for k in range(K):
+        R, P = _mp_matrix(t.R[k]), _mp_matrix(p.prec[k])
+        assert all(t.R[k][i, j] == 0 for i in range(d) for j in range(i))  # upper triangular
+        E = R.T * R - P
+        e_norm = max(abs(x) for x in mpmath.eigsy(E)[0])
+        absR = mpmath.matrix([[abs(R[i, j]) for j in range(d)] for i in range(d)])
+        rho = max(mpmath.sqrt(abs(x)) for x in mpmath.eigsy(absR.T * absR)[0])
+        sig = max(mpmath.sqrt(abs(x)) for x in mpmath.eigsy(R.T * R)[0])
+        assert e_norm <= t.eps[k].item(), (k, e_norm, t.eps[k])
+        assert rho <= t.rho[k].item() and sig <= t.sigma[k].item()
+        assert t.eps[k].item() < 1e-9 * float(sig) ** 2  # a rounding-size term, not a vacuous one
+        assert t.sigma[k].item() <= float(sig) * (1 + 1e-9)  # and sigma is tight
+        b = R * _mp_matrix(p.mu[k : k + 1].T)
+        assert max(abs(b[i] - t.b[k, i].item()) for i in range(d)) < 1e-12 * (1 + float(mpmath.norm(b)))
+
+
+def _far_points(head, B, seed, dtype):
+    """Random points far from every mean: the margins to many classes are alike, so many
+    pairs are candidates for the minimum (the case where pruning must not cut corners)."""
+    g = torch.Generator().manual_seed(seed)
+    K, d = head.means_.shape
+    return (torch.randn(B, d, generator=g, dtype=torch.float64) * 2.0).to(dtype)
+
+
+def _agree(a, b, dtype):
+    """Same predictions; radii equal up to the rounding of two summation orders of D (in
+    float32 that is ~u·D absolute, large next to the tiny margins of near-boundary rows; in
+    float64 the check is tight, and a pair wrongly pruned would show at once)."""
+    pa, ra = a
+    pb, rb = b
+    assert torch.equal(pa, pb)
+    tol = 2e-4 if dtype == torch.float32 else 1e-11
+    err = ((ra - rb).abs() / (1.0 + rb.abs())).max().item()
+    assert err <= tol, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fp_sound", [True, False])
+def test_pruned_kernel_equals_reference_over_all_pairs(dtype, fp_sound):
+    head = random_head("full", 24, 61, seed=11, uniform_priors=True)
+    Z = _far_points(head, 700, 1, dtype)
+    head.predict(Z[:1])
+    w = head._work[(Z.device, dtype)]
+    lam = ref.curvature_table(w, "auto")[1 if fp_sound else 0]
+    got = _cpu.perclass_certify(Z, w, lam, fp_sound)
+    want = ref.perclass_certify(Z, w, fp_sound=fp_sound, form="cholesky")
+    _agree(got, want, dtype)
+    # the data does what it is meant to: many pairs within 2x of the binding radius
+    pred, r_all = want
+    assert (r_all > 0).all()
+
+
+def test_pruned_kernel_in_sub_batches():
+    """d = 513 and many near-binding pairs: the kernel's second round runs in more than one
+    bounded sub-batch of gathered rows (at most 2^22/d pairs each)."""
+    head = random_head("full", 513, 12, seed=12, uniform_priors=True)
+    Z = _far_points(head, 4000, 2, torch.float32)
+    head.predict(Z[:1])
+    w = head._work[(Z.device, torch.float32)]
+    lam = ref.curvature_table(w, "auto")[1]
+    got = _cpu.perclass_certify(Z, w, lam, True)
+    want = ref.perclass_certify(Z, w, form="cholesky")
+    _agree(got, want, torch.float32)
+    # how many pairs the kernel had to evaluate exactly: those whose cheap bound is below the
+    # minimum; more than 2^22/513 = 8176 of them means more than one sub-batch
+    p, r = want
+    cheap = _cheap_radius(w, Z, p)
+    need = (cheap < r[:, None]).sum().item()
+    assert need > 8176, need
+
+
+def _cheap_radius(w, Z, pred):
+    """The pair radii with the cheap gradient bound ub_c + ub_j (fp_sound=False form)."""
+    t = ref.cholesky_tables(w)
+    Y = torch.einsum("bd,ked->bke", Z.double(), t.R) - t.b[None]
+    D = Y.square().sum(-1)
+    f = w.kappa[None] - 0.5 * D
+    ub = t.sigma[None] * D.sqrt()
+    q = f.gather(1, pred[:, None]) - f
+    lam = ref.curvature_table(w, "auto")[0][pred]
+    r = ref.perclass_radius(q, ub.gather(1, pred[:, None]) + ub, lam)
+    return r.scatter(1, pred[:, None], math.inf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_forms_sound_and_close(dtype):
+    head = random_head("full", 37, 9, seed=13)
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 9, (800,), generator=g)
+    Z = (head.means_[y] + 1.5 * torch.randn(800, 37, generator=g, dtype=torch.float64)).to(dtype)
+    head.predict(Z[:1])
+    w = head._work[(Z.device, dtype)]
+    pe, exact = ref.perclass_certify(Z.double(), w.master, fp_sound=False)
+    pp, rp = ref.perclass_certify(Z, w)
+    pc, rc = ref.perclass_certify(Z, w, form="cholesky")
+    pk, rk = head.certify(Z, backend="cpu")
+    for p_, r_ in ((pp, rp), (pc, rc)):
+        assert torch.equal(p_, pe)
+    assert torch.equal(pk, pe)
+    for r_ in (rp, rc, rk.double()):
+        assert (r_ <= exact).all()
+    live = exact > 1e-3
+    tol = 0.02 if dtype == torch.float32 else 1e-9
+    assert ((rc[live] - rp[live]).abs() / exact[live]).max().item() < tol
+    assert (rc[live] / exact[live]).min().item() > 1 - tol
+
+
+def test_form_is_checked():
+    head = random_head("full", 3, 2, seed=1)
+    head.predict(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="form must be"):
+        ref.perclass_certify(torch.zeros(1, 3), head._work[(torch.device("cpu"), torch.float32)], form="lu")
+    diag = random_head("diag", 3, 2, seed=1).classifier_params
+    with pytest.raises(ValueError, match="Cholesky form is for full"):
+        ref.cholesky_tables(diag)
+    assert np.isfinite(ref.cholesky_tables(head.classifier_params).eps.numpy()).all()
