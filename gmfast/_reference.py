@@ -927,13 +927,19 @@ def _perclass_certify_cholesky(Z: torch.Tensor, p: PerClassParams, fp_sound: boo
             ub = sig[None] * D.clamp_min(0).sqrt()
             ubc = torch.minimum(ub.gather(1, pred[:, None]), un.gather(1, pred[:, None]))
             G = torch.minimum(G, ubc + ub)
-        r = perclass_radius(q, G, lam)
-        r.scatter_(1, pred[:, None], math.inf)
-        radius = r.amin(1)
-        if fp_sound:
-            radius = radius * slack_down(8)
-        out_radius[i:i + bs] = torch.where(finite & ~torch.isnan(radius), radius, torch.zeros_like(radius))
+        out_radius[i:i + bs] = _min_pair_radius(q, G, lam, pred, finite, fp_sound)
     return out_pred, out_radius
+
+
+def _min_pair_radius(q, G, lam, pred, finite, fp_sound):
+    """``min_{j≠c} r_cj`` per row (deflated for its float64 evaluation when ``fp_sound``),
+    0 for rows with non-finite logits or a NaN."""
+    r = perclass_radius(q, G, lam)
+    r.scatter_(1, pred[:, None], math.inf)
+    radius = r.amin(1)
+    if fp_sound:
+        radius = radius * slack_down(8)
+    return torch.where(finite & ~torch.isnan(radius), radius, torch.zeros_like(radius))
 
 
 def perclass_radius(q: torch.Tensor, g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -1031,11 +1037,6 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
             mag = kap.abs() + D.abs()
             q = q - 0.5 * S * (ec + e) - 4.0 * U64 * (mag.gather(1, pred[:, None]) + mag)
             G = S * ((G + nu) * (1.0 + u) + delta.gather(1, pred[:, None]) + delta)
-        r = perclass_radius(q, G, lam)
-        r.scatter_(1, pred[:, None], math.inf)
-        radius = r.amin(1)
-        if fp_sound:
-            radius = radius * slack_down(8)
-        out_radius[i:i + bs] = torch.where(finite & ~torch.isnan(radius), radius, torch.zeros_like(radius))
+        out_radius[i:i + bs] = _min_pair_radius(q, G, lam, pred, finite, fp_sound)
         out_pred[i:i + bs] = torch.where(finite, pred, torch.full_like(pred, -1))
     return out_pred, out_radius

@@ -134,12 +134,6 @@ void chol_margins(const T* Z, index_t n, index_t d, index_t ldz, const T* rpack,
   }
 }
 
-inline double pair_radius(double q, double g, double lam) {
-  if (!(q > 0.0)) return 0.0;
-  const double den = g + std::sqrt(g * g + 2.0 * lam * q);
-  return den > 0.0 ? 2.0 * q / den : kInf;
-}
-
 struct Pair {
   index_t row, k;
 };

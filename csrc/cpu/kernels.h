@@ -18,6 +18,14 @@ template <class T>
 void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
                   const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius);
 
+// Largest r with q - g r - lam r^2 / 2 >= 0, without cancellation: 2q / (g + sqrt(g^2 + 2 lam q));
+// 0 when q <= 0 (or NaN), +inf when g = lam = 0 (gmfast._reference.perclass_radius).
+inline double pair_radius(double q, double g, double lam) {
+  if (!(q > 0.0)) return 0.0;
+  const double den = g + std::sqrt(g * g + 2.0 * lam * q);
+  return den > 0.0 ? 2.0 * q / den : kInf;
+}
+
 enum class PerClassKind : int { kFull = 0, kDiag = 1, kSpherical = 2 };
 
 // Per-class quadratic classifier f_k = kappa_k - 1/2 (z - mu_k)^T P_k (z - mu_k) with the

@@ -19,12 +19,6 @@
 namespace gmfast {
 namespace {
 
-inline double pair_radius(double q, double g, double lam) {
-  if (!(q > 0.0)) return 0.0;
-  const double den = g + std::sqrt(g * g + 2.0 * lam * q);
-  return den > 0.0 ? 2.0 * q / den : kInf;
-}
-
 // Epilogue for one row, given u-hat for every class in U (K x d, working precision).
 template <class T>
 void row_epilogue(const T* z, index_t d, const T* mu, T* U, const double* kappa, const double* prec_abs_up,
