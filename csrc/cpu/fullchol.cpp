@@ -21,50 +21,22 @@
 #include <omp.h>
 
 #include "cpu/kernels.h"
+#include "cpu/microkernel.h"
 
 namespace gmfast {
 namespace {
 
-typedef float vfloat __attribute__((vector_size(64)));
-typedef double vdouble __attribute__((vector_size(64)));
-template <class T> struct VecOf;
-template <> struct VecOf<float> { using type = vfloat; };
-template <> struct VecOf<double> { using type = vdouble; };
-
-constexpr int kMR = 12;           // rows of Z per microkernel tile
-constexpr int kStrips = 8;        // tiles per row block (kMB rows, packed once, reused by every panel)
+constexpr int kStrips = 8;  // tiles per row block (kMB rows, packed once, reused by every panel)
 constexpr int kMB = kMR * kStrips;
 
-template <class T> constexpr int lanes() { return static_cast<int>(64 / sizeof(T)); }
-
-template <class V, class T>
-inline V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-// acc (MR x NR) = Zstrip (MR x len, t-major) * panel (len x NR, t-major); then the fused
-// epilogue sq[r] += (acc[r] - bias)^2 lane-wise. FMA contraction is fine for the bounds.
+// One tile of y = R_k z over a panel, then the fused epilogue sq[r] += (y[r] - bias)^2 lane-wise.
 template <class T>
 inline void chol_tile(const T* __restrict zp, const T* __restrict rp, index_t len, const T* bias,
                       typename VecOf<T>::type* __restrict sq) {
   using V = typename VecOf<T>::type;
   constexpr int L = lanes<T>();
   V c[kMR][2];
-#pragma GCC unroll 12
-  for (int r = 0; r < kMR; ++r) c[r][0] = c[r][1] = V{};
-  for (index_t t = 0; t < len; ++t) {
-    const V b0 = vload<V>(rp), b1 = vload<V>(rp + L);
-    rp += 2 * L;
-#pragma GCC unroll 12
-    for (int r = 0; r < kMR; ++r) {
-      const T a = zp[r];
-      c[r][0] += a * b0;
-      c[r][1] += a * b1;
-    }
-    zp += kMR;
-  }
+  tile_acc<T>(zp, rp, len, c);
   const V m0 = vload<V>(bias), m1 = vload<V>(bias + L);
 #pragma GCC unroll 12
   for (int r = 0; r < kMR; ++r) {
@@ -85,7 +57,7 @@ template <class T>
 void chol_margins(const T* Z, index_t n, index_t d, index_t ldz, const T* rpack, const T* rbias, index_t K,
                   double* D) {
   using V = typename VecOf<T>::type;
-  constexpr index_t NR = 2 * lanes<T>();
+  constexpr index_t NR = panel_width<T>();
   const index_t np = (d + NR - 1) / NR, dp = np * NR;
   std::vector<index_t> off(np + 1, 0);
   for (index_t p = 0; p < np; ++p) off[p + 1] = off[p] + (d - p * NR) * NR;
@@ -106,18 +78,7 @@ void chol_margins(const T* Z, index_t n, index_t d, index_t ldz, const T* rpack,
         const index_t strips = (rows + kMR - 1) / kMR;
         const index_t k0 = g * kg, k1 = std::min(K, k0 + kg);
         if (k0 >= k1) continue;
-        for (index_t s = 0; s < strips; ++s) {
-          T* dst = zp.data() + s * kMR * d;
-          for (int r = 0; r < kMR; ++r) {
-            const index_t row = s * kMR + r;
-            if (row < rows) {
-              const T* src = Z + (r0 + row) * ldz;
-              for (index_t t = 0; t < d; ++t) dst[t * kMR + r] = src[t];
-            } else {
-              for (index_t t = 0; t < d; ++t) dst[t * kMR + r] = T(0);
-            }
-          }
-        }
+        pack_strips<T>(Z + r0 * ldz, rows, d, ldz, zp.data());
         for (index_t k = k0; k < k1; ++k) {
           std::fill(sq.begin(), sq.begin() + strips * kMR, V{});
           const T* rk = rpack + k * cls;

@@ -48,7 +48,7 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
 // exact gradients use prec, prec_mu, prec_abs_up as perclass_certify does.
 template <class T>
 constexpr index_t chol_panel_rows() {
-  return static_cast<index_t>(2 * 64 / sizeof(T));
+  return static_cast<index_t>(2 * 64 / sizeof(T));  // = panel_width<T>() of microkernel.h
 }
 template <class T>
 void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* rpack, const T* rbias,
