@@ -151,3 +151,39 @@ def test_form_is_checked():
     with pytest.raises(ValueError, match="Cholesky form is for full"):
         ref.cholesky_tables(diag)
     assert np.isfinite(ref.cholesky_tables(head.classifier_params).eps.numpy()).all()
+
+
+def test_sound_within_rounding_of_the_boundary():
+    """d = 40, float32: points within float32 rounding of a decision boundary. The kernel's
+    radius never exceeds the float64 one of the exact classifier at the rounded point; without
+    the rounding terms it does, so the points really test them."""
+    head = random_head("full", 40, 5, seed=14)
+    p = head.classifier_params
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 5, (60,), generator=g)
+    Z0 = head.means_[y] + 1.5 * torch.randn(60, 40, generator=g, dtype=torch.float64)
+    f = lambda Z: ref.perclass_log_joint(Z, p)  # noqa: E731
+    pts = []
+    for z0 in Z0:
+        top = f(z0[None])[0].topk(2).indices
+        c, j = int(top[0]), int(top[1])
+        other = head.means_[j]
+        fo = f(other[None])[0]
+        if fo[c] > fo[j]:
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(80):  # bisection on z0 -> mu_j for the c/j boundary
+            mid = 0.5 * (lo + hi)
+            fm = f((z0 + mid * (other - z0))[None])[0]
+            lo, hi = (mid, hi) if fm[c] > fm[j] else (lo, mid)
+        zb = z0 + lo * (other - z0)
+        for s in (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
+            pts.append(zb + s * torch.randn(40, generator=g, dtype=torch.float64))
+    X = torch.stack(pts).float()
+    _, exact = ref.perclass_certify(X.double(), p, fp_sound=False, curvature="exact")
+    sound = head.certify(X, backend="cpu").radius.double()
+    assert (sound <= exact).all(), (sound - exact).max()
+    live = sound > 0  # the farther points get positive radii, close to the exact ones
+    assert live.sum() >= 40 and (sound[live] / exact[live]).median() > 0.5
+    loose = head.certify(X, backend="cpu", fp_sound=False).radius.double()
+    assert (loose > exact).any()

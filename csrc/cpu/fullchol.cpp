@@ -147,7 +147,7 @@ void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* r
   const double tiny_d = 2.0 * (d + 4) * eta;
   const double up4 = slack_up(4);
   // rows per chunk: the n x K tables and the gathered pairs stay a few tens of MB
-  const index_t chunk = std::max<index_t>(kMB, std::min<index_t>(4096, (index_t{1} << 21) / std::max(K, d)));
+  const index_t chunk = std::max<index_t>(kMR, std::min<index_t>(4096, (index_t{1} << 21) / std::max(K, d)));
   std::vector<double> D, Q, UB;
   std::vector<int> alive;
   std::vector<double> zm0, ubc, dpc, best, pruned;
