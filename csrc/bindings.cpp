@@ -173,7 +173,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("have_blas", &gmfast::have_blas);
   m.def(
       "set_gemm_policy", [](int p) {
-        if (p < 0 || p > 2) fail("policy: expected 0 (auto), 1 (blas) or 2 (portable), got " + std::to_string(p));
+        if (p < 0 || p > 3)
+          fail("policy: expected 0 (auto), 1 (blas), 2 (portable) or 3 (micro), got " + std::to_string(p));
         gmfast::set_gemm_policy(static_cast<gmfast::GemmPolicy>(p));
       },
       py::arg("policy"));

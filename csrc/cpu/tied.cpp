@@ -10,11 +10,13 @@
 // rounded-down reciprocal of the upper-bound table; +inf where the classes share a_k); the
 // product is deflated by (1 - 8u). Exactly the formula of gmfast._reference.tied_epilogue.
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include <omp.h>
 
 #include "cpu/kernels.h"
+#include "cpu/microkernel.h"
 
 namespace gmfast {
 namespace {
@@ -89,12 +91,94 @@ void logits_block(const T* Zb, index_t rows, index_t d, index_t ldz, const T* A,
   }
 }
 
+// Many classes: A packed once per call into panels of NR classes (t-major, zero past K); per
+// block of kMicroRows rows and chunk of kMicroKc features, Z is packed into kMR-row strips and
+// the register-blocked microkernel of microkernel.h accumulates the logit tiles into the
+// block's buffer (the chunks only reorder each dot product's sum, which the bound allows);
+// then + beta and the row epilogue while the block is in cache. ||z||^2 is summed in T while
+// packing, as the norm-fused portable GEMM does.
+constexpr index_t kMicroRows = 16 * kMR;
+constexpr index_t kMicroKc = 256;
+// Measured crossover (benchmarks/RESULTS.md): with fewer classes the panel of 2L classes is
+// mostly padding and packing Z costs as much as the GEMM, except for short rows.
+constexpr index_t kMicroMinClasses = 64, kMicroMaxShortRow = 64;
+
+template <class T>
+void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
+                        const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius) {
+  using V = typename VecOf<T>::type;
+  constexpr index_t NR = panel_width<T>();
+  constexpr int L = lanes<T>();
+  const index_t np = (K + NR - 1) / NR, Kp = np * NR;
+  std::vector<T> apack(static_cast<size_t>(np) * d * NR), bpad(Kp, T(0));
+  std::copy(beta, beta + K, bpad.begin());
+#pragma omp parallel for schedule(static)
+  for (index_t p = 0; p < np; ++p)
+    for (index_t t = 0; t < d; ++t)
+      for (index_t r = 0; r < NR; ++r) {
+        const index_t k = p * NR + r;
+        apack[(p * d + t) * NR + r] = k < K ? A[k * d + t] : T(0);
+      }
+  const index_t mb = kMicroRows, nblocks = (B + mb - 1) / mb;
+#pragma omp parallel
+  {
+    std::vector<T> zp(static_cast<size_t>(mb) * kMicroKc), Lg(static_cast<size_t>(mb) * Kp), ss(mb);
+#pragma omp for schedule(dynamic, 1)
+    for (index_t b = 0; b < nblocks; ++b) {
+      const index_t r0 = b * mb, rows = std::min(mb, B - r0);
+      const index_t ns = (rows + kMR - 1) / kMR;
+      std::fill(ss.begin(), ss.end(), T(0));
+      for (index_t t0 = 0; t0 < d; t0 += kMicroKc) {
+        const index_t kc = std::min(kMicroKc, d - t0);
+        pack_strips<T>(Z + r0 * ldz + t0, rows, kc, ldz, zp.data());
+        if (alpha != nullptr)
+          for (index_t r = 0; r < rows; ++r) {
+            const T* z = Z + (r0 + r) * ldz + t0;
+            T acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (index_t t = 0; t < kc; ++t) acc += z[t] * z[t];
+            ss[r] += acc;
+          }
+        for (index_t p = 0; p < np; ++p) {
+          const T* ap = apack.data() + (p * d + t0) * NR;
+          for (index_t s = 0; s < ns; ++s) {
+            V c[kMR][2];
+            tile_acc<T>(zp.data() + s * kMR * kc, ap, kc, c);
+            // every kMR row (Lg has room; rows past `rows` are ignored): a constant trip
+            // count keeps the accumulators in registers
+#pragma GCC unroll 12
+            for (int r = 0; r < kMR; ++r) {
+              T* out = Lg.data() + (s * kMR + r) * Kp + p * NR;
+              if (t0 > 0) {
+                c[r][0] += vload<V>(out);
+                c[r][1] += vload<V>(out + L);
+              }
+              std::memcpy(out, &c[r][0], sizeof(V));
+              std::memcpy(out + L, &c[r][1], sizeof(V));
+            }
+          }
+        }
+      }
+      for (index_t r = 0; r < rows; ++r) {
+        T* l = Lg.data() + r * Kp;
+#pragma omp simd
+        for (index_t k = 0; k < K; ++k) l[k] += bpad[k];
+        row_epilogue<T>(l, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <class T>
 void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
                   const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius) {
   if (B == 0) return;
+  if (gemm_policy() == GemmPolicy::kMicro || (gemm_policy() == GemmPolicy::kAuto && (K >= kMicroMinClasses || d <= kMicroMaxShortRow))) {
+    tied_certify_micro<T>(Z, B, d, ldz, A, beta, K, inv, alpha, eps, pred, radius);
+    return;
+  }
   // Block rows so a block of logits (and of Z, reread by the epilogue) stays in L2; the row
   // partition does not depend on the thread count, so results are identical for any number
   // of threads.

@@ -77,13 +77,16 @@ def _install_torch_blas() -> None:
         _blas_state.update(installed=True, reason="MKL from libtorch")
 
 
-_POLICIES = {"auto": 0, "blas": 1, "portable": 2}
+_POLICIES = {"auto": 0, "blas": 1, "portable": 2, "micro": 3}
 
 
 def set_gemm_policy(policy: str) -> None:
     """Which GEMM the kernels use: ``"auto"`` (default: by shape, as measured in
-    ``benchmarks/RESULTS.md``), ``"blas"`` (torch's MKL) or ``"portable"`` (the blocked loop
-    of ``csrc/cpu/gemm.cpp``). For benchmarks and tests; results are sound either way."""
+    ``benchmarks/RESULTS.md``), ``"blas"`` (torch's MKL), ``"portable"`` (the dot-product
+    tiles of ``csrc/cpu/gemm.cpp``) or ``"micro"`` (the packed register-blocked microkernel
+    of ``csrc/cpu/microkernel.h`` for the tied logits; the portable tiles for the GEMMs that
+    have no microkernel variant). The full-covariance margins always use the microkernel.
+    For benchmarks and tests; results are sound either way."""
     if policy not in _POLICIES:
         raise ValueError(f"policy must be one of {tuple(_POLICIES)}; got {policy!r}")
     _load().set_gemm_policy(_POLICIES[policy])
