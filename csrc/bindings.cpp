@@ -64,6 +64,21 @@ const T* need_rows(const py::array& Z, index_t* B, index_t* d, index_t* ldz) {
   return static_cast<const T*>(Z.data());
 }
 
+// Allocates (pred, radius or None), runs kernel(pred, radius) without the GIL, returns them.
+template <class F>
+py::tuple certify_outputs(index_t B, bool with_radius, F&& kernel) {
+  py::array_t<int64_t> pred(B);
+  py::array_t<double> radius(with_radius ? B : 0);
+  int64_t* po = pred.mutable_data();
+  double* ro = with_radius ? radius.mutable_data() : nullptr;
+  {
+    py::gil_scoped_release nogil;
+    kernel(po, ro);
+  }
+  if (!with_radius) return py::make_tuple(pred, py::none());
+  return py::make_tuple(pred, radius);
+}
+
 template <class T>
 py::tuple tied_certify(const py::array& Z, const py::array& A, const py::array& beta,
                        std::optional<py::array> inv, std::optional<py::array> alpha,
@@ -78,16 +93,9 @@ py::tuple tied_certify(const py::array& Z, const py::array& A, const py::array& 
   if (static_cast<bool>(alpha) != static_cast<bool>(eps)) fail("alpha and eps must both be given or both None");
   const double* al = alpha ? need<double>(*alpha, "alpha", {K}) : nullptr;
   const double* ep = eps ? need<double>(*eps, "eps", {K}) : nullptr;
-  py::array_t<int64_t> pred(B);
-  py::array_t<double> radius(tab ? B : 0);
-  int64_t* p = pred.mutable_data();
-  double* r = tab ? radius.mutable_data() : nullptr;
-  {
-    py::gil_scoped_release nogil;
-    gmfast::tied_certify<T>(z, B, d, ldz, a, b, K, tab, al, ep, p, r);
-  }
-  if (!tab) return py::make_tuple(pred, py::none());
-  return py::make_tuple(pred, radius);
+  return certify_outputs(B, tab != nullptr, [&](int64_t* po, double* ro) {
+    gmfast::tied_certify<T>(z, B, d, ldz, a, b, K, tab, al, ep, po, ro);
+  });
 }
 
 template <class T>
@@ -109,17 +117,10 @@ py::tuple perclass_certify(const py::array& Z, int kind, const py::array& mu, co
   const double* pa = need<double>(prec_abs_up, "prec_abs_up", {K});
   const double* mn = need<double>(mu_norm_up, "mu_norm_up", {K});
   const double* la = lam ? need<double>(*lam, "lam", {K, K}) : nullptr;
-  py::array_t<int64_t> pred(B);
-  py::array_t<double> radius(la ? B : 0);
-  int64_t* po = pred.mutable_data();
-  double* ro = la ? radius.mutable_data() : nullptr;
-  {
-    py::gil_scoped_release nogil;
+  return certify_outputs(B, la != nullptr, [&](int64_t* po, double* ro) {
     gmfast::perclass_certify<T>(z, B, d, ldz, static_cast<gmfast::PerClassKind>(kind), m, p, pm, kap, pa, mn, K, la,
                                 fp_sound, po, ro);
-  }
-  if (!la) return py::make_tuple(pred, py::none());
-  return py::make_tuple(pred, radius);
+  });
 }
 
 template <class T>
@@ -147,16 +148,9 @@ py::tuple full_certify_chol(const py::array& Z, const py::array& rpack, const py
   const double* pa = need<double>(prec_abs_up, "prec_abs_up", {K});
   const double* mn = need<double>(mu_norm_up, "mu_norm_up", {K});
   const double* la = lam ? need<double>(*lam, "lam", {K, K}) : nullptr;
-  py::array_t<int64_t> pred(B);
-  py::array_t<double> radius(la ? B : 0);
-  int64_t* po = pred.mutable_data();
-  double* ro = la ? radius.mutable_data() : nullptr;
-  {
-    py::gil_scoped_release nogil;
+  return certify_outputs(B, la != nullptr, [&](int64_t* po, double* ro) {
     gmfast::full_certify_chol<T>(z, B, d, ldz, rp, rb, kap, rh, sg, ep, p, pm, pa, mn, K, la, fp_sound, po, ro);
-  }
-  if (!la) return py::make_tuple(pred, py::none());
-  return py::make_tuple(pred, radius);
+  });
 }
 
 }  // namespace
