@@ -13,6 +13,12 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from gmfast._fp import U64
+
+# the choices a head accepts (the head, the file reader and the scikit-learn wrapper share them)
+COVARIANCE_TYPES = ("tied", "full", "diag", "spherical")
+PRIORS = ("empirical", "uniform")
+CURVATURES = ("auto", "exact", "weyl")
 
 class NotFittedError(ValueError, AttributeError):
     """Raised when a head is used before ``fit`` / ``finalize``."""
@@ -51,25 +57,29 @@ def as_float_matrix(Z, name: str = "Z", *, n_features: int | None = None) -> tor
     return Z
 
 
+_LABEL_REMEDY = ("; map the labels to 0..K-1 (classes, y = np.unique(y, return_inverse=True)) or use "
+                 "gmfast.sklearn.GaussianMixtureClassifier, which takes any labels")
+
+
 def as_labels(y, n: int, name: str = "y") -> torch.Tensor:
     """Return integer labels as a CPU int64 tensor of length ``n``."""
     if isinstance(y, np.ndarray):
         if not np.issubdtype(y.dtype, np.integer):
-            raise TypeError(f"{name} must hold integer class labels; got numpy dtype {y.dtype}")
+            raise TypeError(f"{name} must hold integer class labels; got numpy dtype {y.dtype}{_LABEL_REMEDY}")
         y = torch.from_numpy(y)
     elif isinstance(y, (list, tuple)):
         y = torch.as_tensor(y)
     elif not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer class labels; got dtype {y.dtype}")
+        raise TypeError(f"{name} must hold integer class labels; got dtype {y.dtype}{_LABEL_REMEDY}")
     if y.dim() != 1:
         raise ValueError(f"{name} must be 1-D (n_samples,); got shape {tuple(y.shape)}")
     if y.shape[0] != n:
         raise ValueError(f"Z and {name} must have the same length; got {n} rows and {y.shape[0]} labels")
     y = y.to(device="cpu", dtype=torch.int64)
     if n and int(y.min()) < 0:
-        raise ValueError(f"{name} must hold labels 0..K-1; got a negative label {int(y.min())}")
+        raise ValueError(f"{name} must hold labels 0..K-1; got a negative label {int(y.min())}{_LABEL_REMEDY}")
     return y
 
 
@@ -134,3 +144,70 @@ def report_abstentions(Z: torch.Tensor, rows: torch.Tensor, on_nonfinite: str, n
     if n_overflow:
         warnings.warn(f"{n_overflow} row(s) of {name} are so large that their logits overflowed: they abstain "
                       "(prediction -1, radius 0)", NonFiniteWarning, stacklevel=4)
+
+
+def check_positive_definite(S: torch.Tensor, what: str) -> None:
+    """Raise if a (batch of) covariance is singular or numerically so.
+
+    Cholesky can succeed on a rank-deficient matrix whose null space is filled with
+    rounding noise; the inverse is then meaningless. The eigenvalue ratio test below
+    treats anything within ``64·d·u₆₄`` of singular as singular.
+    """
+    Sb = S.reshape(-1, S.shape[-1], S.shape[-1])
+    ev = torch.linalg.eigvalsh(Sb)
+    d = S.shape[-1]
+    bad = ~(ev[:, 0] > 64 * d * U64 * ev[:, -1].clamp_min(0)) | ~torch.isfinite(ev).all(1) | (ev[:, -1] <= 0)
+    if bool(bad.any()):
+        which = int(bad.nonzero()[0, 0])
+        where = what if Sb.shape[0] == 1 else f"{what} of class {which}"
+        raise ValueError(
+            f"the {where} is singular or too ill-conditioned to invert "
+            f"(eigenvalues {float(ev[which, 0]):.3g} .. {float(ev[which, -1]):.3g}); "
+            "use shrinkage > 0 or shrinkage='ledoit-wolf'"
+        )
+
+
+def covariance_shape(kind: str, K: int, d: int) -> tuple:
+    """Shape of a head's ``covariance`` tensor for ``covariance_type=kind``."""
+    return {"tied": (d, d), "full": (K, d, d), "diag": (K, d), "spherical": (K,)}[kind]
+
+
+def validated_params(tensors: dict, kind: str, expected: tuple | None = None) -> dict:
+    """Check fitted parameters (shapes, dtype, finiteness, priors, positive definiteness).
+
+    ``tensors`` holds ``means`` (K, d), ``covariance`` (shape by ``kind``), ``priors`` (K,),
+    ``counts`` (K,) and ``shrinkage`` (() tied, (K,) otherwise), float64. ``expected`` is
+    (K, d) when known (from a file's metadata), else read off ``means``. Returns a new dict
+    with ``n_features`` added; raises ValueError naming the offending tensor.
+    """
+    means = tensors["means"]
+    if means.dim() != 2 or means.shape[0] < 2 or means.shape[1] < 1:
+        raise ValueError(f"means must have shape (K >= 2, d >= 1); got {tuple(means.shape)}")
+    K, d = expected if expected is not None else tuple(means.shape)
+    shapes = {"means": (K, d), "covariance": covariance_shape(kind, K, d), "priors": (K,), "counts": (K,),
+              "shrinkage": () if kind == "tied" else (K,)}
+    for k, t in tensors.items():
+        if t.dtype != torch.float64:
+            raise ValueError(f"tensor {k!r} must be float64, got {t.dtype}")
+        if tuple(t.shape) != shapes[k]:
+            raise ValueError(f"{k} must have shape {shapes[k]} for covariance_type={kind!r}; got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {k!r} has NaN or Inf")
+    pri = tensors["priors"]
+    if bool((pri <= 0).any()) or abs(float(pri.sum()) - 1.0) > 1e-9:
+        raise ValueError("priors must be positive and sum to 1")
+    if bool((tensors["counts"] <= 0).any()):
+        raise ValueError("counts must be positive")
+    lam = tensors["shrinkage"]
+    if bool(((lam < 0) | (lam > 1)).any()):
+        raise ValueError("shrinkage intensities must lie in [0, 1]")
+    cov = tensors["covariance"]
+    if kind in ("tied", "full"):
+        if not bool(torch.equal(cov, cov.transpose(-1, -2))):
+            raise ValueError("covariance is not symmetric")
+        check_positive_definite(cov, "covariance")
+    elif bool((cov <= 0).any()):
+        raise ValueError("variances must be positive")
+    params = dict(tensors)
+    params["n_features"] = d
+    return params

@@ -10,7 +10,10 @@ from torch import nn
 from gmfast import _reference as ref
 from gmfast._fp import round_down_to
 from gmfast._validate import (
+    COVARIANCE_TYPES,
+    CURVATURES,
     ON_NONFINITE,
+    PRIORS,
     NotFittedError,
     as_float_matrix,
     as_labels,
@@ -18,14 +21,14 @@ from gmfast._validate import (
     check_choice,
     check_finite_fit,
     report_abstentions,
+    validated_params,
 )
 from gmfast.certificate import Certificate
+from gmfast.io import invalid_file, read_head_file, write_head_file
 from gmfast.ops import BACKENDS
 from gmfast.ops import certify as ops
 
-COVARIANCE_TYPES = ("tied", "full", "diag", "spherical")
-PRIORS = ("empirical", "uniform")
-CURVATURES = ("auto", "exact", "weyl")
+__all__ = ["StatisticalHead", "GaussianMixtureHead", "COVARIANCE_TYPES", "PRIORS", "CURVATURES"]
 
 
 class StatisticalHead(nn.Module):
@@ -35,10 +38,40 @@ class StatisticalHead(nn.Module):
     refuse train-mode modules, such as randomized smoothing, accept them), and a property's
     own AttributeError (not fitted, wrong covariance type) reaches the user instead of
     ``nn.Module``'s generic "has no attribute".
+
+    The base owns the fitted state and what is derived from it, for every head:
+
+    * ``_state``: a dict, ``None`` until fitted; every head stores ``priors`` (K,),
+      ``n_features``, ``shrinkage`` and ``classifier`` (the float64 derived parameters of
+      the certified classifier) in it. :meth:`_set_state` replaces it.
+    * the working copies of the classifier, one per ``(device, dtype)``, built on first use
+      by :meth:`_working_copy` (which a head overrides to say what its kernels take) and
+      cached; concurrent callers build each copy once (double-checked under a lock), and
+      :meth:`_set_state` drops them all.
     """
+
+    #: how to fit this head, for the not-fitted error
+    _how_to_fit = "call fit(Z, y)"
+
+    def __init__(self):
+        super().__init__()
+        self._state = None
+        self._work = {}  # (device, dtype) -> working copy of the classifier
+        self._lock = threading.Lock()
 
     def train(self, mode: bool = True):
         return super().train(False)
+
+    def __getstate__(self):
+        # copy/pickle: a lock cannot be copied, and the working copies are a cache
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state["_work"] = {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def __getattr__(self, name):
         # An AttributeError raised inside a property makes Python fall back to
@@ -47,6 +80,61 @@ class StatisticalHead(nn.Module):
         if isinstance(prop, property):
             return prop.fget(self)
         return super().__getattr__(name)
+
+    # ------------------------------------------------------------------ state
+
+    def _fitted(self) -> dict:
+        if self._state is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; {self._how_to_fit}")
+        return self._state
+
+    def _set_state(self, state: dict | None) -> None:
+        with self._lock:
+            self._state = state
+            self._work = {}
+
+    def _working_copy(self, device: torch.device, dtype: torch.dtype):
+        """The classifier in ``dtype`` on ``device`` (heads whose kernels take more override)."""
+        return self._state["classifier"].to(device, dtype)
+
+    def _prepare(self, Z):
+        """Validate ``Z``; return (Z in its working dtype, working copy, Z's own dtype)."""
+        self._fitted()
+        Z = as_float_matrix(Z, "Z", n_features=self.n_features_in_)
+        T = ref.working_dtype(Z)
+        key = (Z.device, T)
+        work = self._work.get(key)
+        if work is None:
+            with self._lock:
+                work = self._work.get(key)
+                if work is None:
+                    work = self._working_copy(Z.device, T)
+                    self._work[key] = work
+        return Z.to(T), work, Z.dtype
+
+    # ------------------------------------------------------------------ attributes
+
+    @property
+    def priors_(self) -> torch.Tensor:
+        return self._fitted()["priors"]
+
+    @property
+    def shrinkage_(self):
+        lam = self._fitted()["shrinkage"]
+        return float(lam) if isinstance(lam, torch.Tensor) and lam.dim() == 0 else lam
+
+    @property
+    def n_features_in_(self) -> int:
+        return int(self._fitted()["n_features"])
+
+    @property
+    def n_classes_(self) -> int:
+        return int(self._fitted()["priors"].shape[0])
+
+    @property
+    def classifier_params(self):
+        """The float64 derived parameters that define the certified classifier."""
+        return self._fitted()["classifier"]
 
 
 class GaussianMixtureHead(StatisticalHead):
@@ -84,6 +172,8 @@ class GaussianMixtureHead(StatisticalHead):
     n_features_in_ : int;  n_classes_ : int
     """
 
+    _how_to_fit = "call fit(Z, y) or partial_fit(...) then finalize()"
+
     def __init__(self, covariance_type: str = "tied", shrinkage=0.0, priors: str = "empirical", *,
                  num_classes: int | None = None, backend: str = "auto"):
         super().__init__()
@@ -106,11 +196,7 @@ class GaussianMixtureHead(StatisticalHead):
         self.priors = priors
         self.num_classes = num_classes
         self.backend = backend
-        self._stats = None
-        self._params = None  # fitted float64 CPU parameters (dict)
-        self._derived = None  # TiedParams | PerClassParams, float64 CPU (the certified classifier)
-        self._work = {}  # (device, dtype) -> working copy of _derived
-        self._lock = threading.Lock()
+        self._stats = None  # sufficient statistics while fitting
         self.train(False)
 
     # ------------------------------------------------------------------ fitting
@@ -140,8 +226,7 @@ class GaussianMixtureHead(StatisticalHead):
         if self._stats is None:
             self._stats = self._new_stats(Z.shape[1])
         self._stats.update(Z.detach(), y)
-        self._params = self._derived = None
-        self._work = {}
+        self._set_state(None)
         return self
 
     def finalize(self) -> "GaussianMixtureHead":
@@ -166,8 +251,6 @@ class GaussianMixtureHead(StatisticalHead):
         ``means`` (K, d); ``covariance`` (d, d) for tied, (K, d, d) full, (K, d) diag,
         (K,) spherical; ``priors`` (K,) positive, summing to 1. Validated like a loaded file.
         """
-        from gmfast.io import validated_params
-
         # straight to float64: a python list would otherwise become float32 first
         f64 = lambda t: torch.as_tensor(t, dtype=torch.float64, device="cpu").detach().clone()  # noqa: E731
         means, covariance, priors = f64(means), f64(covariance), f64(priors)
@@ -194,18 +277,9 @@ class GaussianMixtureHead(StatisticalHead):
                                                                                   derived.prec_mu)
         if not all(bool(torch.isfinite(t).all()) for t in parts):
             raise ValueError("the classifier derived from these parameters is not finite (variances too small?)")
-        self._params = params
-        self._derived = derived
-        self._work = {}
+        self._set_state(dict(params, n_features=int(params["means"].shape[1]), classifier=derived))
 
     # ------------------------------------------------------------------ attributes
-
-    def _fitted(self) -> dict:
-        if self._params is None:
-            raise NotFittedError(
-                "this GaussianMixtureHead is not fitted yet; call fit(Z, y) or partial_fit(...) then finalize()"
-            )
-        return self._params
 
     @property
     def means_(self) -> torch.Tensor:
@@ -225,52 +299,14 @@ class GaussianMixtureHead(StatisticalHead):
         return self._fitted()["covariance"]
 
     @property
-    def priors_(self) -> torch.Tensor:
-        return self._fitted()["priors"]
-
-    @property
     def counts_(self) -> torch.Tensor:
         return self._fitted()["counts"]
 
-    @property
-    def shrinkage_(self):
-        lam = self._fitted()["shrinkage"]
-        return float(lam) if lam.dim() == 0 else lam
-
-    @property
-    def n_features_in_(self) -> int:
-        return int(self._fitted()["means"].shape[1])
-
-    @property
-    def n_classes_(self) -> int:
-        return int(self._fitted()["means"].shape[0])
-
-    @property
-    def classifier_params(self):
-        """The float64 derived parameters that define the certified classifier."""
-        self._fitted()
-        return self._derived
-
     def extra_repr(self) -> str:
-        fitted = "" if self._params is None else f", n_features={self.n_features_in_}, n_classes={self.n_classes_}"
+        fitted = "" if self._state is None else f", n_features={self.n_features_in_}, n_classes={self.n_classes_}"
         return f"covariance_type={self.covariance_type!r}, shrinkage={self.shrinkage!r}, priors={self.priors!r}{fitted}"
 
     # ------------------------------------------------------------------ evaluation
-
-    def _prepare(self, Z):
-        """Validate ``Z``; return (Z in its working dtype, working params, Z's own dtype)."""
-        self._fitted()
-        Z = as_float_matrix(Z, "Z", n_features=self.n_features_in_)
-        T = ref.working_dtype(Z)
-        key = (Z.device, T)
-        work = self._work.get(key)
-        if work is None:
-            with self._lock:
-                work = self._work.get(key)
-                if work is None:
-                    work = self._derived.to(Z.device, T)
-                    self._work[key] = work
-        return Z.to(T), work, Z.dtype
 
     def forward(self, Z) -> torch.Tensor:
         """Log-joint ``log π_k + log N(z; μ_k, Σ_k)``, shape (B, K), differentiable in ``Z``.
@@ -362,14 +398,19 @@ class GaussianMixtureHead(StatisticalHead):
     # ------------------------------------------------------------------ files
 
     def save(self, path) -> None:
-        """Write the fitted head to ``path`` (safetensors + JSON metadata, no pickle)."""
-        from gmfast.io import save_head
-
-        save_head(self, path)
+        """Write the fitted head to ``path`` (safetensors + JSON metadata, no pickle; see
+        :mod:`gmfast.io`)."""
+        write_head_file(path, self._fitted(), covariance_type=self.covariance_type, shrinkage=self.shrinkage,
+                        priors=self.priors)
 
     @classmethod
     def load(cls, path, *, backend: str = "auto") -> "GaussianMixtureHead":
         """Read a head written by :meth:`save`; every field is validated before use."""
-        from gmfast.io import load_head
-
-        return load_head(path, backend=backend)
+        settings, params = read_head_file(path)
+        head = cls(settings["covariance_type"], shrinkage=settings["shrinkage"], priors=settings["priors"],
+                   num_classes=settings["n_classes"], backend=backend)
+        try:
+            head._set_params(params)
+        except ValueError as exc:
+            raise invalid_file(path, str(exc)) from None
+        return head

@@ -88,7 +88,6 @@ from gmfast import _reference as ref
 from gmfast._fp import U64, norm_upper, round_down_to, slack_down, slack_up
 from gmfast._validate import (
     ON_NONFINITE,
-    NotFittedError,
     as_float_matrix,
     as_labels,
     canonical_norm,
@@ -337,8 +336,6 @@ class MultiPrototypeHead(StatisticalHead):
         self.tol = tol
         self.n_init = n_init
         self.seed = seed
-        self._state = None
-        self._work = {}
         self.train(False)
 
     # ------------------------------------------------------------------ fitting
@@ -412,17 +409,12 @@ class MultiPrototypeHead(StatisticalHead):
         start = torch.cumsum(counts, 0) - counts
         for k in range(K):
             table[k, :counts[k]] = torch.arange(int(start[k]), int(start[k] + counts[k]))
-        self._state = dict(comp_head=comp_head, comp_class=comp_class, weights=weights, priors=priors.clone(),
-                           counts=counts, table=table, shrinkage=lam, history=list(history), n_iter=n_iter,
-                           converged=converged)
-        self._work = {}
+        self._set_state(dict(comp_head=comp_head, classifier=comp_head.classifier_params,
+                             n_features=comp_head.n_features_in_, comp_class=comp_class, weights=weights,
+                             priors=priors.clone(), counts=counts, table=table, shrinkage=lam,
+                             history=list(history), n_iter=n_iter, converged=converged))
 
     # ------------------------------------------------------------------ attributes
-
-    def _fitted(self) -> dict:
-        if self._state is None:
-            raise NotFittedError("this MultiPrototypeHead is not fitted yet; call fit(Z, y)")
-        return self._state
 
     @property
     def component_means_(self) -> torch.Tensor:
@@ -441,25 +433,13 @@ class MultiPrototypeHead(StatisticalHead):
         return self._fitted()["comp_head"].covariance_
 
     @property
-    def priors_(self) -> torch.Tensor:
-        return self._fitted()["priors"]
-
-    @property
     def n_components_(self) -> torch.Tensor:
         return self._fitted()["counts"]
-
-    @property
-    def classifier_params(self) -> ref.TiedParams:
-        return self._fitted()["comp_head"].classifier_params
 
     @property
     def component_head_(self):
         """The tied :class:`~gmfast.GaussianMixtureHead` whose classes are the components."""
         return self._fitted()["comp_head"]
-
-    @property
-    def shrinkage_(self) -> float:
-        return self._fitted()["shrinkage"]
 
     @property
     def n_iter_(self) -> int:
@@ -477,14 +457,6 @@ class MultiPrototypeHead(StatisticalHead):
     def objective_history_(self) -> list:
         return list(self._fitted()["history"])
 
-    @property
-    def n_features_in_(self) -> int:
-        return self._fitted()["comp_head"].n_features_in_
-
-    @property
-    def n_classes_(self) -> int:
-        return int(self._fitted()["priors"].shape[0])
-
     def extra_repr(self) -> str:
         s = f"n_components={self.n_components}, shrinkage={self.shrinkage!r}, priors={self.priors!r}"
         if self._state is not None:
@@ -494,15 +466,9 @@ class MultiPrototypeHead(StatisticalHead):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _prepare(self, Z):
-        st = self._fitted()
-        Z = as_float_matrix(Z, "Z", n_features=self.n_features_in_)
-        T = ref.working_dtype(Z)
-        key = (Z.device, T)
-        if key not in self._work:
-            self._work[key] = (self.classifier_params.to(Z.device, T), st["comp_class"].to(Z.device),
-                               st["table"].to(Z.device))
-        return Z.to(T), self._work[key], Z.dtype
+    def _working_copy(self, device, dtype):
+        st = self._state
+        return st["classifier"].to(device, dtype), st["comp_class"].to(device), st["table"].to(device)
 
     def component_log_joint(self, Z) -> torch.Tensor:
         """``log π_k + log w_{k,m} + log N(z; μ_{k,m}, Σ)`` per component, (B, C), differentiable."""

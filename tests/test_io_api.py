@@ -90,7 +90,7 @@ def _write(tmp_path, tensors, meta):
 def test_load_validates_every_field(tmp_path):
     Z, y = blobs(200, 3, 4, seed=73)
     head = Head("tied").fit(Z, y)
-    base = {k: v.clone() for k, v in head._params.items() if k != "n_features"}
+    base = {k: head._fitted()[k].clone() for k in gmfast.io.TENSORS}
     meta = {"format": "gmfast.GaussianMixtureHead", "version": 1, "covariance_type": "tied", "shrinkage": 0.0,
             "priors": "empirical", "n_classes": 3, "n_features": 4, "gmfast_version": "0"}
     assert Head.load(_write(tmp_path, base, meta)).n_classes_ == 3

@@ -346,3 +346,62 @@ def test_errors_and_edge_cases():
     assert not slow.converged_ and slow.n_iter_ == 2
     with pytest.warns(ConvergenceWarning, match="one step"):
         MultiPrototypeHead(2, max_iter=1).fit(Zo, yo)
+
+
+@pytest.mark.parametrize("kind", ["multi", "tied", "full"])
+def test_working_copy_is_built_once_under_concurrency(kind, fitted, monkeypatch):
+    """Both heads share one base: concurrent first calls build the (device, dtype) working copy
+    once (double-checked under the base's lock) and every caller gets that copy."""
+    import threading
+    import time
+
+    Z, y, multi = fitted
+    head = multi if kind == "multi" else Head(kind, shrinkage=0.1).fit(Z, y)
+    head._set_state(head._state)  # a fresh state: no working copies yet
+    built = []
+    original = type(head)._working_copy
+
+    def slow(self, device, dtype):
+        built.append(dtype)
+        time.sleep(0.05)  # hold the window open: without the lock every thread would build
+        return original(self, device, dtype)
+
+    monkeypatch.setattr(type(head), "_working_copy", slow)
+    X = torch.tensor(Z[:64], dtype=torch.float32)
+    barrier = threading.Barrier(6)
+    seen = []
+
+    def call():
+        barrier.wait()
+        seen.append(head._prepare(X)[1])
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [torch.float32]
+    assert len(seen) == 6 and all(w is seen[0] for w in seen)
+    assert list(head._work) == [(X.device, torch.float32)]
+
+
+@pytest.mark.parametrize("kind", ["multi", "tied"])
+def test_heads_copy_and_pickle(kind, fitted):
+    """deepcopy/pickle drop the lock and the working copies and rebuild them: the copy certifies
+    exactly as the original, and refitting the copy leaves the original alone."""
+    import copy
+    import pickle
+
+    Z, y, multi = fitted
+    head = multi if kind == "multi" else Head(kind, shrinkage=0.1).fit(Z, y)
+    X = torch.tensor(Z[:100], dtype=torch.float32)
+    a = head.certify(X)
+    for twin in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
+        assert twin._work == {} and twin._lock is not head._lock
+        b = twin.certify(X)
+        assert torch.equal(a.prediction, b.prediction) and torch.equal(a.radius, b.radius)
+    twin = copy.deepcopy(head)
+    twin._set_state(None)
+    with pytest.raises(NotFittedError, match=f"this {type(head).__name__} is not fitted yet"):
+        twin.certify(X)
+    assert torch.equal(head.certify(X).radius, a.radius)
