@@ -16,7 +16,8 @@ _LAZY = {
     "lipschitz_bound": ("gmfast.lipschitz", "lipschitz_bound"),
     "available_backends": ("gmfast.ops", "available_backends"),
 }
-_SUBMODULES = {"smoothing", "bounds", "io", "lipschitz", "ops", "cli", "plot", "multiproto", "demo", "bench"}
+_SUBMODULES = {"smoothing", "bounds", "distributional", "diagnostics", "mixture", "report", "io", "lipschitz", "ops",
+               "cli", "plot", "multiproto", "demo", "bench"}
 
 
 def __getattr__(name):

@@ -126,6 +126,14 @@ def canonical_norm(norm):
         raise ValueError(f"norm must be one of 2, 1, float('inf'), 'mahalanobis'; got {norm!r}") from None
 
 
+def as_radii(radii) -> np.ndarray:
+    """Radii as a non-empty 1-D float64 array of finite values ``>= 0``."""
+    r = np.atleast_1d(np.asarray(radii, dtype=np.float64))
+    if r.ndim != 1 or r.size == 0 or not np.all(np.isfinite(r)) or np.any(r < 0):
+        raise ValueError(f"radii must be a non-empty 1-D sequence of finite values >= 0; got {radii!r}")
+    return r
+
+
 ON_NONFINITE = ("abstain", "raise")
 
 

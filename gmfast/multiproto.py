@@ -478,7 +478,7 @@ class MultiPrototypeHead(StatisticalHead):
         """Class log-joint of the mixture, ``log π_k + log Σ_m w_{k,m} N(z; μ_{k,m}, Σ)``, (B, K).
 
         A log-sum-exp over each class's components: the model's density (what
-        :func:`gmfast.bounds.heldout_log_likelihood` scores), differentiable in ``Z``.
+        :func:`gmfast.diagnostics.heldout_log_likelihood` scores), differentiable in ``Z``.
         **Not** the decision rule: :meth:`predict` and :meth:`certify` use the best component
         (max instead of log-sum-exp), so ``argmax`` of this can differ near boundaries.
         """
@@ -544,7 +544,7 @@ def compare_prototypes(Z_train, y_train, Z_test, y_test, Ms=(1, 2, 4), radii=(0.
     ``fit_s``. ``M = 1`` is the tied :class:`~gmfast.GaussianMixtureHead`.
     Print it with :func:`format_prototype_table`.
     """
-    from gmfast.bounds import heldout_log_likelihood  # bounds imports this module
+    from gmfast.diagnostics import heldout_log_likelihood  # (scipy: imported only when comparing)
 
     y_test = torch.as_tensor(y_test).long()
     radii = np.atleast_1d(np.asarray(radii, dtype=np.float64))

@@ -14,9 +14,11 @@ from scipy import stats
 
 from gmfast import GaussianMixtureHead as Head
 from gmfast import certified_accuracy
-from gmfast.bounds import (_tied_margin_laws, certified_accuracy_gmm, certified_accuracy_lower_bound, format_report,
-                           heldout_log_likelihood, joint_kl_estimate, knn_kl_divergence, mahalanobis_gaussianity,
-                           plot_mahalanobis_qq, report, sample_mixture, tv_from_kl)
+from gmfast.diagnostics import heldout_log_likelihood, joint_kl_estimate, knn_kl_divergence, mahalanobis_gaussianity
+from gmfast.distributional import (_tied_margin_laws, certified_accuracy_gmm, certified_accuracy_lower_bound,
+                                   tv_from_kl)
+from gmfast.mixture import sample_mixture
+from gmfast.report import format_report, plot_mahalanobis_qq, report
 from gmfast.multiproto import MultiPrototypeHead
 
 RADII = [0.0, 0.25, 0.5, 1.0, 2.0]
@@ -115,7 +117,7 @@ def test_genz_tail_probabilities_agree_with_scipy():
     scipy's independent implementation of Genz's algorithm (Fortran MVNDST)."""
     Z, y = blobs(1500, 6, 8, sep=1.0, seed=7)
     head = Head("tied").fit(Z, y)
-    from gmfast.bounds import _orthant_genz
+    from gmfast.distributional import _orthant_genz
 
     for eps in (0.0, 0.4):
         for mean, C, N in _tied_margin_laws(head, 2):
@@ -322,3 +324,30 @@ def test_report(tmp_path):
     assert res3["ca_q_method"].startswith("Monte Carlo") and res3["gaussianity"] is None
     assert [p.rsplit("/", 1)[-1] for p in res3["plots"]] == ["certified_accuracy.png"]
     assert "Gaussianity" not in format_report(res3)
+
+
+def test_bounds_keeps_its_public_names():
+    """gmfast.bounds (public API) re-exports the same objects from the modules that now hold them."""
+    import gmfast
+    from gmfast import diagnostics, distributional, mixture
+    from gmfast import report as rep
+
+    b = gmfast.bounds
+    homes = {"CAResult": distributional, "certified_accuracy_gmm": distributional, "tv_from_kl": distributional,
+             "certified_accuracy_lower_bound": distributional, "sample_mixture": mixture,
+             "heldout_log_likelihood": diagnostics, "knn_kl_divergence": diagnostics,
+             "joint_kl_estimate": diagnostics, "mahalanobis_gaussianity": diagnostics,
+             "plot_mahalanobis_qq": rep, "report": rep, "format_report": rep}
+    assert sorted(b.__all__) == sorted(homes)
+    for name, home in homes.items():
+        assert getattr(b, name) is getattr(home, name), name
+    assert b.tv_from_kl(0.5) == pytest.approx(0.5)
+
+
+def test_mixture_of_names_what_it_accepts():
+    from gmfast.mixture import mixture_of
+
+    with pytest.raises(TypeError, match="expected a fitted GaussianMixtureHead or MultiPrototypeHead; got Linear"):
+        mixture_of(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="got Linear"):
+        sample_mixture(torch.nn.Linear(2, 2), 3)

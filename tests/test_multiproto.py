@@ -13,7 +13,8 @@ from scipy.special import logsumexp
 
 from gmfast import GaussianMixtureHead as Head
 from gmfast._validate import NonFiniteWarning, NotFittedError
-from gmfast.bounds import certified_accuracy_gmm, heldout_log_likelihood
+from gmfast.diagnostics import heldout_log_likelihood
+from gmfast.distributional import certified_accuracy_gmm
 from gmfast.multiproto import ConvergenceWarning, MultiPrototypeHead, compare_prototypes, format_prototype_table
 
 NORMS = [2, math.inf, 1, "mahalanobis"]
