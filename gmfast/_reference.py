@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from gmfast._fp import U64, gamma, norm_upper, slack_down, slack_up, underflow_unit, unit_roundoff
+from gmfast._fp import (U64, TiedErrorModel, gamma, norm_upper, perclass_constant_map, slack_down, slack_up,
+                        tied_constants, underflow_unit, unit_roundoff)
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -362,7 +363,9 @@ def finalize_params(stats: SufficientStats, covariance_type: str, shrinkage, pri
     count, mean, scatter = cpu(stats.count), cpu(stats.mean), cpu(stats.scatter)
     missing = torch.nonzero(count == 0).reshape(-1).tolist()
     if missing:
-        raise ValueError(f"classes {missing[:10]} have no samples; every class 0..{K - 1} needs at least one")
+        raise ValueError(f"classes {missing[:10]} have no samples; every class 0..{K - 1} needs at least one "
+                         "(map the labels to 0..K-1 with np.unique(y, return_inverse=True), or use "
+                         "gmfast.sklearn.GaussianMixtureClassifier, which takes any labels)")
     if K < 2:
         raise ValueError(f"a classifier needs at least 2 classes; got {K}")
     d = stats.d
@@ -638,6 +641,12 @@ def tied_error_coefficients(p: TiedParams, d: int, T: torch.dtype) -> tuple[torc
     return g * p.a_norm_up, g * p.beta_abs + 2.0 * (d + 2) * underflow_unit(T)
 
 
+def tied_error_model(p: TiedParams, d: int, T: torch.dtype) -> TiedErrorModel:
+    """The tied rounding-error model of the certify contract: :func:`tied_error_coefficients`
+    and the epilogue's constants (:func:`gmfast._fp.tied_constants`)."""
+    return TiedErrorModel(*tied_error_coefficients(p, d, T), tied_constants(d, T))
+
+
 def tied_epilogue(logits: torch.Tensor, z_norm_up: torch.Tensor | None, inv: torch.Tensor,
                   alpha: torch.Tensor | None, eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prediction and radius from a block of logits (the O(K)-per-row epilogue), float64.
@@ -874,14 +883,8 @@ def _perclass_certify_cholesky(Z: torch.Tensor, p: PerClassParams, fp_sound: boo
     B, d = Z.shape
     K = p.K
     T = Z.dtype
-    u = unit_roundoff(T)
-    g_ = gamma(d + 4, u)
-    gd = gamma(d, u)
-    S = 1.0 + 4.0 * g_
-    eta = underflow_unit(T)
-    nu = math.sqrt(2.0 * (d + 4) * eta)
-    tiny_u = 2.0 * (d + 4) ** 1.5 * eta
-    tiny_d = 2.0 * (d + 4) * eta
+    cst = perclass_constant_map(d, T)
+    u, g_, gd, S, nu, tiny_u, tiny_d = (cst[n] for n in ("u", "g", "gd", "S", "nu", "tiny_u", "tiny_d"))
     tab = cholesky_tables(p)
     work = p.cholesky.get("work")
     if work is None:
@@ -996,13 +999,8 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
     B, d = Z.shape
     K = p.K
     T = Z.dtype
-    u = unit_roundoff(T)
-    g_ = gamma(d + 4, u)
-    S = 1.0 + 4.0 * g_
-    eta = underflow_unit(T)
-    nu = math.sqrt(2.0 * (d + 4) * eta)
-    tiny_u = 2.0 * (d + 4) ** 1.5 * eta
-    tiny_d = 2.0 * (d + 4) * eta
+    cst = perclass_constant_map(d, T)
+    u, g_, S, nu, tiny_u, tiny_d = (cst[n] for n in ("u", "g", "S", "nu", "tiny_u", "tiny_d"))
     if need_radius:
         lam_hat, lam_up, _ = curvature_table(p, curvature)
         lam_tab = (lam_up if fp_sound else lam_hat).to(Z.device)
