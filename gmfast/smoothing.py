@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import math
 import operator
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -583,36 +582,33 @@ class Smooth:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[device]
 
-    def _fused_counter(self, device) -> bool:
-        """Whether the head's argmax and the counting run fused in one Triton kernel.
+    def _fused_counter(self, device) -> str | None:
+        """The backend whose kernel fuses the head's argmax with the counting, or None.
 
         Only for a tied :class:`gmfast.GaussianMixtureHead` base (``base=(encoder, head)`` or
         the head alone): its logits are linear, so the kernel keeps them in registers and
-        adds one count per row (:func:`gmfast.triton.smoothing.smoothing_counts`). ``"auto"``
+        adds one count per row (the contract :mod:`gmfast.ops.smoothing`). ``"auto"``
         uses it on CUDA when Triton is available; ``True`` insists (on the CPU only under
         ``TRITON_INTERPRET=1``, for tests).
         """
         if self.fused is False:
-            return False
+            return None
         from gmfast.head import GaussianMixtureHead
+        from gmfast.ops.smoothing import fused_backend
 
         ok = isinstance(self._head, GaussianMixtureHead) and self._head.covariance_type == "tied"
-        if ok:
-            from gmfast.ops import _probe
-
-            ok = _probe("triton")[0] if device.type == "cuda" else (
-                self.fused is True and os.environ.get("TRITON_INTERPRET") == "1")
-        if self.fused is True and not ok:
+        backend = fused_backend(device, allow_interpreter=self.fused is True) if ok else None
+        if self.fused is True and backend is None:
             raise RuntimeError("fused=True needs a tied GaussianMixtureHead base and Triton on a CUDA device")
-        return ok
+        return backend
 
-    def _count_fused(self, noisy, owner, counts) -> None:
+    def _count_fused(self, noisy, owner, counts, backend) -> None:
         """counts (n_owned, K) += per-owner histogram of the tied head's argmax, fused."""
-        from gmfast.triton.smoothing import smoothing_counts
+        from gmfast.ops.smoothing import smoothing_counts
 
         z = noisy if self._encoder is None else self._encoder(noisy)
         Zt, work, _ = self._head._prepare(z.reshape(z.shape[0], -1))
-        smoothing_counts(Zt, owner, counts.shape[0], work.A, work.beta, counts=counts)
+        smoothing_counts(Zt, owner, counts.shape[0], work.A, work.beta, counts, backend=backend)
 
     def _labels(self, batch):
         """Base-classifier classes of a noisy batch (N, *shape): LongTensor (N,), -1 = none."""
@@ -680,8 +676,9 @@ class Smooth:
                     noisy = X.index_select(0, owner + first)
                     noise = torch.randn(noisy.shape, generator=gen, dtype=X.dtype, device=device)
                     noisy.add_(noise, alpha=self.sigma)
-                    if self._fused_counter(device):
-                        self._count_fused(noisy, owner, counts[first : last + 1])
+                    fused = self._fused_counter(device)
+                    if fused is not None:
+                        self._count_fused(noisy, owner, counts[first : last + 1], fused)
                         continue
                     labels = self._labels(noisy)
                     counts[first : last + 1] += _count(labels, owner, last - first + 1, K)
