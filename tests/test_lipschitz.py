@@ -227,15 +227,20 @@ def test_batchnorm_eval_is_the_exact_max_ratio():
 
 
 def test_train_mode_is_an_error_naming_the_submodule():
-    net = nn.Module()
-    net.features = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
-    net.forward = lambda x: net.features(x)
-    net.eval()
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
+
+        def forward(self, x):
+            return self.features(x)
+
+    net = Net().eval()
     net.features[1].train()
-    with pytest.raises(ValueError, match=r"module 'features\.1' is in train mode; call \.eval\(\)"):
+    with pytest.raises(ValueError, match=r"module 'features\.1' \(BatchNorm1d\) is in train mode; call \.eval\(\)"):
         lipschitz_bound(net, (4,))
     with pytest.raises(ValueError, match="the root"):
-        lipschitz_bound(nn.Linear(3, 3), (3,))
+        lipschitz_bound(nn.BatchNorm1d(3), (3,))
 
 
 # ----------------------------------------------------------------------------- networks

@@ -11,7 +11,7 @@ from torch import nn
 from gmfast.lipschitz.errors import UnsupportedOpError
 from gmfast.lipschitz.estimate import lower_estimate
 from gmfast.lipschitz.global_bound import GlobalBound
-from gmfast.lipschitz.graph import check_same_function, dtype_device, trace
+from gmfast.lipschitz.graph import check_same_function, check_trust, dtype_device, trace
 
 __all__ = ["LipschitzBound", "UnsupportedOpError", "clear_cache", "lipschitz_bound"]
 
@@ -145,9 +145,13 @@ def lipschitz_bound(module: nn.Module, input_shape, *, estimate: bool = True, n_
     Raises
     ------
     ValueError
-        A submodule is in train mode, or the module fails on an input of this shape.
+        A submodule whose forward depends on the training flag (batch norm, dropout, RReLU,
+        spectral norm's power iteration) is in train mode, or the module fails on an input
+        of this shape.
     UnsupportedOpError
-        An op has no rule, or the module cannot be traced by ``torch.fx``.
+        An op has no rule, the module cannot be traced by ``torch.fx``, or its calls do
+        something the trace does not show (hooks, overridden ``forward``/``__call__``,
+        unknown parametrizations), or outputs depend on other rows of the batch.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module; got {type(module).__name__}")
@@ -161,12 +165,10 @@ def lipschitz_bound(module: nn.Module, input_shape, *, estimate: bool = True, n_
     for name, v in (("n_iter", n_iter), ("n_points", n_points)):
         if not (isinstance(v, int) and v > 0):
             raise ValueError(f"{name} must be a positive int; got {v!r}")
+    check_trust(module)  # before the cache: hooks and overrides are not part of its key
     for name, m in module.named_modules():
-        shown = name or f"{type(m).__name__} (the root)"
-        if m.training:
-            raise ValueError(f"module {shown!r} is in train mode; call .eval() first (dropout and batch norm compute "
-                             "a different, batch-dependent function in training, so no bound would hold)")
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None:
+            shown = name or f"{type(m).__name__} (the root)"
             raise UnsupportedOpError(f"module {shown!r} ({type(m).__name__} with track_running_stats=False): no "
                                      "Lipschitz rule (in eval it normalises with batch statistics); pass "
                                      "lipschitz=<float> explicitly or wrap it")

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from gmfast.lipschitz._norms import (conv_bound as _conv_bound, copy_factor, maxpool_factor, ntuple, schur_factor,
                                      spectral_norm_up, up)
 from gmfast.lipschitz.errors import UnsupportedOpError
+from gmfast.lipschitz.lipnet_rules import group_sort_factor
 from gmfast.lipschitz.ops import (ACTIVATION_MODULES, CONVS, FUNCTION_NAMES, LINEAR_INTERPOLATION, MAX_POOLS, arg,
                                   shape_of)
 from gmfast.lipschitz.walk import Analysis
@@ -114,6 +115,9 @@ class GlobalBound(Analysis):
 
     def module_hardtanh(self, node, mod):
         return self.unary(1.0, type(mod).__name__)
+
+    def module_group_sort(self, node, mod):
+        return self.unary(*group_sort_factor(mod))
 
     def module_prelu(self, node, mod):
         a = mod.weight.detach().double().abs().max().item()

@@ -9,12 +9,120 @@ values of constant nodes, and checks that the trace computes what the module com
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrizations, parametrize
 
 from gmfast.lipschitz.errors import ADVICE, UnsupportedOpError
 from gmfast.lipschitz.ops import is_meta
+
+
+# ----------------------------------------------------------------------------- trust checks
+
+#: Forward pre-hooks of the old ``torch.nn.utils.spectral_norm``/``weight_norm``: they set the
+#: weight attribute from the stored parameters before each call (deterministically in eval),
+#: and every rule reads the weight through that attribute after a call, so the rule sees what
+#: forward uses.
+_KNOWN_PRE_HOOKS = (importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm,
+                    importlib.import_module("torch.nn.utils.weight_norm").WeightNorm)
+#: ``parametrize`` parametrizations whose value is a deterministic function of the stored
+#: tensors (``_SpectralNorm`` only in eval: in training each call runs a power iteration).
+_KNOWN_PARAMETRIZATIONS = (parametrizations._SpectralNorm, parametrizations._Orthogonal,
+                           parametrizations._WeightNorm)
+#: Modules whose forward reads the training flag: batch statistics, random masks or slopes,
+#: a power iteration per call.
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                   nn.modules.dropout._DropoutNd, nn.RReLU, nn.MultiheadAttention, parametrizations._SpectralNorm)
+#: Global hook tables that change what a module call computes (or which module is called).
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs",
+                 "_global_forward_hooks_always_called", "_global_module_registration_hooks",
+                 "_global_parameter_registration_hooks", "_global_buffer_registration_hooks")
+_CALL_PATH = ("__call__", "_call_impl", "_wrapped_call_impl")
+_REMEDY = ("the traced graph does not show what it does, so no bound would hold; remove it before bounding (or "
+           f"{ADVICE})")
+
+
+def _shown(name: str, m: nn.Module) -> str:
+    return f"module {name!r} ({type(m).__name__})" if name else f"{type(m).__name__} (the root)"
+
+
+def check_trust(module: nn.Module) -> None:
+    """Refuse every way a module call can compute something other than what the rules read
+    from the module's class and attributes (and what the trace shows).
+
+    A *leaf* (a module the trace records as one ``call_module`` node: torch's own layers and
+    modules with ``lipschitz_constant``) gets the rule of its class, so for a leaf and every
+    module inside it these are refused:
+
+    * forward hooks and pre-hooks (with kwargs or always called, which are also in the
+      ``_forward_hooks`` table): a hook can replace the input or output, and the trace does
+      not run it (the trace-vs-module check runs the leaf on both sides, so it cannot see
+      it). Backward hooks do not change forward values and are allowed;
+    * an instance attribute ``forward``, ``__call__``, ``_call_impl`` or
+      ``_wrapped_call_impl``, and a class that overrides ``__call__``,
+      ``_call_impl`` or ``_wrapped_call_impl``: the call then does not run the class's
+      ``forward``.
+
+    A module that is not a leaf is traced *through* its call, hooks and instance ``forward``
+    included (``torch.fx`` patches ``nn.Module.__call__``, which runs them on proxies), so
+    they are in the graph and need no check. Everywhere:
+
+    * global forward hooks (they run at every leaf call) and global registration hooks (they
+      can swap a submodule, parameter or buffer when the tracer copies it);
+    * parametrizations other than torch's spectral norm, orthogonal and weight norm;
+    * a compiled call (``module.compile()``): it runs a compiled function, not forward;
+    * in train mode, only modules whose forward reads the training flag
+      (:data:`_MODE_DEPENDENT`, and the old spectral norm's hook) are refused.
+    """
+    for table in _GLOBAL_HOOKS:
+        hooks = getattr(_module, table, None)
+        if hooks:
+            raise UnsupportedOpError(f"a global module hook is registered (torch.nn.modules.module.{table}: "
+                                     f"{list(hooks.values())[:3]}): it changes every module call and {_REMEDY}")
+    is_leaf, leaves = _Tracer().is_leaf_module, []
+    for name, m in module.named_modules(remove_duplicate=False):
+        where = _shown(name, m)
+        if is_leaf(m, name) and not any(name == p or name.startswith(p + ".") for p in leaves):
+            leaves.append(name)
+        if m.training and (isinstance(m, _MODE_DEPENDENT) or any(isinstance(h, _KNOWN_PRE_HOOKS[0])
+                                                                 for h in m._forward_pre_hooks.values())):
+            raise ValueError(f"{where} is in train mode; call .eval() first (its forward depends on the training "
+                             "flag: batch statistics, random masks or slopes, or a power iteration per call, so no "
+                             "bound would hold)")
+        if parametrize.is_parametrized(m):
+            for tensor, plist in m.parametrizations.items():
+                other = [type(p).__name__ for p in plist if not isinstance(p, _KNOWN_PARAMETRIZATIONS)]
+                if other:
+                    raise UnsupportedOpError(f"{where}: the parametrization {other} of {tensor!r} is not one whose "
+                                             "value the rules can trust (torch's spectral_norm, orthogonal and "
+                                             f"weight_norm are); {ADVICE}")
+        if vars(m).get("_compiled_call_impl") is not None:
+            raise UnsupportedOpError(f"{where} is compiled (module.compile()): its call runs a compiled function "
+                                     "instead of forward; bound the uncompiled module")
+        if not any(name == p or name.startswith(p + ".") for p in leaves):
+            continue  # traced through: its call is in the graph
+        if m._forward_hooks or getattr(m, "_forward_hooks_with_kwargs", None) \
+                or getattr(m, "_forward_hooks_always_called", None):
+            raise UnsupportedOpError(f"{where} has a forward hook ({list(m._forward_hooks.values())[:3]}): "
+                                     f"{_REMEDY}")
+        unknown = [h for h in m._forward_pre_hooks.values() if not isinstance(h, _KNOWN_PRE_HOOKS)]
+        if unknown:
+            raise UnsupportedOpError(f"{where} has a forward pre-hook ({unknown[:3]}): {_REMEDY}")
+        for attr in ("forward",) + _CALL_PATH:
+            if attr in vars(m):
+                raise UnsupportedOpError(f"{where} has an instance attribute {attr!r} that replaces its class's "
+                                         f"call: {_REMEDY}")
+        for attr in _CALL_PATH:
+            if getattr(type(m), attr) is not getattr(nn.Module, attr):
+                raise UnsupportedOpError(f"{where}: its class overrides {attr}, so a call does not run forward "
+                                         f"as traced; {_REMEDY}")
+
+
+# ----------------------------------------------------------------------------- tracing
 
 
 class _Tracer(torch.fx.Tracer):
@@ -101,7 +209,9 @@ def dtype_device(module: nn.Module):
 
 
 def trace(module: nn.Module, input_shape: tuple) -> TracedGraph:
-    """Trace, classify, propagate shapes (and constant values) on a zeros input."""
+    """Check that the module's calls are what the trace can show (:func:`check_trust`),
+    trace, classify, propagate shapes (and constant values) on a zeros input."""
+    check_trust(module)
     tracer = _Tracer()
     root = _Root(module)
     try:

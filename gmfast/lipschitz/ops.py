@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from gmfast.lipschitz.lipnet_rules import leaf_kind
+
 
 #: Elementwise functions whose rule needs no argument (the names of ``rule_activation``).
 ACTIVATION_NAMES = {"relu", "relu6", "tanh", "softsign", "tanhshrink", "logsigmoid", "softshrink", "softplus", "abs",
@@ -149,6 +151,8 @@ def function_kind(node):
 def module_kind(mod: nn.Module):
     """The kind of a leaf module (``None`` when it has no rule), looking through a
     ``parametrize`` subclass to the class it was generated from."""
+    if leaf_kind(mod) is not None:  # 1-Lipschitz-network blocks with proven rules
+        return leaf_kind(mod)
     if hasattr(mod, "lipschitz_constant"):
         return "vouched"
     t = type(mod)

@@ -1,0 +1,220 @@
+"""Regression tests for the soundness holes of issue 13 (parts 2–4) and 18.7: modules whose
+calls the trace cannot see, rules that ignore torch's arguments, casts, batch coupling, and
+the train-mode check. Each case is attacked (observed quotients, Jacobian norms, ascent):
+it must be refused with a clear error or bounded soundly."""
+
+import importlib
+import types
+
+import pytest
+import torch
+from lipschitz_attack import as_float64, observed_ratio, sound_or_refused
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules import module as module_globals
+from torch.nn.utils import parametrize
+
+from gmfast.lipschitz import UnsupportedOpError, lipschitz_bound
+
+
+def spec(W):
+    return torch.linalg.matrix_norm(W.detach().double(), 2).item()
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+# ----------------------------------------------------------------------------- 13.2: hidden calls
+
+
+def _hooked(kind):
+    m = net()
+    lin = m[2]
+    if kind == "forward hook":
+        lin.register_forward_hook(lambda mod, inp, out: 50.0 * out)
+    elif kind == "forward hook with kwargs":
+        lin.register_forward_hook(lambda mod, args, kwargs, out: 50.0 * out, with_kwargs=True)
+    elif kind == "forward hook always called":
+        lin.register_forward_hook(lambda mod, inp, out: 50.0 * out, always_call=True)
+    elif kind == "pre-hook":
+        lin.register_forward_pre_hook(lambda mod, inp: (50.0 * inp[0],))
+    elif kind == "pre-hook with kwargs":
+        lin.register_forward_pre_hook(lambda mod, args, kwargs: ((50.0 * args[0],), kwargs), with_kwargs=True)
+    elif kind == "in-place hook":
+        lin.register_forward_hook(lambda mod, inp, out: (out.mul_(50.0), None)[1])
+    elif kind == "instance forward":
+        lin.forward = types.MethodType(lambda self, x: 50.0 * F.linear(x, self.weight, self.bias), lin)
+    elif kind == "instance _call_impl":
+        lin._call_impl = types.MethodType(lambda self, x: 50.0 * F.linear(x, self.weight, self.bias), lin)
+    return m
+
+
+HIDDEN = ["forward hook", "forward hook with kwargs", "forward hook always called", "pre-hook",
+          "pre-hook with kwargs", "in-place hook", "instance forward", "instance _call_impl"]
+
+
+@pytest.mark.parametrize("kind", HIDDEN)
+def test_calls_the_trace_cannot_see_are_refused(kind):
+    m = _hooked(kind)
+    with pytest.raises(UnsupportedOpError, match=r"(hook|instance attribute).*remove it before bounding") as info:
+        lipschitz_bound(m, (4,))
+    assert "module '2' (Linear)" in str(info.value)
+    # what the old code certified, ‖W₁‖‖W₂‖, is far below what the hooked module does
+    plain = spec(m[0].weight) * spec(m[2].weight)
+    assert observed_ratio(as_float64(m), (4,), ascent_steps=0) > 5 * plain
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = net()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_hooks_and_overrides_of_traced_modules_are_in_the_graph():
+    # a module that is not a leaf is traced through its call: hooks and instance forward show
+    m = net()
+    m.register_forward_hook(lambda mod, inp, out: 50.0 * out)
+    plain = spec(m[0].weight) * spec(m[2].weight)
+    assert sound_or_refused(m, (4,)) == pytest.approx(50 * plain, rel=1e-9)
+    outer = _Outer()
+    outer.forward = types.MethodType(lambda self, x: 50.0 * self.inner(x), outer)
+    assert sound_or_refused(outer.eval(), (4,)) == pytest.approx(50 * plain, rel=1e-9)
+    bare = nn.Module()  # torch's own class: a leaf, so its instance forward is hidden from the trace
+    bare.forward = types.MethodType(lambda self, x: 50.0 * x, bare)
+    with pytest.raises(UnsupportedOpError, match="instance attribute 'forward'"):
+        lipschitz_bound(bare.eval(), (4,))
+    loud = nn.Sequential(_LoudCall(3, 3)).eval()  # not a leaf: its __call__ is traced
+    assert sound_or_refused(loud, (3,)) == pytest.approx(50 * spec(loud[0].weight), rel=1e-9)
+
+
+def test_global_hooks_are_refused():
+    m = net()
+    for register in (module_globals.register_module_forward_hook, module_globals.register_module_forward_pre_hook):
+        hook = (lambda mod, inp, out: None) if register is module_globals.register_module_forward_hook \
+            else (lambda mod, inp: None)
+        handle = register(hook)
+        try:
+            with pytest.raises(UnsupportedOpError, match="global module hook"):
+                lipschitz_bound(m, (4,))
+        finally:
+            handle.remove()
+    handle = module_globals.register_module_module_registration_hook(lambda mod, name, sub: sub)
+    try:
+        with pytest.raises(UnsupportedOpError, match="_global_module_registration_hooks"):
+            lipschitz_bound(m, (4,))
+    finally:
+        handle.remove()
+    assert lipschitz_bound(m, (4,), cache=False).bound > 0  # and nothing is left behind
+
+
+def test_a_cached_result_is_not_returned_after_a_hook_is_added():
+    m = net()
+    lipschitz_bound(m, (4,))
+    handle = m[0].register_forward_hook(lambda mod, inp, out: 50.0 * out)
+    try:
+        with pytest.raises(UnsupportedOpError, match="forward hook"):
+            lipschitz_bound(m, (4,))
+    finally:
+        handle.remove()
+
+
+class _LoudCall(nn.Linear):
+    def __call__(self, x):
+        return 50.0 * super().__call__(x)
+
+
+class _LeafCall(nn.Linear):
+    lipschitz_constant = 1.0  # a leaf: the rule (the vouched constant) is for its forward
+
+    def __call__(self, x):
+        return 50.0 * super().__call__(x)
+
+
+def test_class_level_call_overrides_of_leaves_and_compiled_calls_are_refused():
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedOpError, match="overrides __call__"):
+        lipschitz_bound(nn.Sequential(_LeafCall(3, 3)).eval(), (3,))
+    lin = nn.Linear(3, 3).eval()
+    lin._compiled_call_impl = lambda x: 50.0 * F.linear(x, lin.weight, lin.bias)  # what .compile() sets
+    with pytest.raises(UnsupportedOpError, match="compiled"):
+        lipschitz_bound(lin, (3,))
+
+
+def test_vouched_modules_with_hooks_are_refused():
+    class Vouched(nn.Module):
+        lipschitz_constant = 1.0
+
+        def forward(self, x):
+            return torch.tanh(x)
+
+    v = Vouched()
+    v.register_forward_hook(lambda mod, inp, out: 50.0 * out)
+    with pytest.raises(UnsupportedOpError, match="forward hook"):
+        lipschitz_bound(nn.Sequential(nn.Linear(3, 3), v).eval(), (3,))
+
+
+def test_backward_hooks_do_not_change_the_bound():
+    m = net()
+    want = lipschitz_bound(m, (4,), estimate=False, cache=False).bound
+    m[0].register_full_backward_hook(lambda mod, gi, go: None)
+    assert lipschitz_bound(m, (4,), estimate=False, cache=False).bound == want
+
+
+class _Noisy(nn.Module):
+    def forward(self, W):
+        return 50.0 * W
+
+
+def test_parametrizations():
+    from torch.nn.utils.parametrizations import orthogonal, spectral_norm
+
+    torch.manual_seed(2)
+    lin = nn.Linear(4, 4)
+    parametrize.register_parametrization(lin, "weight", _Noisy())
+    with pytest.raises(UnsupportedOpError, match=r"parametrization \['_Noisy'\] of 'weight'"):
+        lipschitz_bound(nn.Sequential(lin).eval(), (4,))
+    # torch's own are handled (the rule reads the parametrised weight)
+    m = nn.Sequential(orthogonal(nn.Linear(4, 4)), nn.Tanh(), spectral_norm(nn.Linear(4, 2))).eval()
+    b = lipschitz_bound(m, (4,), estimate=False, cache=False).bound
+    assert b == pytest.approx(spec(m[0].weight) * spec(m[2].weight), rel=1e-9)
+    assert sound_or_refused(m, (4,)) == b
+
+
+def test_old_style_spectral_norm_hook_is_bounded_in_eval_and_refused_in_training():
+    old_sn = importlib.import_module("torch.nn.utils.spectral_norm").spectral_norm
+    torch.manual_seed(4)
+    m = nn.Sequential(old_sn(nn.Linear(5, 5)), nn.ReLU(), nn.Linear(5, 2))
+    m.train()
+    for _ in range(20):
+        m(torch.randn(3, 5))  # settle the power iteration
+    m.eval()
+    b = sound_or_refused(m, (5,))
+    assert b is not None and b == pytest.approx(spec(m[0].weight) * spec(m[2].weight), rel=1e-9)
+    m[0].train()
+    with pytest.raises(ValueError, match=r"module '0' \(Linear\) is in train mode"):
+        lipschitz_bound(m, (5,))
+
+
+# ----------------------------------------------------------------------------- 18.7: train mode
+
+
+def test_only_mode_dependent_modules_are_refused_in_train_mode():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3).train()
+    assert lipschitz_bound(lin, (3,), cache=False).bound == pytest.approx(spec(lin.weight), rel=1e-9)
+    plain = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4, 2)).train()
+    assert sound_or_refused(plain, (1, 6)) is not None
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    for mod, name in ((nn.BatchNorm1d(3), "BatchNorm1d"), (nn.Dropout(0.1), "Dropout"),
+                      (nn.AlphaDropout(0.1), "AlphaDropout"), (nn.RReLU(), "RReLU"),
+                      (spectral_norm(nn.Linear(3, 3)), "_SpectralNorm")):
+        m = nn.Sequential(nn.Linear(3, 3), mod).eval()
+        (m[1].parametrizations.weight[0] if name == "_SpectralNorm" else m[1]).train()
+        with pytest.raises(ValueError, match=rf"\({name}\) is in train mode; call \.eval\(\)"):
+            lipschitz_bound(m, (3,))
