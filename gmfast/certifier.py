@@ -10,7 +10,7 @@ from torch import nn
 
 from gmfast._fp import round_down_to, slack_down
 from gmfast.certificate import Certificate
-from gmfast.fit import _device_of, _split_batch, distributed_rank, encode, eval_mode
+from gmfast.fit import device_of, distributed_rank, encode, eval_mode, split_batch
 from gmfast.head import GaussianMixtureHead
 
 
@@ -48,7 +48,7 @@ class Certifier:
                  device=None, encoder_error: float = 0.0, backend: str | None = None):
         if not isinstance(head, GaussianMixtureHead):
             raise TypeError(f"head must be a GaussianMixtureHead; got {type(head).__name__}")
-        head._fitted()
+        head.n_features_in_  # noqa: B018 - raises NotFittedError for an unfitted head
         if not (lipschitz == "auto" or (isinstance(lipschitz, (int, float)) and not isinstance(lipschitz, bool)
                                         and math.isfinite(lipschitz) and lipschitz > 0)):
             raise ValueError(f"lipschitz must be 'auto' or a positive finite float; got {lipschitz!r}")
@@ -60,7 +60,7 @@ class Certifier:
         self.head = head
         self.lipschitz = lipschitz
         self.batch_size = batch_size
-        self.device = _device_of(encoder, device)
+        self.device = device_of(encoder, device)
         self.encoder_error = float(encoder_error)
         self.backend = backend
         self._bounds = {}
@@ -120,7 +120,7 @@ class Certifier:
         certs, labels, n, t0 = [], [], 0, time.perf_counter()
         total = len(loader) if hasattr(loader, "__len__") else None
         for batch in tqdm(loader, total=total, disable=not progress or rank != 0, desc="certify", unit="batch"):
-            x, y = _split_batch(batch, "loader")
+            x, y = split_batch(batch, "loader")
             certs.append(self.certify(x))
             labels.append(torch.as_tensor(y).reshape(-1).cpu())
             n += x.shape[0]

@@ -10,7 +10,8 @@ from torch import nn
 from gmfast.head import GaussianMixtureHead
 
 
-def _device_of(module: nn.Module, device):
+def device_of(module: nn.Module, device=None) -> torch.device:
+    """``device`` if given, else where ``module``'s first parameter or buffer lives (CPU if none)."""
     if device is not None:
         return torch.device(device)
     for t in list(module.parameters()) + list(module.buffers()):
@@ -18,7 +19,9 @@ def _device_of(module: nn.Module, device):
     return torch.device("cpu")
 
 
-def _split_batch(batch, what: str):
+def split_batch(batch, what: str = "loader"):
+    """``(inputs, labels)`` of a loader's batch: a pair (or longer tuple/list) or a dict with
+    ``"x"`` and ``"y"``; ``what`` names the loader in the error."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, dict) and {"x", "y"} <= set(batch):
@@ -86,14 +89,14 @@ def fit_head(encoder: nn.Module, loader, covariance_type: str = "tied", *, shrin
     """
     from tqdm.auto import tqdm
 
-    dev = _device_of(encoder, device)
+    dev = device_of(encoder, device)
     head = GaussianMixtureHead(covariance_type, shrinkage=shrinkage, priors=priors, num_classes=num_classes,
                                backend=backend)
     rank, world = distributed_rank()
     total = len(loader) if hasattr(loader, "__len__") else None
     with eval_mode(encoder):
         for batch in tqdm(loader, total=total, disable=not progress or rank != 0, desc="fit_head", unit="batch"):
-            x, y = _split_batch(batch, "loader")
+            x, y = split_batch(batch, "loader")
             head.partial_fit(encode(encoder, x, dev, autocast), torch.as_tensor(y))
     if world > 1:
         if head._stats is None:
