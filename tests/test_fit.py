@@ -206,3 +206,18 @@ def test_fit_errors_name_the_problem():
         head.partial_fit(np.zeros((2, 5)), np.zeros(2, dtype=int))
     with pytest.raises(AttributeError, match="use covariances_"):
         Head("full").fit(Z, y).covariance_
+
+
+def test_shared_loader_helpers_and_unfitted_certifier():
+    """fit's public helpers (shared with the certifier) and the certifier's fittedness check."""
+    from gmfast.fit import device_of, split_batch
+
+    x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    assert split_batch((x, y)) == (x, y) and split_batch({"x": x, "y": y, "w": 1}) == (x, y)
+    with pytest.raises(TypeError, match="my_loader must yield .* got Tensor"):
+        split_batch(x, "my_loader")
+    assert device_of(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert device_of(torch.nn.ReLU()) == torch.device("cpu")  # no parameters: the CPU
+    assert device_of(torch.nn.ReLU(), "meta") == torch.device("meta")
+    with pytest.raises(gmfast.NotFittedError, match="GaussianMixtureHead is not fitted yet"):
+        gmfast.Certifier(torch.nn.Linear(2, 2), Head("tied"), lipschitz=1.0)
