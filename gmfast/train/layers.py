@@ -1,0 +1,168 @@
+"""1-Lipschitz building blocks and the JSON architecture description that rebuilds them.
+
+AOL layers (Prach & Lampert, *Almost-Orthogonal Layers for Efficient General-Purpose
+Lipschitz Networks*, ECCV 2022): a free parameter ``W`` is rescaled column by column,
+
+    W_eff = W · diag(d)^{-1/2},   d_i = Σ_j |WᵀW|_ij,
+
+and ``‖W_eff‖₂ ≤ 1`` (their Theorem 1: ``D^{-1/2} WᵀW D^{-1/2} ⪯ I`` by Gershgorin on the
+rescaled Gram matrix). For a convolution ``WᵀW`` is the operator's Gram matrix, whose row
+sums are those of the kernel's channel-by-channel autocorrelation (all shifts), so the same
+rescaling of the input channels makes the convolution 1-Lipschitz.
+
+**The certificates never rely on that theorem.** Each layer's ``forward`` computes
+``W_eff`` from its parameters and calls ``F.linear`` / ``F.conv2d`` with it; in the
+``torch.fx`` trace that :func:`gmfast.lipschitz_bound` runs, the weight computation depends
+on no input, so it is a constant node whose value is the stored effective weight, and the
+exact rules (spectral norm by SVD, per-frequency conv norm) apply to that very matrix. A
+layer that is only approximately 1-Lipschitz in floating point gets its exact constant.
+
+Also here: :class:`~gmfast.lipschitz.lipnet_rules.MaxMin`/``GroupSort`` activations (their
+rule lives in :mod:`gmfast.lipschitz.lipnet_rules`) and ``nn.PixelUnshuffle`` as the
+pooling that keeps the constant (a permutation of the entries: an isometry, factor 1).
+
+Why not a library: ``deel-torchlip`` (1.0.5) and ``orthogonium`` (0.0.4) both fit torch's
+version, but their layers constrain weights with their own ``parametrize`` parametrizations
+(Björck, spectral, orthogonal reparametrisers), which the Lipschitz tracer rightly refuses
+to trust without vetting each one, and they would become a runtime dependency for ~100
+lines of layers. Here the effective weight is visible in the trace, so no trust is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gmfast.lipschitz.lipnet_rules import GroupSort, MaxMin
+
+__all__ = ["AOLConv2d", "AOLLinear", "GroupSort", "MaxMin", "build_encoder", "check_architecture"]
+
+#: Floor of the AOL row sums: keeps the rescaling finite for an all-zero column (that
+#: column then maps to 0, still within the bound).
+_EPS = 1e-12
+
+
+class AOLLinear(nn.Module):
+    """``y = W_eff x + b`` with ``W_eff = W diag(Σ_j |WᵀW|_ij)^{-1/2}`` (``‖W_eff‖₂ ≤ 1``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.orthogonal_(self.weight)
+
+    def effective_weight(self) -> torch.Tensor:
+        W = self.weight
+        d = (W.t() @ W).abs().sum(dim=1)
+        return W * torch.rsqrt(d.clamp_min(_EPS))[None, :]
+
+    def forward(self, x):
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, bias={self.bias is not None}"
+
+
+class AOLConv2d(nn.Module):
+    """Stride-1 'same' convolution with AOL-rescaled input channels (``‖conv‖₂ ≤ 1``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd ('same' padding); got {kernel_size}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        # a centred orthogonal map: the layer starts as a 1x1 orthogonal convolution
+        w = torch.empty(out_channels, in_channels)
+        nn.init.orthogonal_(w)
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, :, kernel_size // 2, kernel_size // 2] = w
+            self.weight.add_(0.01 * torch.randn_like(self.weight))
+
+    def effective_weight(self) -> torch.Tensor:
+        k = self.kernel_size
+        Wt = self.weight.transpose(0, 1)  # (c_in, c_out, k, k)
+        # channel-by-channel autocorrelation over every shift: the rows of the Gram operator
+        gram = F.conv2d(Wt, Wt, padding=k - 1)  # (c_in, c_in, 2k-1, 2k-1)
+        d = gram.abs().sum(dim=(1, 2, 3))
+        return self.weight * torch.rsqrt(d.clamp_min(_EPS))[None, :, None, None]
+
+    def forward(self, x):
+        return F.conv2d(x, self.effective_weight(), self.bias, padding=self.kernel_size // 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, bias={self.bias is not None}"
+
+
+# ----------------------------------------------------------------------------- architecture
+
+_LAYERS = {
+    "aol_linear": (AOLLinear, ("in", "out")),
+    "aol_conv2d": (AOLConv2d, ("in", "out", "k")),
+    "maxmin": (MaxMin, ()),
+    "groupsort": (GroupSort, ("group",)),
+    "flatten": (nn.Flatten, ()),
+    "pixel_unshuffle": (nn.PixelUnshuffle, ("factor",)),
+}
+
+
+def check_architecture(spec) -> list:
+    """Validate a JSON architecture (a list of ``{"type": ..., <int fields>}``); returns it."""
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"an architecture is a non-empty list of layers; got {type(spec).__name__}")
+    for i, layer in enumerate(spec):
+        if not isinstance(layer, dict) or layer.get("type") not in _LAYERS:
+            raise ValueError(f"layer {i}: expected a dict with 'type' in {sorted(_LAYERS)}; got {layer!r}")
+        fields = _LAYERS[layer["type"]][1]
+        if set(layer) != {"type", *fields}:
+            raise ValueError(f"layer {i} ({layer['type']}): expected fields {sorted(fields)}; got "
+                             f"{sorted(set(layer) - {'type'})}")
+        for f in fields:
+            v = layer[f]
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                raise ValueError(f"layer {i} ({layer['type']}): {f!r} must be a positive int; got {v!r}")
+    return spec
+
+
+def build_encoder(spec) -> nn.Sequential:
+    """The ``nn.Sequential`` an architecture describes (freshly initialised)."""
+    layers = []
+    for layer in check_architecture(spec):
+        cls, fields = _LAYERS[layer["type"]]
+        layers.append(cls(*(layer[f] for f in fields)))
+    return nn.Sequential(*layers)
+
+
+def mlp_architecture(in_features: int, widths, latent: int) -> list:
+    """Flatten, then AOL linear layers with MaxMin between them, ending in ``latent``."""
+    spec, prev = [{"type": "flatten"}], in_features
+    for w in widths:
+        spec += [{"type": "aol_linear", "in": prev, "out": w}, {"type": "maxmin"}]
+        prev = w
+    return spec + [{"type": "aol_linear", "in": prev, "out": latent}]
+
+
+def conv_architecture(in_channels: int, size: int, channels, latent: int, width: int) -> list:
+    """AOL convolutions + MaxMin, each stage followed by a 2x PixelUnshuffle (an isometric
+    downsampling), then AOL linear layers: a small LipConvNet-style encoder."""
+    spec, c, s = [], in_channels, size
+    for ch in channels:
+        spec += [{"type": "aol_conv2d", "in": c, "out": ch, "k": 3}, {"type": "maxmin"},
+                 {"type": "pixel_unshuffle", "factor": 2}]
+        c, s = 4 * ch, s // 2
+    spec.append({"type": "flatten"})
+    return spec + mlp_architecture(c * s * s, [width], latent)[1:]
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _isqrt(n: int) -> int:
+    return int(math.isqrt(n))

@@ -1,0 +1,243 @@
+"""gmfast.train: 1-Lipschitz blocks, the GroupSort rule, the normalised-margin loss against the
+head's exact radius, save/load, the ``gmfast train`` contract, and PGD against trained models."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gmfast
+from gmfast.lipschitz import lipschitz_bound
+from gmfast.train import (AOLConv2d, AOLLinear, GroupSort, MaxMin, TiedPrototypeHead, build_encoder, load,
+                          normalised_margins, recipe, save, train)
+from gmfast.train.attack import pgd_flips
+from gmfast.train.layers import conv_architecture, mlp_architecture
+from gmfast.train.loss import margin_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _power_iteration(f, x, n_iter=200, seed=0):
+    """Largest ‖J v‖ for a linear map f (float64), from ``x``'s shape: a lower bound on ‖f‖₂."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    for _ in range(n_iter):
+        v = v / v.norm()
+        v.requires_grad_(True)
+        out = f(v)
+        (w,) = torch.autograd.grad(out, v, out)  # JᵀJ v
+        v = w.detach()
+    v = v / v.norm()
+    with torch.no_grad():
+        return f(v).norm().item()
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (64, 64), (33, 100)])
+def test_aol_linear_is_1_lipschitz(shape):
+    torch.manual_seed(1)
+    layer = AOLLinear(shape[1], shape[0]).eval()
+    with torch.no_grad():
+        layer.weight.normal_()  # an arbitrary weight, not the orthogonal initialisation
+    b = lipschitz_bound(layer, (shape[1],), cache=False)
+    W = layer.effective_weight().detach().double()
+    exact = torch.linalg.matrix_norm(W, ord=2).item()
+    attack = _power_iteration(lambda v: v @ W.t(), torch.zeros(1, shape[1]))
+    assert attack <= exact * (1 + 1e-9)
+    assert exact <= b.bound <= 1 + 1e-5, (exact, b.bound)
+    assert b.bound <= exact * (1 + 1e-6)  # the rule reads the effective weight itself
+
+
+@pytest.mark.parametrize("cin,cout,k,size", [(1, 4, 3, 8), (3, 5, 3, 6), (4, 4, 5, 7)])
+def test_aol_conv_is_1_lipschitz(cin, cout, k, size):
+    torch.manual_seed(2)
+    layer = AOLConv2d(cin, cout, k).eval()
+    with torch.no_grad():
+        layer.weight.normal_()
+    b = lipschitz_bound(layer, (cin, size, size), cache=False, conv_method="dense")
+    W = layer.effective_weight().detach().double()
+    attack = _power_iteration(lambda v: torch.nn.functional.conv2d(v, W, padding=k // 2),
+                              torch.zeros(1, cin, size, size))
+    assert attack <= b.bound <= 1 + 1e-5, (attack, b.bound)
+    assert b.bound <= attack * 1.01  # "dense" is the exact operator norm
+
+
+def test_encoders_are_1_lipschitz_and_bounds_are_sound():
+    torch.manual_seed(3)
+    for spec, shape in [(mlp_architecture(64, [32, 32], 8), (1, 8, 8)), (conv_architecture(1, 8, [4, 8], 6, 16),
+                                                                      (1, 8, 8))]:
+        enc = build_encoder(spec).eval()
+        b = lipschitz_bound(enc, shape, cache=False)
+        assert b.estimate <= b.bound <= 1 + 1e-5
+        x = torch.rand((200,) + shape)
+        y = x + 0.1 * torch.randn_like(x)
+        with torch.no_grad():
+            q = (enc(x) - enc(y)).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+        assert q.max().item() <= b.bound * (1 + 1e-5)
+
+
+# ----------------------------------------------------------------------------- GroupSort
+
+
+@pytest.mark.parametrize("group", [2, 3, 4])
+def test_groupsort_rule_is_sound_and_tight(group):
+    mod = GroupSort(group).eval()
+    b = lipschitz_bound(mod, (12, 5), cache=False)
+    assert b.bound == 1.0 or b.bound <= 1 + 1e-12
+    g = torch.Generator().manual_seed(group)
+    a = torch.randn(4000, 12, 5, generator=g, dtype=torch.float64)
+    # near-ties are where sorting swaps entries: include tiny and large perturbations
+    scale = torch.logspace(-8, 1, 4000, dtype=torch.float64)[:, None, None]
+    c = a + scale * torch.randn(a.shape, generator=g, dtype=torch.float64)
+    q = (mod(a) - mod(c)).flatten(1).norm(dim=1) / (a - c).flatten(1).norm(dim=1)
+    assert q.max().item() <= b.bound
+    assert q.max().item() > 0.999  # attained: a small order-keeping perturbation passes unchanged
+    out = mod(a)
+    assert torch.equal(out.reshape(4000, 12 // group, group, 5).sort(2, descending=True).values.reshape(out.shape),
+                       out)
+    assert torch.allclose(out.flatten(1).norm(dim=1), a.flatten(1).norm(dim=1))
+
+
+def test_maxmin_values_and_errors():
+    x = torch.tensor([[1.0, 3.0, -2.0, -5.0]])
+    assert torch.equal(MaxMin()(x), torch.tensor([[3.0, 1.0, -2.0, -5.0]]))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        MaxMin()(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="group_size"):
+        GroupSort(1)
+
+
+def test_groupsort_subclass_overriding_forward_is_refused():
+    class Bad(GroupSort):
+        def forward(self, x):
+            return 3 * x
+
+    with pytest.raises(gmfast.lipschitz.UnsupportedOpError, match="overrides GroupSort.forward"):
+        lipschitz_bound(Bad(2).eval(), (4,), cache=False)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@pytest.mark.parametrize("covariance", ["isotropic", "learned"])
+def test_normalised_margin_is_the_heads_exact_radius(covariance):
+    g = torch.Generator().manual_seed(4)
+    K, d = 6, 5
+    proto = TiedPrototypeHead(d, K, covariance, scale=3.0, generator=g).double()
+    if covariance == "learned":
+        with torch.no_grad():
+            proto.factor.add_(0.3 * torch.randn(d, d, generator=g, dtype=torch.float64))
+    P = proto.precision()
+    cov = torch.eye(d, dtype=torch.float64) if P is None else torch.linalg.inv(P.detach())
+    head = gmfast.GaussianMixtureHead.from_params(proto.means.detach(), 0.5 * (cov + cov.T),
+                                                  torch.full((K,), 1.0 / K, dtype=torch.float64))
+    Z = 2 * torch.randn(300, d, generator=g, dtype=torch.float64)
+    cert = head.certify(Z)
+    A, beta = proto.linear()
+    r = normalised_margins(Z, cert.prediction, A.detach(), beta.detach()).amin(1)
+    ok = cert.radius > 1e-6
+    assert ok.sum() > 200
+    np.testing.assert_allclose(r[ok].numpy(), cert.radius[ok].double().numpy(), rtol=1e-6)
+    # against the other label the margin is negative
+    wrong = (cert.prediction + 1) % K
+    assert (normalised_margins(Z, wrong, A.detach(), beta.detach()).amin(1) <= 1e-12).all()
+
+
+def test_margin_loss_is_a_smooth_hinge():
+    r = torch.tensor([[math.inf, 0.3, 2.0], [5.0, math.inf, 4.0]], dtype=torch.float64)
+    target, t = 1.0, 50.0
+    hinge = torch.relu(target - r.amin(1)).mean()
+    assert abs(margin_loss(r, target, t).item() - hinge.item()) < math.log(3) / t
+    assert margin_loss(r, target, 1.0).item() > 0
+
+
+# ----------------------------------------------------------------------------- train, save, load
+
+
+def _tiny(epochs=3, **kw):
+    from gmfast.train.data import load_split
+
+    Xtr, ytr, Xte, yte = load_split("digits")
+    r = recipe("digits", architecture=mlp_architecture(64, [64], 16), latent=16, epochs=epochs, **kw)
+    enc, _, hist = train(r, Xtr, ytr, progress=False)
+    head = gmfast.train.fit_tied_head(enc, Xtr, ytr, r.shrinkage)
+    return r, enc, head, Xte, yte, hist
+
+
+def test_train_save_load_round_trip(tmp_path):
+    r, enc, head, Xte, yte, hist = _tiny()
+    assert len(hist["loss"]) == 3 and hist["loss"][-1] < hist["loss"][0]
+    save(tmp_path, enc, head, r)
+    enc2, head2 = load(tmp_path)
+    c1 = gmfast.Certifier(enc, head).certify(Xte)
+    c2 = gmfast.Certifier(enc2, head2).certify(Xte)
+    assert torch.equal(c1.prediction, c2.prediction)
+    assert torch.equal(c1.radius, c2.radius)
+    assert (c1.prediction == yte).float().mean() > 0.8
+
+
+def test_load_refuses_a_foreign_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        load(tmp_path)
+    (tmp_path / "encoder.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="gmfast-encoder"):
+        load(tmp_path)
+
+
+def test_architecture_validation():
+    with pytest.raises(ValueError, match="type"):
+        build_encoder([{"type": "relu"}])
+    with pytest.raises(ValueError, match="fields"):
+        build_encoder([{"type": "aol_linear", "in": 3}])
+
+
+def test_time_budget_cuts_epochs():
+    from gmfast.train.data import load_split
+
+    Xtr, ytr, _, _ = load_split("digits")
+    r = recipe("digits", architecture=mlp_architecture(64, [32], 8), latent=8, epochs=10_000)
+    _, _, hist = train(r, Xtr, ytr, progress=False, time_budget=0.5)
+    assert hist["epochs"] < 100
+
+
+def test_cli_contract(tmp_path):
+    from gmfast.cli import main
+    from gmfast.tsv import read_certification_tsv
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--out", str(out), "--epochs", "2", "--time-budget", "5",
+                 "--no-progress"]) == 0
+    for f in ("encoder.safetensors", "encoder.json", "head.safetensors", "certificates.tsv",
+              "checkpoint.safetensors"):
+        assert (out / f).is_file(), f
+    rows = read_certification_tsv(out / "certificates.tsv")
+    assert len(rows["idx"]) == 450
+    enc, head = load(out)
+    from gmfast.train.data import load_split
+
+    Xte, yte = load_split("digits")[2:]
+    cert = gmfast.Certifier(enc, head).certify(Xte)
+    np.testing.assert_array_equal(np.asarray(rows["predict"]), cert.prediction.numpy())
+    np.testing.assert_array_equal(np.asarray(rows["radius"]), cert.radius.numpy())
+    assert main(["train", "--data", "cifar", "--out", str(out)]) == 2
+
+
+def test_pgd_never_flips_inside_certified_radius():
+    _, enc, head, Xte, yte, _ = _tiny(epochs=4)
+    cert = gmfast.Certifier(enc, head).certify(Xte)
+    ok = cert.radius > 0
+    assert ok.sum() > 100
+    flips = pgd_flips(enc, head, Xte, cert.prediction, cert.radius, steps=20, restarts=2)
+    assert int(flips.sum()) == 0
+    # the attack is real: at 4x the certified radius it flips some inputs
+    far = pgd_flips(enc, head, Xte, cert.prediction, 4 * cert.radius, steps=20, restarts=1)
+    assert int(far.sum()) > 0
