@@ -219,3 +219,77 @@ def validated_params(tensors: dict, kind: str, expected: tuple | None = None) ->
     params = dict(tensors)
     params["n_features"] = d
     return params
+
+
+# Module types whose forward reads ``self.training`` (checked once per class, below); listed
+# so the common ones need no source inspection and stay recognised if torch rewrites them.
+_MODE_DEPENDENT_TYPES = (
+    torch.nn.modules.batchnorm._BatchNorm,  # batch statistics and running-stat updates
+    torch.nn.modules.instancenorm._InstanceNorm,  # running statistics, when tracked
+    torch.nn.modules.dropout._DropoutNd,  # Dropout*, AlphaDropout, FeatureAlphaDropout
+    torch.nn.RReLU,  # random slopes
+    torch.nn.MultiheadAttention,  # attention dropout
+)
+_SOURCE_CACHE: dict = {}
+
+
+def _forward_reads_training(cls) -> bool:
+    import inspect
+
+    if cls not in _SOURCE_CACHE:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _SOURCE_CACHE[cls] = "self.training" in src or ".training" in src
+    return _SOURCE_CACHE[cls]
+
+
+def _has_no_effect(m: torch.nn.Module) -> bool:
+    """Mode-dependent in principle, identical in both modes with these settings."""
+    if isinstance(m, torch.nn.modules.dropout._DropoutNd) or isinstance(m, torch.nn.MultiheadAttention):
+        return float(getattr(m, "p", getattr(m, "dropout", 1.0))) == 0.0
+    if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
+        return not m.track_running_stats  # uses the input's statistics in both modes
+    return False
+
+
+def mode_dependent_modules(module: torch.nn.Module) -> list:
+    """Submodules whose output depends on ``training`` (train vs eval mode).
+
+    A module is mode-dependent when its forward (or a hook/parametrisation it runs) reads
+    ``self.training``: BatchNorm (batch statistics, running-stat updates), Dropout and its
+    variants with ``p > 0``, RReLU (random slopes), MultiheadAttention with dropout, RNNs
+    with inter-layer dropout, spectral normalisation (a power-iteration step per call in
+    training), and any user module whose ``forward`` reads ``.training`` (found from its
+    source). InstanceNorm without running statistics and dropout with ``p = 0`` are
+    identical in both modes and are not listed; neither are Linear, Conv, ReLU and the other
+    stateless layers, whatever their ``training`` flag says.
+
+    Certificates (randomized smoothing, Lipschitz bounds) need a fixed function: refuse a
+    module when any of these is in training mode, and only then.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+
+    Returns
+    -------
+    list of (name, submodule)
+        In ``named_modules`` order (``""`` is ``module`` itself); whatever their current mode.
+    """
+    out = []
+    for name, m in module.named_modules():
+        if _has_no_effect(m):
+            continue
+        dependent = isinstance(m, _MODE_DEPENDENT_TYPES)
+        if not dependent and isinstance(m, torch.nn.RNNBase):
+            dependent = float(m.dropout) > 0 and m.num_layers > 1
+        elif not dependent and not isinstance(m, torch.nn.RNNBase):
+            dependent = _forward_reads_training(type(m))
+        if not dependent:
+            # the legacy torch.nn.utils.spectral_norm runs its power iteration in a pre-hook
+            dependent = any(type(h).__name__ == "SpectralNorm" for h in m._forward_pre_hooks.values())
+        if dependent:
+            out.append((name, m))
+    return out

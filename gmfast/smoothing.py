@@ -268,8 +268,10 @@ class Smooth:
         ``GaussianMixtureHead``) is used through it, so no probabilities are materialised.
         ``(encoder, head)`` means ``head.predict(encoder(x))`` (or the argmax of
         ``head(encoder(x))`` when the head has no ``predict``). Any ``torch.nn.Module``
-        involved must be in eval mode: BatchNorm or Dropout in training mode change ``f``
-        between calls, and the certificate would mean nothing.
+        involved must not have a mode-dependent submodule in training mode (BatchNorm,
+        Dropout, RReLU, spectral normalisation, ...: see
+        :func:`gmfast._validate.mode_dependent_modules`): those change ``f`` between calls,
+        and the certificate would mean nothing. Stateless layers are accepted in either mode.
     num_classes : int
         ``K ≥ 2``.
     sigma : float
@@ -356,7 +358,8 @@ class Smooth:
             ``(c_A, σ Φ⁻¹(p_A))`` or ``(-1, 0.0)``.
         """
         x = _as_input(x, "x")
-        pred, radius = self.certify_batch(x.unsqueeze(0), n0, n, alpha, batch_size)
+        with _one_input(x, "certify"):
+            pred, radius = self.certify_batch(x.unsqueeze(0), n0, n, alpha, batch_size)
         return int(pred[0]), float(radius[0])
 
     def predict(self, x, n, alpha, batch_size):
@@ -379,7 +382,8 @@ class Smooth:
         int
         """
         x = _as_input(x, "x")
-        return int(self.predict_batch(x.unsqueeze(0), n, alpha, batch_size)[0])
+        with _one_input(x, "predict"):
+            return int(self.predict_batch(x.unsqueeze(0), n, alpha, batch_size)[0])
 
     def predict_batch(self, X, n, alpha, batch_size):
         """:meth:`predict` for each row of ``X`` (B, *input_shape); LongTensor (B,)."""
@@ -556,15 +560,24 @@ class Smooth:
         )
 
     def _check_eval(self):
+        """Refuse a base whose function changes with the training flag while it is set.
+
+        Only modules whose forward depends on the mode count
+        (:func:`gmfast._validate.mode_dependent_modules`: BatchNorm, Dropout, RReLU,
+        spectral normalisation, ...); a plain ``nn.Linear`` left in train mode computes the
+        same function as in eval mode and is accepted.
+        """
+        from gmfast._validate import mode_dependent_modules
+
         for part in (self._encoder, self._head):
             if isinstance(part, torch.nn.Module):
-                for name, module in part.named_modules():
+                for name, module in mode_dependent_modules(part):
                     if module.training:
-                        where = f" (submodule {name!r})" if name else ""
+                        where = f" (submodule {name!r}, {type(module).__name__})" if name else ""
                         raise ValueError(
                             f"{type(part).__name__} is in training mode{where}; call "
-                            f".eval() first: BatchNorm/Dropout in training mode make the "
-                            f"base classifier random and the certificate meaningless"
+                            f".eval() first: {type(module).__name__} in training mode makes the "
+                            f"base classifier change between calls and the certificate meaningless"
                         )
 
     def _noise_generator(self, device):
@@ -689,6 +702,29 @@ class Smooth:
 # ---------------------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------------------
+
+
+class _one_input:
+    """Context for ``certify``/``predict``: ``x`` is sent to the base as a batch of one. A
+    multi-dimensional ``x`` the base rejects is most likely a batch passed by mistake; say
+    so, and point at the batched method, instead of the base's shape error."""
+
+    def __init__(self, x, method):
+        self.x, self.method = x, method
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or self.x.dim() < 2 or not isinstance(exc, (ValueError, RuntimeError)):
+            return False
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{self.method} takes one input without a batch dimension (Cohen et al.'s "
+            f"{self.method.upper()}); the base rejected x of shape {tuple(self.x.shape)} as a single input "
+            f"({type(exc).__name__}: {first}). For a batch (B, *input_shape) call "
+            f"{self.method}_batch(X, ...)"
+        ) from exc
 
 
 def _as_input(x, name, batched=False):

@@ -411,6 +411,47 @@ def test_train_mode_module_is_rejected():
         Smooth((encoder, PredictOnly(np.eye(3))), 3, 0.5)
 
 
+def test_train_mode_is_refused_only_where_it_changes_the_function():
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from gmfast._validate import mode_dependent_modules
+
+    # a plain Linear/ReLU stack computes the same function in both modes: accepted
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Dropout(0.0)).train()
+    assert mode_dependent_modules(net) == []
+    x = torch.randn(3)
+    a = Smooth(net, 3, 0.5, seed=0).certify(x, 10, 200, 0.01, 100)
+    b = Smooth(net.eval(), 3, 0.5, seed=0).certify(x, 10, 200, 0.01, 100)
+    assert a == b
+    # everything whose forward reads `training` is refused in train mode, and named
+    class Custom(torch.nn.Module):
+        def forward(self, z):
+            return z * 2 if self.training else z
+
+    for mod in (torch.nn.Dropout(0.1), torch.nn.BatchNorm1d(3), torch.nn.RReLU(), spectral_norm(torch.nn.Linear(3, 3)),
+                torch.nn.utils.spectral_norm(torch.nn.Linear(3, 3)), Custom()):
+        net = torch.nn.Sequential(torch.nn.Linear(3, 3), mod).train()
+        names = [n for n, _ in mode_dependent_modules(net)]
+        assert names and names[0].startswith("1"), (mod, names)
+        with pytest.raises(ValueError, match=r"training mode \(submodule '1"):
+            Smooth(net, 3, 0.5)
+        Smooth(net.eval(), 3, 0.5)  # accepted in eval mode
+    # instance norm without running statistics uses the input's statistics in both modes
+    assert mode_dependent_modules(torch.nn.InstanceNorm1d(3)) == []
+    assert mode_dependent_modules(torch.nn.InstanceNorm1d(3, track_running_stats=True)) != []
+
+
+def test_certify_given_a_batch_says_to_use_certify_batch():
+    smooth = Smooth(torch.nn.Linear(4, 3).eval(), 3, 0.5, seed=0)
+    X = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"one input without a batch dimension.*certify_batch"):
+        smooth.certify(X, 10, 100, 0.01, 50)
+    with pytest.raises(ValueError, match=r"predict_batch"):
+        smooth.predict(X, 100, 0.01, 50)
+    pred, radius = smooth.certify(X[0], 10, 100, 0.01, 50)  # a single input works
+    assert isinstance(pred, int) and isinstance(radius, float)
+
+
 def test_nan_outputs_abstain():
     """NaN logits on every sample, or on a few, make that input abstain; others certify."""
 
