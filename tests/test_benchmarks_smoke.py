@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 def test_run_py_smoke(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
@@ -21,6 +24,7 @@ def test_run_py_smoke(tmp_path):
     assert "x floor" in proc.stdout
 
 
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 def test_pytest_benchmark_suite_smoke():
     env = dict(os.environ, GMFAST_BENCH_SMOKE="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "test_bench.py"), "-q",

@@ -88,6 +88,7 @@ int main() {
 """
 
 
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 def test_cuda_sources_compile_and_link(tmp_path):
     """nvcc -c every .cu for sm_80, link an executable against all entry points and the
     pybind11 module, run the executable and import the module: all without a GPU."""
@@ -306,6 +307,7 @@ def _assert_close(pa, ra, pb, rb, gap, what):
     assert not bad.any(), f"{what}: radii differ at rows {bad.nonzero()[:5].tolist()}: {ra[bad][:3]} vs {rb[bad][:3]}"
 
 
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_emulated_cuda_tied_equals_reference(cuda_on_cpu, dtype):
     # skinny (K <= 32) and wide GEMM tiles, several row and column tiles, several chunks
@@ -327,6 +329,7 @@ def test_emulated_cuda_tied_equals_reference(cuda_on_cpu, dtype):
             assert rp is None and torch.equal(pp, pb)
 
 
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["full", "diag", "spherical"])
 def test_emulated_cuda_perclass_equals_reference(cuda_on_cpu, kind, dtype):

@@ -3,7 +3,10 @@
 import shutil
 import subprocess
 
+import pytest
 
+
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 def test_demo_quick(tmp_path):
     exe = shutil.which("gmfast")
     assert exe is not None, "the gmfast console script is not installed"

@@ -24,6 +24,7 @@ def _tool(name):
     return path
 
 
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 def test_kernels_clean_under_asan_ubsan(tmp_path):
     cmake = _tool("cmake")
     cxx = _tool("g++")

@@ -467,6 +467,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 def test_kernels_compile_for_sm90():
     """Every kernel (the GPU tile shapes, fp-sound variants) compiles to an sm_90 cubin with
     Triton's own toolchain: catches what the interpreter accepts but the compiler does not."""
