@@ -29,6 +29,7 @@ import torch
 
 from gmfast._fp import (U64, TiedErrorModel, gamma, norm_upper, perclass_constant_map, slack_down, slack_up,
                         tied_constants, underflow_unit, unit_roundoff)
+from gmfast._validate import check_positive_definite
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -321,27 +322,6 @@ def _shrink(S: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return (1 - lam)[..., None, None] * S + (lam * mu)[..., None, None] * eye
 
 
-def _check_positive_definite(S: torch.Tensor, what: str) -> None:
-    """Raise if a (batch of) covariance is singular or numerically so.
-
-    Cholesky can succeed on a rank-deficient matrix whose null space is filled with
-    rounding noise; the inverse is then meaningless. The eigenvalue ratio test below
-    treats anything within ``64·d·u₆₄`` of singular as singular.
-    """
-    Sb = S.reshape(-1, S.shape[-1], S.shape[-1])
-    ev = torch.linalg.eigvalsh(Sb)
-    d = S.shape[-1]
-    bad = ~(ev[:, 0] > 64 * d * U64 * ev[:, -1].clamp_min(0)) | ~torch.isfinite(ev).all(1) | (ev[:, -1] <= 0)
-    if bool(bad.any()):
-        which = int(bad.nonzero()[0, 0])
-        where = what if Sb.shape[0] == 1 else f"{what} of class {which}"
-        raise ValueError(
-            f"the {where} is singular or too ill-conditioned to invert "
-            f"(eigenvalues {float(ev[which, 0]):.3g} .. {float(ev[which, -1]):.3g}); "
-            "use shrinkage > 0 or shrinkage='ledoit-wolf'"
-        )
-
-
 def finalize_params(stats: SufficientStats, covariance_type: str, shrinkage, priors: str,
                     num_classes: int | None = None) -> dict:
     """Turn statistics into fitted float64 CPU parameters.
@@ -389,14 +369,14 @@ def finalize_params(stats: SufficientStats, covariance_type: str, shrinkage, pri
         else:
             lam = torch.tensor(float(shrinkage), dtype=torch.float64)
         cov = _shrink(scatter / n, lam)
-        _check_positive_definite(cov, "tied covariance")
+        check_positive_definite(cov, "tied covariance")
     elif covariance_type == "full":
         if lw:
             lam = ledoit_wolf_intensity(scatter, cpu(stats.s4), count)
         else:
             lam = torch.full((K,), float(shrinkage), dtype=torch.float64)
         cov = _shrink(scatter / count[:, None, None], lam)
-        _check_positive_definite(cov, "covariance")
+        check_positive_definite(cov, "covariance")
     else:
         var = scatter / count[:, None]
         lam = torch.full((K,), float(shrinkage), dtype=torch.float64)
