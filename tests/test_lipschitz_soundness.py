@@ -218,3 +218,128 @@ def test_only_mode_dependent_modules_are_refused_in_train_mode():
         (m[1].parametrizations.weight[0] if name == "_SpectralNorm" else m[1]).train()
         with pytest.raises(ValueError, match=rf"\({name}\) is in train mode; call \.eval\(\)"):
             lipschitz_bound(m, (3,))
+
+
+# ----------------------------------------------------------------------------- 13.3: arguments
+
+
+class _Fn(nn.Module):
+    """``Linear(3, 3)`` then ``fn`` (a functional form with its arguments)."""
+
+    def __init__(self, fn, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = nn.Linear(3, 3).to(dtype)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.lin(x))
+
+
+# (module or function, expected factor or None for a refusal, pattern of the refusal)
+ACTIVATIONS = [
+    (nn.Softplus(threshold=0.0), None, "jump of log"),
+    (nn.Softplus(beta=0.5, threshold=2.0), None, "jump of log"),
+    (nn.Softplus(beta=-2.0, threshold=0.0), None, "jump of log"),
+    (nn.Softplus(beta=3.0), 1.0, ""),  # the default threshold: jump 7e-10, below float32 rounding
+    (nn.Softplus(beta=-2.0, threshold=30.0), 1.0, ""),
+    (nn.Threshold(0.5, 0.0), None, "jump of 0.5"),
+    (nn.Threshold(-1.0, -1.0), 1.0, ""),
+    (nn.LeakyReLU(3.0), 3.0, ""),
+    (nn.LeakyReLU(-1.5), 1.5, ""),
+    (nn.ELU(alpha=-2.0), 2.0, ""),
+    (nn.ELU(alpha=0.3), 1.0, ""),
+    (nn.CELU(alpha=-1.0), None, "alpha must be > 0"),
+    (nn.CELU(alpha=0.2), 1.0, ""),
+    (nn.RReLU(0.1, 3.0), 1.55, ""),  # eval: the mean slope
+    (nn.Hardtanh(-0.5, 2.0), 1.0, ""),
+    (nn.Softshrink(0.0), 1.0, ""),
+    (nn.GELU(approximate="tanh"), 1.13, ""),
+    (lambda t: F.softplus(t, 1.0, 0.0), None, "jump of log"),
+    (lambda t: F.softplus(t, threshold=0.0), None, "jump of log"),
+    (lambda t: F.softplus(t, beta=2.0), 1.0, ""),
+    (lambda t: F.leaky_relu(t, 3.0), 3.0, ""),
+    (lambda t: F.leaky_relu(t, negative_slope=-4.0), 4.0, ""),
+    (lambda t: F.elu(t, alpha=-2.0), 2.0, ""),
+    (lambda t: F.elu(t, 2.5), 2.5, ""),
+    (lambda t: F.celu(t, -1.0), None, "alpha must be > 0"),
+    (lambda t: torch.celu(t, alpha=0.5), 1.0, ""),
+    (lambda t: F.threshold(t, 0.1, 2.0), None, "jump of 1.9"),
+    (lambda t: F.threshold(t, threshold=0.1, value=0.1), 1.0, ""),
+    (lambda t: torch.threshold(t, 0.0, 1.0), None, "jump of 1"),
+    (lambda t: F.rrelu(t, 0.5, 2.5), 1.5, ""),
+    (lambda t: F.rrelu(t, 0.5, 2.5, True), None, "training=True"),
+    (lambda t: F.hardtanh(t, -2.0, 3.0), 1.0, ""),
+    (lambda t: F.gelu(t, approximate="tanh"), 1.13, ""),
+    (lambda t: F.softshrink(t, 0.25), 1.0, ""),
+]
+
+
+@pytest.mark.parametrize("act,want,pattern", ACTIVATIONS, ids=[str(i) for i in range(len(ACTIVATIONS))])
+def test_activation_rules_read_their_arguments(act, want, pattern):
+    m = _Fn(act).eval()
+    Wn = spec(m.lin.weight)
+    if want is None:
+        with pytest.raises(UnsupportedOpError, match=pattern):
+            lipschitz_bound(m, (3,), estimate=False, cache=False)
+        return
+    b = sound_or_refused(m, (3,))
+    assert b == pytest.approx(want * Wn, rel=1e-6)
+
+
+def test_a_discontinuous_softplus_breaks_a_factor_of_one():
+    # the hole itself: with threshold=0 the quotient across the switch is ~log(2)/|x − y|
+    m = nn.Sequential(nn.Softplus(threshold=0.0)).double()
+    assert observed_ratio(m, (2,), ascent_steps=0) > 100
+
+
+def test_softplus_switch_against_the_rounding_of_the_working_dtype():
+    # default threshold 20: the jump 2.1e-9 is below float32 rounding at 20, above float64's
+    assert lipschitz_bound(_Fn(nn.Softplus()).eval(), (3,), estimate=False).bound > 0
+    with pytest.raises(UnsupportedOpError, match="rounding of torch.float64"):
+        lipschitz_bound(_Fn(nn.Softplus(), torch.float64).eval(), (3,), estimate=False)
+    assert lipschitz_bound(_Fn(nn.Softplus(threshold=40.0), torch.float64).eval(), (3,), estimate=False).bound > 0
+
+
+def test_positional_inplace_activation_seen_by_another_node_is_refused():
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            y = self.lin(x)
+            z = y.view(-1, 3)
+            F.leaky_relu(y, 5.0, True)  # in place (positional; fx records it as a keyword): z sees it
+            return z
+
+    with pytest.raises(UnsupportedOpError, match="in-place"):
+        lipschitz_bound(Aliased().eval(), (3,))
+
+
+CASTS = [
+    (lambda t: t.half().float(), torch.float32, "casts torch.float32 to torch.float16"),
+    (lambda t: t.bfloat16().float(), torch.float32, "to torch.bfloat16"),
+    (lambda t: t.to(torch.float16).float(), torch.float32, "to torch.float16"),
+    (lambda t: t.to(dtype=torch.float16).float(), torch.float32, "to torch.float16"),
+    (lambda t: t.to(t.device, torch.bfloat16).float(), torch.float32, "to torch.bfloat16"),
+    (lambda t: t.type(torch.float16).float(), torch.float32, "to torch.float16"),
+    (lambda t: t.type_as(torch.zeros(1, dtype=torch.float16)).float(), torch.float32, "to torch.float16"),
+    (lambda t: t.float().double(), torch.float64, "casts torch.float64 to torch.float32"),
+    (lambda t: t.to(torch.float32).to(torch.float64), torch.float64, "to torch.float32"),
+    (lambda t: t.view(torch.int32).float(), torch.float32, r"view\(dtype\)"),
+    (lambda t: t.view(dtype=torch.int32).float(), torch.float32, r"view\(dtype\)"),
+]
+
+
+@pytest.mark.parametrize("fn,dtype,pattern", CASTS, ids=[str(i) for i in range(len(CASTS))])
+def test_narrowing_casts_are_refused(fn, dtype, pattern):
+    with pytest.raises(UnsupportedOpError, match=pattern):
+        lipschitz_bound(_Fn(fn, dtype).eval(), (3,), estimate=False, cache=False)
+
+
+def test_widening_and_same_type_casts_are_the_identity():
+    m = _Fn(lambda t: t.float().to(torch.float32).type(torch.float32).contiguous()).eval()
+    assert sound_or_refused(m, (3,)) == pytest.approx(spec(m.lin.weight), rel=1e-9)
+    up = _Fn(lambda t: t.double() * 2.0).eval()  # float32 -> float64 is exact
+    assert sound_or_refused(up, (3,)) == pytest.approx(2 * spec(up.lin.weight), rel=1e-9)

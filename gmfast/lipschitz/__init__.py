@@ -26,16 +26,20 @@ Per-op factors (each an upper bound that includes its own float64 rounding):
   replaces the per-frequency SVDs by Gram iteration (Delattre, Barthélemy, Araujo &
   Allauzen, ICML 2023); ``"dense"`` takes the SVD of the dense operator (exact, small inputs).
 * BatchNorm in eval: ``max |γ/√(running_var + ε)|``.
-* Activations: ReLU, ReLU6, Tanh, Hardtanh, Softplus, Softsign, Softshrink, Tanhshrink,
-  LogSigmoid, CELU: 1; LeakyReLU: ``max(1, |slope|)``; ELU: ``max(1, |α|)``; PReLU:
-  ``max(1, max|a|)``; Sigmoid: ¼; Hardsigmoid: ⅙; GELU: 1.13; SiLU: 1.1; Mish: 1.09;
-  Hardswish: 1.5; SELU: ``λ·α`` (1.7581). Each is ``sup |σ'|``; derivations beside the table.
+* Activations, with their arguments (:mod:`~gmfast.lipschitz.activations`): ReLU, ReLU6,
+  Tanh, Hardtanh, Softsign, Softshrink(λ ≥ 0), Tanhshrink, LogSigmoid, CELU(α > 0),
+  Threshold(t, v = t): 1; LeakyReLU: ``max(1, |slope|)``; RReLU (eval): that of its mean
+  slope; ELU: ``max(1, |α|)``; PReLU: ``max(1, max|a|)``; Sigmoid: ¼; Hardsigmoid: ⅙; GELU
+  (exact or tanh): 1.13; SiLU: 1.1; Mish: 1.09; Hardswish: 1.5; SELU: ``λ·α`` (1.7581);
+  Softplus: 1 where its switch to the identity is continuous up to rounding. Each is
+  ``sup |σ'|`` for those arguments; a discontinuous or non-Lipschitz one is refused.
 * Max pooling: ``√m`` with ``m`` the largest number of windows holding one element.
   Average/adaptive-average pooling and nearest/linear interpolation are linear maps with
   nonnegative weights: the Schur test ``‖P‖₂ ≤ √(‖P‖₁‖P‖∞)``, with the row and column sums
   evaluated from the op itself. ``mean``/``sum`` over non-batch dims: ``1/√n``/``√n``.
 * Shape and data-movement ops: view/reshape/flatten/permute/transpose/squeeze/contiguous
-  and casts to floating types: 1; slicing, indexing, padding, expand/repeat, split: ``√m``
+  and casts that lose nothing (float32 → float64): 1 (narrowing casts and ``view(dtype)``
+  are step functions: refused); slicing, indexing, padding, expand/repeat, split: ``√m``
   with ``m`` the largest number of copies of one entry, counted by running the op on an
   index tensor (so a plain slice is 1 and ``x[:, [0, 0]]`` is √2).
 * Multiplication/division by a python number or a constant tensor ``c``: ``max|c|`` or

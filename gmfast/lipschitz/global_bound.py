@@ -8,37 +8,14 @@ import math
 
 import torch
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from gmfast.lipschitz._norms import (conv_bound as _conv_bound, copy_factor, maxpool_factor, ntuple, schur_factor,
                                      spectral_norm_up, up)
+from gmfast.lipschitz import activations
 from gmfast.lipschitz.errors import UnsupportedOpError
 from gmfast.lipschitz.lipnet_rules import group_sort_factor
-from gmfast.lipschitz.ops import (ACTIVATION_MODULES, CONVS, FUNCTION_NAMES, LINEAR_INTERPOLATION, MAX_POOLS, arg,
-                                  shape_of)
+from gmfast.lipschitz.ops import CONVS, LINEAR_INTERPOLATION, MAX_POOLS, arg, rule_class, shape_of
 from gmfast.lipschitz.walk import Analysis
-
-# ----------------------------------------------------------------------------- activations
-
-# sup |σ'| of each activation, rounded up:
-# * GELU x·Φ(x): (xΦ)' = Φ + xφ, (xΦ)'' = φ(2 − x²), so the max is at x = √2:
-#   Φ(√2) + √2·φ(√2) = 0.92135 + 0.20755 = 1.12890 (min −0.1700 at −√2) → 1.13; the tanh
-#   approximation peaks at 1.1289 too (checked numerically in the tests).
-# * SiLU x·σ(x): σ(1 + x(1 − σ)), max at the root of 2 + x − x·tanh(x/2)... x ≈ 2.3994,
-#   value 1.0998 (min −0.0998) → 1.1.
-# * Mish x·tanh(softplus x): max 1.0886 at x ≈ 1.19 (min −0.2196) → 1.09.
-# * Sigmoid σ(1 − σ) ≤ ¼; Hardsigmoid slope ⅙; Hardswish (2x + 3)/6 ∈ (−½, 3/2) on (−3, 3).
-# * SELU: λ for x > 0, λα·eˣ < λα for x < 0: λα = 1.0507009873554805 · 1.6732632423543772.
-# * Softplus σ(βx) ≤ 1; LogSigmoid σ(−x) ≤ 1; Tanhshrink tanh²x < 1; Softsign 1/(1+|x|)²;
-#   Softshrink/Hardtanh/ReLU6/CELU (α > 0: e^{x/α} ≤ 1 for x < 0) ≤ 1.
-_SELU = 1.7581
-_ACTIVATIONS = {
-    "relu": 1.0, "relu6": 1.0, "tanh": 1.0, "softsign": 1.0, "tanhshrink": 1.0, "logsigmoid": 1.0,
-    "softshrink": 1.0, "softplus": 1.0, "abs": 1.0, "neg": 1.0, "negative": 1.0, "pos": 1.0,
-    "positive": 1.0, "sigmoid": 0.25, "hardsigmoid": 1.0 / 6.0, "gelu": 1.13, "silu": 1.1, "mish": 1.09,
-    "hardswish": 1.5, "selu": _SELU,
-}
-
 
 class GlobalBound(Analysis):
     """The dynamic program of the global bound (see the package docstring)."""
@@ -100,21 +77,8 @@ class GlobalBound(Analysis):
         return up(c * self.lip(deps), 2 * len(deps) + 2)
 
     def module_activation(self, node, mod):
-        return self.unary(_ACTIVATIONS[ACTIVATION_MODULES[_base(mod)]], type(mod).__name__)
-
-    def module_leaky_relu(self, node, mod):
-        return self.unary(max(1.0, abs(mod.negative_slope)), f"LeakyReLU({mod.negative_slope})")
-
-    def module_elu(self, node, mod):
-        return self.unary(max(1.0, abs(mod.alpha)), f"ELU({mod.alpha})")
-
-    def module_celu(self, node, mod):
-        if not mod.alpha > 0:
-            self.fail(f"CELU({mod.alpha})", "alpha must be > 0")
-        return self.unary(1.0, type(mod).__name__)
-
-    def module_hardtanh(self, node, mod):
-        return self.unary(1.0, type(mod).__name__)
+        name, params = self.activation_params(node, mod)
+        return self.activation(name, params, node.args[0] if node.args else None)
 
     def module_group_sort(self, node, mod):
         return self.unary(*group_sort_factor(mod))
@@ -131,7 +95,7 @@ class GlobalBound(Analysis):
         return self.unary(spectral_norm_up(W), f"Linear({W.shape[1]}->{W.shape[0]}) spectral norm")
 
     def module_conv(self, node, mod):
-        return self.unary(*self.conv_module(mod, shape_of(node.args[0]), CONVS[_base(mod)]))
+        return self.unary(*self.conv_module(mod, shape_of(node.args[0]), CONVS[rule_class(mod)]))
 
     def module_batch_norm(self, node, mod):
         kind = type(mod).__name__
@@ -143,7 +107,7 @@ class GlobalBound(Analysis):
         kind = type(mod).__name__
         if mod.return_indices:
             self.fail(kind, "return_indices=True")
-        f = maxpool_factor(mod.kernel_size, mod.stride, mod.dilation, MAX_POOLS[_base(mod)])
+        f = maxpool_factor(mod.kernel_size, mod.stride, mod.dilation, MAX_POOLS[rule_class(mod)])
         return self.unary(f, f"{kind}(k={mod.kernel_size}, s={mod.stride}, d={mod.dilation})")
 
     def module_avg_pool(self, node, mod):
@@ -204,25 +168,17 @@ class GlobalBound(Analysis):
     # -- functions and methods ---------------------------------------------------------
 
     def rule_activation(self, node):
-        name = (node.target if isinstance(node.target, str) else FUNCTION_NAMES[node.target]).rstrip("_")
-        return self.unary(_ACTIVATIONS[name], name, note=name not in ("neg", "negative", "pos", "positive"))
+        name, params = self.activation_params(node)
+        return self.activation(name, params, node.args[0] if node.args else node.kwargs.get("input"))
 
-    def rule_leaky_relu(self, node):
-        slope = arg(node, 1, "negative_slope", 0.01)
-        return self.unary(max(1.0, abs(float(slope))), f"leaky_relu({slope})")
-
-    def rule_elu(self, node):
-        alpha = arg(node, 1, "alpha", 1.0)
-        return self.unary(max(1.0, abs(float(alpha))), f"elu({alpha})")
-
-    def rule_celu(self, node):
-        alpha = float(arg(node, 1, "alpha", 1.0))
-        if not alpha > 0:
-            self.fail(f"celu({alpha})", "alpha must be > 0")
-        return self.unary(1.0, "celu")
-
-    def rule_hardtanh(self, node):
-        return self.unary(1.0, "hardtanh")
+    def activation(self, name, params, x):
+        meta = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
+        try:
+            f = activations.factor(name, params, getattr(meta, "dtype", torch.float32))
+        except activations.Refusal as e:
+            self.fail(name, str(e))
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        return self.unary(f, f"{name}({shown})", note=name not in ("neg", "negative", "pos", "positive"))
 
     def rule_clamp(self, node):
         # |clamp(a) − clamp(b)| ≤ |a − b| for fixed bounds; bound tensors may broadcast
@@ -437,10 +393,3 @@ class GlobalBound(Analysis):
         if len(deps) > 1:
             self.note(f"{self.op_name()} of {len(deps)} (quadrature)", L / max(self.lip(p) for p in deps))
         return L
-
-
-
-def _base(mod):
-    """The class whose rule applies: a ``parametrize`` subclass is generated from it."""
-    t = type(mod)
-    return t.__bases__[0] if parametrize.is_parametrized(mod) else t

@@ -229,7 +229,45 @@ def trace(module: nn.Module, input_shape: tuple) -> TracedGraph:
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         raise ValueError(f"{type(module).__name__} failed on an input of shape {(1,) + input_shape}: {e}") from e
     tg.values = rec.values
+    check_casts(tg)
     return tg
+
+
+def _lossless(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether every ``src`` value is exactly a ``dst`` value (float16 → float32 → float64,
+    bfloat16 → float32): then the cast is the identity on values."""
+    if src == dst:
+        return True
+    if not (src.is_floating_point and dst.is_floating_point):
+        return False
+    a, b = torch.finfo(src), torch.finfo(dst)
+    return b.eps <= a.eps and b.max >= a.max and b.smallest_normal <= a.smallest_normal and b.bits >= a.bits
+
+
+def check_casts(tg: TracedGraph) -> None:
+    """A cast to a narrower floating type (``.half()``, ``.bfloat16()``, ``.to(dtype)``,
+    ``.type(...)``, ``type_as``, a round trip through ``.float()`` in a float64 module, or a
+    type promotion) rounds: a step function with no Lipschitz constant, so it is refused. So
+    is every reinterpretation of bits (``view(dtype)``, positional or keyword). Found from the
+    dtypes recorded on the zeros input, whatever the spelling."""
+    for node in tg.nodes:
+        if tg.kind.get(node) != "dep":
+            continue
+        if node.op == "call_method" and node.target == "view" and (
+                "dtype" in node.kwargs or any(isinstance(a, torch.dtype) for a in node.args[1:])):
+            raise UnsupportedOpError(f"node {tg.display_name(node)!r} (view(dtype)): reinterprets bits, not a "
+                                     f"Lipschitz function; {ADVICE}")
+        out = node.meta.get("tensor_meta")
+        dst = getattr(out, "dtype", None)
+        if dst is None or not dst.is_floating_point:
+            continue  # non-floating results are refused by the walk
+        for a in node.all_input_nodes:
+            src = getattr(a.meta.get("tensor_meta"), "dtype", None)
+            # (a non-floating source is refused by the walk, at the op that produced it)
+            if tg.kind.get(a) == "dep" and src is not None and src.is_floating_point and not _lossless(src, dst):
+                raise UnsupportedOpError(f"node {tg.display_name(node)!r} casts {src} to {dst}: rounding to a "
+                                         "narrower type is a step function with no Lipschitz constant; remove the "
+                                         f"cast from the encoder (or {ADVICE})")
 
 
 def check_same_function(tg: TracedGraph, module: nn.Module, input_shape: tuple) -> None:

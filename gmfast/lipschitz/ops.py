@@ -18,19 +18,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from gmfast.lipschitz import activations
 from gmfast.lipschitz.lipnet_rules import leaf_kind
 
 
-#: Elementwise functions whose rule needs no argument (the names of ``rule_activation``).
-ACTIVATION_NAMES = {"relu", "relu6", "tanh", "softsign", "tanhshrink", "logsigmoid", "softshrink", "softplus", "abs",
-                    "neg", "negative", "pos", "positive", "sigmoid", "hardsigmoid", "gelu", "silu", "mish",
-                    "hardswish", "selu"}
-ACTIVATION_MODULES = {
-    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Tanh: "tanh", nn.Softsign: "softsign", nn.Tanhshrink: "tanhshrink",
-    nn.LogSigmoid: "logsigmoid", nn.Softshrink: "softshrink", nn.Softplus: "softplus", nn.Sigmoid: "sigmoid",
-    nn.Hardsigmoid: "hardsigmoid", nn.GELU: "gelu", nn.SiLU: "silu", nn.Mish: "mish", nn.Hardswish: "hardswish",
-    nn.SELU: "selu",
-}
+#: Elementwise functions (the names of ``rule_activation``; their arguments are read by
+#: :mod:`gmfast.lipschitz.activations`).
+ACTIVATION_NAMES = set(activations.FIXED) | set(activations.SIGNATURES)
+#: Activation module classes → their names.
+ACTIVATION_MODULES = {cls: name for cls, (name, _) in activations.MODULES.items()}
 #: Modules that compute the identity in eval mode (or only reshape).
 IDENTITY_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                      nn.AlphaDropout, nn.FeatureAlphaDropout, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
@@ -58,7 +54,11 @@ FUNCTION_NAMES = {
     F.softsign: "softsign", F.tanhshrink: "tanhshrink", F.logsigmoid: "logsigmoid", F.softshrink: "softshrink",
     F.softplus: "softplus", F.hardsigmoid: "hardsigmoid", F.gelu: "gelu", F.silu: "silu", F.mish: "mish",
     F.hardswish: "hardswish", F.selu: "selu", torch.selu: "selu", F.leaky_relu: "leaky_relu", F.elu: "elu",
-    F.celu: "celu", torch.clamp: "clamp", torch.clip: "clamp", torch.clamp_min: "clamp", torch.clamp_max: "clamp",
+    F.celu: "celu", F.elu_: "elu_", F.celu_: "celu_", torch.celu: "celu", torch.celu_: "celu_", F.hardtanh_: "hardtanh_",
+    F.leaky_relu_: "leaky_relu_", torch.selu_: "selu_", F.threshold: "threshold", F.threshold_: "threshold_",
+    torch.threshold: "threshold", torch.threshold_: "threshold_", F.rrelu: "rrelu", F.rrelu_: "rrelu_",
+    torch.rrelu: "rrelu", torch.rrelu_: "rrelu_", torch.clamp: "clamp", torch.clip: "clamp", torch.clamp_min: "clamp",
+    torch.clamp_max: "clamp",
     F.dropout: "dropout", F.dropout1d: "dropout", F.dropout2d: "dropout", F.dropout3d: "dropout",
     F.alpha_dropout: "dropout", F.feature_alpha_dropout: "dropout",
     F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.batch_norm: "batch_norm",
@@ -142,6 +142,8 @@ def function_kind(node):
             return None, f"function {op_name(node)}"
         inplace = base.endswith("_") or bool(node.kwargs.get("inplace", False))
         base = base.rstrip("_")
+        if base in ACTIVATION_NAMES:  # `inplace` may be passed positionally
+            inplace = inplace or any(a is True for a in node.args[1:])
     base = _SYNONYMS.get(base, base)
     if base in ACTIVATION_NAMES:
         base = "activation"
@@ -160,10 +162,9 @@ def module_kind(mod: nn.Module):
         # e.g. spectral_norm: a generated subclass whose parametrised tensors (read through
         # the same attributes) are what forward uses; the rule is the base class's
         t = t.__bases__[0]
-    if t in ACTIVATION_MODULES:
+    if t in activations.MODULES:
         return "activation"
-    kinds = {nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.CELU: "celu", nn.Hardtanh: "hardtanh", nn.PReLU: "prelu",
-             nn.Linear: "linear", nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm",
+    kinds = {nn.PReLU: "prelu", nn.Linear: "linear", nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm",
              nn.BatchNorm3d: "batch_norm", nn.Upsample: "upsample"}
     if t in kinds:
         return kinds[t]
@@ -182,6 +183,20 @@ def module_kind(mod: nn.Module):
     if isinstance(mod, COPY_PADS):
         return "copy_pad"
     return None
+
+
+def rule_class(mod: nn.Module) -> type:
+    """The class whose rule applies: a ``parametrize`` subclass is generated from it."""
+    t = type(mod)
+    return t.__bases__[0] if parametrize.is_parametrized(mod) else t
+
+
+def activation_name(node) -> str:
+    """The name of the activation a ``call_function``/``call_method`` node of kind
+    ``"activation"`` computes (``"leaky_relu"``, ``"neg"``, ...)."""
+    name = node.target if isinstance(node.target, str) else FUNCTION_NAMES[node.target]
+    name = name.rstrip("_")
+    return _SYNONYMS.get(name, name)
 
 
 def op_name(node) -> str:

@@ -17,7 +17,9 @@ from torch.fx.node import map_arg
 
 from gmfast.lipschitz.errors import ADVICE, UnsupportedOpError
 from gmfast.lipschitz.graph import TracedGraph
-from gmfast.lipschitz.ops import function_kind, may_alias, module_kind, op_name
+from gmfast.lipschitz import activations
+from gmfast.lipschitz.ops import (ACTIVATION_MODULES, activation_name, function_kind, may_alias, module_kind, op_name,
+                                  rule_class)
 
 
 class Analysis:
@@ -65,14 +67,19 @@ class Analysis:
             if node.op == "call_module":
                 mod = self.gm.get_submodule(node.target)
                 kind = module_kind(mod)
-                rule = getattr(self, f"module_{kind}", None) if kind else None
+                # an activation may have a rule of its own name (module_leaky_relu), else the
+                # family's rule (module_activation)
+                rule = getattr(self, f"module_{ACTIVATION_MODULES[rule_class(mod)]}", None) \
+                    if kind == "activation" else None
+                rule = rule or (getattr(self, f"module_{kind}", None) if kind else None)
                 if rule is None:
                     self.fail(f"module {type(mod).__name__}")
                 value = rule(node, mod)
                 inplace = bool(getattr(mod, "inplace", False))
             else:
                 kind, inplace = function_kind(node)
-                rule = getattr(self, f"rule_{kind}", None) if kind else None
+                rule = getattr(self, f"rule_{activation_name(node)}", None) if kind == "activation" else None
+                rule = rule or (getattr(self, f"rule_{kind}", None) if kind else None)
                 if rule is None:
                     self.fail(inplace if kind is None else self.op_name())
                 value = rule(node)
@@ -134,6 +141,21 @@ class Analysis:
         if self.is_dep(a):
             self.fail(what, "the operand depends on the input")
         self.fail(what, f"unsupported operand {a!r}")
+
+    def activation_params(self, node, mod=None):
+        """``(name, params)`` of an activation node (module ``mod``, or a function/method
+        call with its positional and keyword arguments matched to torch's signature; constant
+        operands resolved to their values): the one description every analysis reads
+        (:mod:`gmfast.lipschitz.activations`)."""
+        if mod is not None:
+            return activations.module_params(mod, rule_class(mod))
+        name = activation_name(node)
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        args, kwargs = self.resolve((tuple(node.args[1:]), dict(node.kwargs)), x, None)
+        try:
+            return activations.call_params(name, args, kwargs)
+        except activations.Refusal as e:
+            self.fail(name, str(e))
 
     def resolve(self, args, x_node, x_value):
         """``args`` with ``x_node`` replaced by ``x_value`` and every other node by its recorded
