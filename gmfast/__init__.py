@@ -16,7 +16,7 @@ _LAZY = {
     "lipschitz_bound": ("gmfast.lipschitz", "lipschitz_bound"),
     "available_backends": ("gmfast.ops", "available_backends"),
 }
-_SUBMODULES = {"smoothing", "bounds", "distributional", "diagnostics", "mixture", "report", "io", "lipschitz", "ops",
+_SUBMODULES = {"smoothing", "binomial", "bounds", "distributional", "diagnostics", "mixture", "report", "io", "lipschitz", "ops",
                "cli", "plot", "multiproto", "demo", "bench"}
 
 

@@ -61,6 +61,7 @@ import torch
 from scipy import special, stats
 
 from gmfast._validate import as_radii, canonical_norm, check_choice
+from gmfast.binomial import clopper_pearson_lower
 from gmfast.head import GaussianMixtureHead
 from gmfast.mixture import class_counts, mixture_of, sample_class
 
@@ -124,8 +125,6 @@ class CAResult:
             r = self.details["replicates"].shape[0]
             bounds.append(self.estimate - stats.t.ppf(confidence, r - 1) * self.stderr)
         if "hits" in self.details:
-            from gmfast.smoothing import clopper_pearson_lower
-
             hits, n, pri = self.details["hits"], self.details["n"], self.details["priors"]
             alpha = (1.0 - confidence) / hits.shape[0]
             bounds.append((pri[:, None] * clopper_pearson_lower(hits, n[:, None], alpha)).sum(0))

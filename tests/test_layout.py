@@ -29,8 +29,9 @@ LAYERS = [
         "gmfast._validate",
         "gmfast.certificate",
     ]),
-    ("numerics and file formats: statistics, parameters and tables; head files; TSV", [
+    ("numerics and file formats: statistics, parameters and tables, binomial bounds; head files; TSV", [
         "gmfast._reference",
+        "gmfast.binomial",
         "gmfast.io",
         "gmfast.tsv",
     ]),
@@ -72,7 +73,7 @@ MAX_LINES = 600
 # Files still being split (each by its owner); this list is to be emptied.
 OVERSIZE_ALLOWED = {
     "gmfast/_reference.py",  # into statistics/parameters modules and ops/_reference.py
-    "gmfast/smoothing.py",  # the binomial bounds and the sampler into their own modules
+    "gmfast/smoothing.py",  # 652 lines after the binomial bounds left: the argument checks and the result next
     "gmfast/lipschitz/local.py",  # new local bounds, being split with the package
 }
 
