@@ -16,8 +16,8 @@ _LAZY = {
     "lipschitz_bound": ("gmfast.lipschitz", "lipschitz_bound"),
     "available_backends": ("gmfast.ops", "available_backends"),
 }
-_SUBMODULES = {"smoothing", "binomial", "bounds", "distributional", "diagnostics", "mixture", "report", "io", "lipschitz", "ops",
-               "cli", "plot", "multiproto", "demo", "bench"}
+_SUBMODULES = {"smoothing", "binomial", "bounds", "distributional", "diagnostics", "mixture", "report", "io",
+               "lipschitz", "ops", "cli", "plot", "multiproto", "demo", "bench"}
 
 
 def __getattr__(name):
