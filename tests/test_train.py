@@ -233,7 +233,10 @@ def test_cli_contract(tmp_path):
 
 def test_pgd_never_flips_inside_certified_radius():
     _, enc, head, Xte, yte, _ = _tiny(epochs=4)
-    cert = gmfast.Certifier(enc, head).certify(Xte)
+    certifier = gmfast.Certifier(enc, head)
+    cert = certifier.certify(Xte)
+    b = certifier.lipschitz_bound(tuple(Xte.shape[1:]), points=Xte[:8])
+    assert 0.5 < b.estimate <= b.bound <= 1 + 1e-5  # a trained AOL/MaxMin net: L close to 1, bound sound
     ok = cert.radius > 0
     assert ok.sum() > 100
     flips = pgd_flips(enc, head, Xte, cert.prediction, cert.radius, steps=20, restarts=2)

@@ -254,12 +254,13 @@ def input_shape_of(out) -> tuple:
 # ----------------------------------------------------------------------------- certify
 
 
-def certify(encoder, head, X, *, method: str = "global"):
-    """``(Certificate, seconds per input)`` of :class:`gmfast.Certifier` on ``X``; the
-    Lipschitz bound is computed before the timed pass (it is per model, not per input)."""
+def certify(encoder, head, X, *, method: str | None = None):
+    """``(Certificate, seconds per input)`` of :class:`gmfast.Certifier` on ``X`` (its default
+    route unless ``method`` names one); the Lipschitz bound is computed before the timed pass
+    (it is per model, not per input)."""
     import gmfast
 
-    kw = {} if method == "global" else dict(method=method)
+    kw = {} if method is None else dict(method=method)
     c = gmfast.Certifier(encoder, head, **kw)
     c.certify(X[:2])  # bound and caches, once per model
     t = time.perf_counter()
