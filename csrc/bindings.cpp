@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "constants.h"
 #include "cpu/kernels.h"
 
 namespace py = pybind11;
@@ -64,6 +65,15 @@ const T* need_rows(const py::array& Z, index_t* B, index_t* d, index_t* ldz) {
   return static_cast<const T*>(Z.data());
 }
 
+// The rounding-error constants (gmfast._fp.perclass_constants) as the kernels' struct, or
+// null for None (fp_sound=False). `out` holds the struct for the call's duration.
+const gmfast::PerClassConsts* perclass_consts(const std::optional<py::array>& consts, gmfast::PerClassConsts* out) {
+  if (!consts) return nullptr;
+  *out = gmfast::consts_from<gmfast::PerClassConsts>(
+      need<double>(*consts, "consts", {static_cast<index_t>(gmfast::kPerClassConstsCount)}));
+  return out;
+}
+
 // Allocates (pred, radius or None), runs kernel(pred, radius) without the GIL, returns them.
 template <class F>
 py::tuple certify_outputs(index_t B, bool with_radius, F&& kernel) {
@@ -101,25 +111,30 @@ py::tuple tied_certify(const py::array& Z, const py::array& A, const py::array& 
 template <class T>
 py::tuple perclass_certify(const py::array& Z, int kind, const py::array& mu, const py::array& prec,
                            const py::array& prec_mu, const py::array& kappa, const py::array& prec_abs_up,
-                           const py::array& mu_norm_up, std::optional<py::array> lam, bool fp_sound) {
+                           const py::array& mu_norm_up, std::optional<py::array> lam,
+                           std::optional<py::array> consts) {
   index_t B, d, ldz;
   const T* z = need_rows<T>(Z, &B, &d, &ldz);
   const T* m = need<T>(mu, "mu", {-1, d});
   const index_t K = mu.shape(0);
   if (K < 1) fail("mu: expected at least one class");
   const T* p;
-  if (kind == 0) fail("kind 0 (full): full covariances use full_certify_chol (the Cholesky form)");
-  else if (kind == 1) p = need<T>(prec, "prec", {K, d});
-  else if (kind == 2) p = need<T>(prec, "prec", {K});
+  using gmfast::PerClassKind;
+  if (kind == static_cast<int>(PerClassKind::kFull))
+    fail("kind 0 (full): full covariances use full_certify_chol (the Cholesky form)");
+  else if (kind == static_cast<int>(PerClassKind::kDiag)) p = need<T>(prec, "prec", {K, d});
+  else if (kind == static_cast<int>(PerClassKind::kSpherical)) p = need<T>(prec, "prec", {K});
   else fail("kind: expected 0 (full), 1 (diag) or 2 (spherical), got " + std::to_string(kind));
   const T* pm = need<T>(prec_mu, "prec_mu", {K, d});
   const double* kap = need<double>(kappa, "kappa", {K});
   const double* pa = need<double>(prec_abs_up, "prec_abs_up", {K});
   const double* mn = need<double>(mu_norm_up, "mu_norm_up", {K});
   const double* la = lam ? need<double>(*lam, "lam", {K, K}) : nullptr;
+  gmfast::PerClassConsts cst;
+  const gmfast::PerClassConsts* fp = perclass_consts(consts, &cst);
   return certify_outputs(B, la != nullptr, [&](int64_t* po, double* ro) {
     gmfast::perclass_certify<T>(z, B, d, ldz, static_cast<gmfast::PerClassKind>(kind), m, p, pm, kap, pa, mn, K, la,
-                                fp_sound, po, ro);
+                                fp, po, ro);
   });
 }
 
@@ -128,7 +143,7 @@ py::tuple full_certify_chol(const py::array& Z, const py::array& rpack, const py
                             const py::array& kappa, const py::array& rho, const py::array& sigma,
                             const py::array& eps, const py::array& prec, const py::array& prec_mu,
                             const py::array& prec_abs_up, const py::array& mu_norm_up, std::optional<py::array> lam,
-                            bool fp_sound) {
+                            std::optional<py::array> consts) {
   index_t B, d, ldz;
   const T* z = need_rows<T>(Z, &B, &d, &ldz);
   const double* kap = need<double>(kappa, "kappa", {-1});
@@ -148,8 +163,10 @@ py::tuple full_certify_chol(const py::array& Z, const py::array& rpack, const py
   const double* pa = need<double>(prec_abs_up, "prec_abs_up", {K});
   const double* mn = need<double>(mu_norm_up, "mu_norm_up", {K});
   const double* la = lam ? need<double>(*lam, "lam", {K, K}) : nullptr;
+  gmfast::PerClassConsts cst;
+  const gmfast::PerClassConsts* fp = perclass_consts(consts, &cst);
   return certify_outputs(B, la != nullptr, [&](int64_t* po, double* ro) {
-    gmfast::full_certify_chol<T>(z, B, d, ldz, rp, rb, kap, rh, sg, ep, p, pm, pa, mn, K, la, fp_sound, po, ro);
+    gmfast::full_certify_chol<T>(z, B, d, ldz, rp, rb, kap, rh, sg, ep, p, pm, pa, mn, K, la, fp, po, ro);
   });
 }
 
@@ -173,6 +190,40 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("policy"));
   m.def("max_threads", []() { return omp_get_max_threads(); });
+  m.def(
+      "kernel_interface",
+      []() {
+        py::dict out;
+        py::list tied, perclass;
+        for (std::size_t i = 0; i < gmfast::kTiedConstsCount; ++i) tied.append(gmfast::tied_consts_names()[i]);
+        for (std::size_t i = 0; i < gmfast::kPerClassConstsCount; ++i)
+          perclass.append(gmfast::perclass_consts_names()[i]);
+        out["tied_fields"] = tied;
+        out["perclass_fields"] = perclass;
+        py::dict kinds;
+        kinds["full"] = static_cast<int>(gmfast::PerClassKind::kFull);
+        kinds["diag"] = static_cast<int>(gmfast::PerClassKind::kDiag);
+        kinds["spherical"] = static_cast<int>(gmfast::PerClassKind::kSpherical);
+        out["kinds"] = kinds;
+        out["unit_roundoff_f32"] = gmfast::unit_roundoff<float>();
+        out["unit_roundoff_f64"] = gmfast::unit_roundoff<double>();
+        out["underflow_unit_f32"] = gmfast::underflow_unit<float>();
+        out["underflow_unit_f64"] = gmfast::underflow_unit<double>();
+        return out;
+      },
+      "The constants' field order, the kind codes and the base units, as compiled (for tests).");
+  m.def(
+      "tied_kernel_constants",
+      [](index_t d, bool f64) {
+        // What the CPU tied kernel uses in place of gmfast._fp.tied_constants (it bounds ||z||
+        // with norm_up_from_ss<T> of common.h): exported so a test can check they agree.
+        const double u = f64 ? gmfast::unit_roundoff<double>() : gmfast::unit_roundoff<float>();
+        const double eta = f64 ? gmfast::underflow_unit<double>() : gmfast::underflow_unit<float>();
+        return py::make_tuple(2.0 * static_cast<double>(d) * eta, 1.0 + gmfast::gamma_n(d + 2, u),
+                              1.0 + 4.0 * gmfast::kU64, gmfast::slack_up(4), 2.0 * gmfast::kU64,
+                              gmfast::slack_down(4));
+      },
+      py::arg("d"), py::arg("f64"));
   m.def("tied_certify_f32", &tied_certify<float>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("inv"),
         py::arg("alpha"), py::arg("eps"));
   m.def("tied_certify_f64", &tied_certify<double>, py::arg("Z"), py::arg("A"), py::arg("beta"), py::arg("inv"),
@@ -181,14 +232,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("f64"), "Rows per packed panel of the Cholesky-form kernels (float32 or float64).");
   m.def("full_certify_chol_f32", &full_certify_chol<float>, py::arg("Z"), py::arg("rpack"), py::arg("rbias"),
         py::arg("kappa"), py::arg("rho"), py::arg("sigma"), py::arg("eps"), py::arg("prec"), py::arg("prec_mu"),
-        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("lam"), py::arg("fp_sound"));
+        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("lam"), py::arg("consts"));
   m.def("full_certify_chol_f64", &full_certify_chol<double>, py::arg("Z"), py::arg("rpack"), py::arg("rbias"),
         py::arg("kappa"), py::arg("rho"), py::arg("sigma"), py::arg("eps"), py::arg("prec"), py::arg("prec_mu"),
-        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("lam"), py::arg("fp_sound"));
+        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("lam"), py::arg("consts"));
   m.def("perclass_certify_f32", &perclass_certify<float>, py::arg("Z"), py::arg("kind"), py::arg("mu"),
         py::arg("prec"), py::arg("prec_mu"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
-        py::arg("lam"), py::arg("fp_sound"));
+        py::arg("lam"), py::arg("consts"));
   m.def("perclass_certify_f64", &perclass_certify<double>, py::arg("Z"), py::arg("kind"), py::arg("mu"),
         py::arg("prec"), py::arg("prec_mu"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
-        py::arg("lam"), py::arg("fp_sound"));
+        py::arg("lam"), py::arg("consts"));
 }

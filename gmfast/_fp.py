@@ -26,6 +26,11 @@ relative change of order ``1e-15``.
 
 from __future__ import annotations
 
+import enum
+import functools
+import math
+from typing import NamedTuple
+
 import torch
 
 #: unit roundoff of float64; every epilogue operation is done in float64.
@@ -86,6 +91,23 @@ def slack_down(k: int = 4) -> float:
     return 1.0 - 2.0 * k * U64
 
 
+def cast_is_relative(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether rounding every entry of ``t`` to ``dtype`` has relative error ``≤ u``.
+
+    The kernels' error bounds treat each parameter rounded to the working precision as
+    ``θ̃ = θ(1 + δ)``, ``|δ| ≤ u``. That holds for zero and for values in ``dtype``'s normal
+    range only: below it the result is subnormal and the error is absolute (up to half the
+    smallest subnormal, i.e. up to 50% relative, or 100% when it flushes to 0), above it the
+    result is ``inf``. Callers give such parameters a float64 working copy instead
+    (:meth:`gmfast.params.TiedParams.to`), where the cast is the identity.
+    """
+    if dtype == torch.float64 or t.numel() == 0:
+        return True
+    fi = torch.finfo(dtype)
+    a = t.detach().abs().double()
+    return bool(((a == 0) | ((a >= fi.tiny) & (a <= fi.max))).all())
+
+
 def norm_upper(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Upper bound on the exact Euclidean norm along ``dim``, as float64.
 
@@ -114,3 +136,100 @@ def round_down_to(r64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if bool(too_big.any()):
         r = torch.where(too_big, torch.nextafter(r, torch.zeros_like(r)), r)
     return r
+
+
+# --------------------------------------------------------------------------------------
+# The kernel interface: constants' layout, covariance-kind codes (mirrored, field for
+# field, by csrc/constants.h; tests/test_constants.py checks that the two agree)
+# --------------------------------------------------------------------------------------
+
+
+class CovKind(enum.IntEnum):
+    """Per-class covariance kinds as the kernels number them (``PerClassKind`` in C++)."""
+
+    FULL = 0
+    DIAG = 1
+    SPHERICAL = 2
+
+    @classmethod
+    def of(cls, name: str) -> "CovKind":
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"per-class kind must be 'full', 'diag' or 'spherical'; got {name!r}") from None
+
+
+#: Bound on ``‖z‖`` from ``ss = fl(Σz²)`` accumulated in T: ``√((ss + norm_eta2)·norm_g1)·norm_up``.
+NORM_FIELDS = ("norm_eta2", "norm_g1", "norm_up")
+#: The float64 constants of the tied epilogue, in the order the kernels read them.
+TIED_FIELDS = NORM_FIELDS + ("up4", "two_u64", "down4")
+#: The float64 constants of the per-class epilogues (DESIGN 1.4), in the order the kernels
+#: read them. ``u``: unit roundoff of T; ``g = γ_{d+4}(u)``, ``gd = γ_d(u)``; ``S = 1 + 4g``;
+#: underflow allowances ``nu`` (on computed norms), ``tiny_u`` (on û), ``tiny_d`` (on D̂);
+#: the rest are float64 slack factors of the epilogue (:func:`slack_up`, :func:`slack_down`).
+PERCLASS_FIELDS = NORM_FIELDS + ("u", "g", "S", "nu", "tiny_u", "tiny_d", "three_u", "half_S", "four_u64", "one_u",
+                                 "down8", "gd", "up4")
+
+
+def norm_constants(d: int, dtype: torch.dtype) -> tuple[float, float, float]:
+    """``(2dη_T, 1 + γ_{d+2}(u_T), 1 + 4u₆₄)``: the :data:`NORM_FIELDS` for ``d`` features.
+
+    ``Σz² ≤ (ss + 2dη)(1 + γ_{d+2})`` for ``ss = fl(Σz²)`` in T (each square may add ``η``
+    on underflow, the sum is within ``γ_{d+1}``); the float64 square root and product add
+    ``≤ 4`` roundings. :func:`norm_upper` is the same bound for ``T = float64``.
+    """
+    return 2.0 * d * underflow_unit(dtype), 1.0 + gamma(d + 2, unit_roundoff(dtype)), 1.0 + 4.0 * U64
+
+
+@functools.lru_cache(maxsize=256)
+def tied_constants(d: int, dtype: torch.dtype) -> tuple[float, ...]:
+    """The :data:`TIED_FIELDS` for ``d`` features in working dtype ``dtype``."""
+    return norm_constants(d, dtype) + (slack_up(4), 2.0 * U64, slack_down(4))
+
+
+@functools.lru_cache(maxsize=256)
+def perclass_constants(d: int, dtype: torch.dtype) -> tuple[float, ...]:
+    """The :data:`PERCLASS_FIELDS` for ``d`` features in working dtype ``dtype``.
+
+    The derivation of each term is in :func:`gmfast.ops._reference.perclass_certify`;
+    every backend reads these values, none derives its own.
+    """
+    u = unit_roundoff(dtype)
+    g = gamma(d + 4, u)
+    S = 1.0 + 4.0 * g
+    eta = underflow_unit(dtype)
+    n = float(d + 4)
+    nu = math.sqrt(2.0 * n * eta)
+    tiny_u = 2.0 * n**1.5 * eta
+    tiny_d = 2.0 * n * eta
+    return norm_constants(d, dtype) + (u, g, S, nu, tiny_u, tiny_d, 3.0 * u, 0.5 * S, 4.0 * U64, 1.0 + u,
+                                       slack_down(8), gamma(d, u), slack_up(4))
+
+
+def perclass_constant_map(d: int, dtype: torch.dtype) -> dict[str, float]:
+    """:func:`perclass_constants` by field name (for the pure-PyTorch epilogue)."""
+    return dict(zip(PERCLASS_FIELDS, perclass_constants(d, dtype)))
+
+
+class TiedErrorModel(NamedTuple):
+    """Rounding-error data of a tied certify call (``None`` in its place: ``fp_sound=False``).
+
+    ``alpha``, ``eps`` (K,) float64: ``|ℓ̂_k − ℓ_k| ≤ α_k‖z‖ + ε_k``; ``consts``: the
+    :data:`TIED_FIELDS`.
+    """
+
+    alpha: torch.Tensor
+    eps: torch.Tensor
+    consts: tuple
+
+
+class PerClassErrorModel(NamedTuple):
+    """Rounding-error data of a per-class certify call (``None`` in its place:
+    ``fp_sound=False``): ``consts``, the :data:`PERCLASS_FIELDS`."""
+
+    consts: tuple
+
+
+def perclass_error_model(d: int, dtype: torch.dtype) -> PerClassErrorModel:
+    """The per-class rounding-error model for ``d`` features in working dtype ``dtype``."""
+    return PerClassErrorModel(perclass_constants(d, dtype))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from gmfast._fp import (U64, TiedErrorModel, gamma, norm_upper, perclass_constant_map, slack_down, slack_up,
+from gmfast._fp import (U64, TiedErrorModel, cast_is_relative, gamma, norm_upper, perclass_constant_map, slack_down, slack_up,
                         tied_constants, underflow_unit, unit_roundoff)
 from gmfast._validate import check_positive_definite
 
@@ -410,21 +410,35 @@ class TiedParams:
     beta_abs: torch.Tensor  # (K,) |β_k|
     tables: dict = field(default_factory=dict, compare=False)  # norm -> (1/N̂, ≤1/N), float64 (K, K)
     master: "TiedParams | None" = field(default=None, compare=False)  # the float64 original
+    #: whether A and β are the master's up to a relative rounding (:func:`gmfast._fp.cast_is_relative`)
+    cast_ok: bool = field(default=True, compare=False)
+    wide: dict = field(default_factory=dict, compare=False)  # cache of :meth:`widened`
 
     def to(self, device, dtype) -> "TiedParams":
         """Working copy: A, β, W in ``dtype`` on ``device``; error-bound data stays float64.
 
         Tables are always computed from the float64 master (the certified classifier), then
-        moved: a float32 copy of ``A`` defines a different classifier.
+        moved: a float32 copy of ``A`` defines a different classifier. ``cast_ok`` records
+        whether the error model's relative-rounding assumption holds for this copy's cast.
         """
+        m = self.master or self
         # contiguous once here: LAPACK results come back column-major, and a kernel would
         # otherwise copy them on every call
         mv = lambda t, dt: t.to(device=device, dtype=dt).contiguous()  # noqa: E731
         return replace(
             self, A=mv(self.A, dtype), beta=mv(self.beta, dtype), W=mv(self.W, dtype),
             cov=mv(self.cov, torch.float64), a_norm_up=mv(self.a_norm_up, torch.float64),
-            beta_abs=mv(self.beta_abs, torch.float64), tables={}, master=self.master or self,
+            beta_abs=mv(self.beta_abs, torch.float64), tables={}, master=m, wide={},
+            cast_ok=cast_is_relative(m.A, dtype) and cast_is_relative(m.beta, dtype),
         )
+
+    def widened(self) -> "TiedParams":
+        """The float64 working copy on this copy's device (cached)."""
+        if self.A.dtype == torch.float64:
+            return self
+        if "f64" not in self.wide:
+            self.wide["f64"] = (self.master or self).to(self.A.device, torch.float64)
+        return self.wide["f64"]
 
 
 def prepare_tied(means: torch.Tensor, cov: torch.Tensor, priors: torch.Tensor) -> TiedParams:
@@ -456,19 +470,38 @@ class PerClassParams:
     curvature: dict = field(default_factory=dict, compare=False)  # mode -> (λ̂, λ⁺), (K, K)
     cholesky: dict = field(default_factory=dict, compare=False)  # cache of cholesky_tables
     master: "PerClassParams | None" = field(default=None, compare=False)  # the float64 original
+    #: whether every parameter rounded to the working dtype (μ, P, Pμ and, for ``full``, the
+    #: Cholesky tables R, Rμ) is the master's up to a relative rounding
+    cast_ok: bool = field(default=True, compare=False)
+    wide: dict = field(default_factory=dict, compare=False)  # cache of :meth:`widened`
 
     @property
     def K(self) -> int:
         return int(self.mu.shape[0])
 
     def to(self, device, dtype) -> "PerClassParams":
+        """Working copy: μ, P, Pμ in ``dtype`` on ``device``; error-bound data stays float64
+        (see :meth:`TiedParams.to`)."""
+        m = self.master or self
+        cast = [m.mu, m.prec, m.prec_mu]
+        if m.kind == "full" and dtype != torch.float64:
+            t = cholesky_tables(m)
+            cast += [t.R, t.b]
         mv = lambda t, dt: t.to(device=device, dtype=dt).contiguous()  # noqa: E731 (see TiedParams.to)
         return replace(
             self, mu=mv(self.mu, dtype), prec=mv(self.prec, dtype), prec_mu=mv(self.prec_mu, dtype),
             kappa=mv(self.kappa, torch.float64), prec_abs_up=mv(self.prec_abs_up, torch.float64),
             mu_norm_up=mv(self.mu_norm_up, torch.float64), curvature={}, cholesky={},
-            master=self.master or self,
+            master=m, wide={}, cast_ok=all(cast_is_relative(t, dtype) for t in cast),
         )
+
+    def widened(self) -> "PerClassParams":
+        """The float64 working copy on this copy's device (cached)."""
+        if self.mu.dtype == torch.float64:
+            return self
+        if "f64" not in self.wide:
+            self.wide["f64"] = (self.master or self).to(self.mu.device, torch.float64)
+        return self.wide["f64"]
 
 
 def prepare_perclass(kind: str, means: torch.Tensor, cov: torch.Tensor, priors: torch.Tensor) -> PerClassParams:
@@ -592,6 +625,9 @@ def tied_denominators(p: TiedParams, norm) -> tuple[torch.Tensor, torch.Tensor]:
         dg = torch.diagonal(G)
         n2 = (dg[:, None] + dg[None, :] - 2.0 * G).clamp_min(0)
         n_hat = n2.sqrt()
+        # each of the ≤ 2d (Mahalanobis: 2d²) products behind an entry of G may underflow,
+        # adding η₆₄ each; three entries combine into N²
+        err = err + 6.0 * (d * d if norm == "mahalanobis" else d) * underflow_unit(torch.float64)
         n_up = (n2 + err).sqrt() * slack_up(2)
     elif norm == math.inf:
         n_hat = torch.cdist(A[None], A[None], p=1)[0]
@@ -677,6 +713,9 @@ def tied_certify(Z: torch.Tensor, p: TiedParams, norm, *, fp_sound: bool = True,
     Z (B, d) in the working dtype of ``p``. Returns pred (B,) int64 and radius (B,) float64
     (``None`` when ``need_radius`` is false).
     """
+    # one memory layout: BLAS picks its summation order by layout, so a strided Z would get
+    # (equally sound but) different radii from a contiguous copy of the same values
+    Z = Z.contiguous()
     B, d = Z.shape
     K = p.A.shape[0]
     if need_radius:
@@ -974,6 +1013,7 @@ def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool = Tru
     """
     if form not in ("precision", "cholesky"):
         raise ValueError(f"form must be 'precision' or 'cholesky'; got {form!r}")
+    Z = Z.contiguous()  # one memory layout, one summation order (see tied_certify)
     if form == "cholesky" and p.kind == "full":
         return _perclass_certify_cholesky(Z, p, fp_sound, need_radius, curvature)
     B, d = Z.shape

@@ -118,7 +118,15 @@ _NORM_ALIASES = {
 
 
 def canonical_norm(norm):
-    """Map the accepted spellings of a threat-model norm to ``2 | 1 | inf | 'mahalanobis'``."""
+    """Map the accepted spellings of a threat-model norm to ``2 | 1 | inf | 'mahalanobis'``.
+
+    A bool is refused although ``True == 1`` (and would otherwise select the ℓ1 norm): it is
+    not a norm, and ``norm=True`` is far more likely a misplaced flag than a request for ℓ1.
+    """
+    if isinstance(norm, bool) or (isinstance(norm, (np.bool_, torch.Tensor)) and getattr(norm, "dtype", None) in
+                                  (np.bool_, torch.bool)):
+        raise ValueError(f"norm must be one of 2, 1, float('inf'), 'mahalanobis'; got the bool {norm!r} "
+                         "(a bool is not a norm)")
     key = norm.lower() if isinstance(norm, str) else norm
     try:
         return _NORM_ALIASES[key]

@@ -174,3 +174,28 @@ def test_norm_errors(fitted):
     full = Head("full").fit(Z, y)
     with pytest.raises(ValueError, match="certifies norm=2 only"):
         full.certify(Z[:2], norm=math.inf)
+
+
+@pytest.mark.parametrize("flag", [True, False, np.bool_(True), torch.tensor(True)])
+def test_a_bool_is_not_a_norm(fitted, flag):
+    """``norm=True`` used to be read as ``norm=1`` (``True == 1``) and gave ℓ1 radii."""
+    Z, y, head = fitted
+    with pytest.raises(ValueError, match="a bool is not a norm"):
+        head.certify(Z[:2], norm=flag)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", NORMS)
+def test_radii_do_not_depend_on_memory_layout(fitted, backend, dtype, norm):
+    """The same values, contiguous, with a row stride, or column-major (transposed), give
+    bit-identical predictions and radii."""
+    Z, y, head = fitted
+    X = torch.tensor(Z[:300], dtype=dtype)
+    strided = torch.cat([X, X], 1)[:, : X.shape[1]]
+    colmajor = X.T.contiguous().T
+    want = head.certify(X, norm=norm, backend=backend)
+    for other in (strided, colmajor):
+        assert not other.is_contiguous()
+        got = head.certify(other, norm=norm, backend=backend)
+        assert torch.equal(got.prediction, want.prediction) and torch.equal(got.radius, want.radius)

@@ -17,6 +17,7 @@ from helpers import random_head
 
 from gmfast import GaussianMixtureHead as Head
 from gmfast import _reference as ref
+from gmfast._fp import perclass_error_model
 from gmfast.ops import _cpu
 
 
@@ -79,7 +80,7 @@ def test_pruned_kernel_equals_reference_over_all_pairs(dtype, fp_sound):
     head.predict(Z[:1])
     w = head._work[(Z.device, dtype)]
     lam = ref.curvature_table(w, "auto")[1 if fp_sound else 0]
-    got = _cpu.perclass_certify(Z, w, lam, fp_sound)
+    got = _cpu.perclass_certify(Z, w, lam, perclass_error_model(Z.shape[1], dtype) if fp_sound else None)
     want = ref.perclass_certify(Z, w, fp_sound=fp_sound, form="cholesky")
     _agree(got, want, dtype)
     # the data does what it is meant to: many pairs within 2x of the binding radius
@@ -95,7 +96,7 @@ def test_pruned_kernel_in_sub_batches():
     head.predict(Z[:1])
     w = head._work[(Z.device, torch.float32)]
     lam = ref.curvature_table(w, "auto")[1]
-    got = _cpu.perclass_certify(Z, w, lam, True)
+    got = _cpu.perclass_certify(Z, w, lam, perclass_error_model(Z.shape[1], Z.dtype))
     want = ref.perclass_certify(Z, w, form="cholesky")
     _agree(got, want, torch.float32)
     # how many pairs the kernel had to evaluate exactly: those whose cheap bound is below the

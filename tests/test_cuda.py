@@ -32,6 +32,7 @@ from helpers import random_head
 
 from gmfast import _reference as ref
 from gmfast import ops
+from gmfast._fp import PERCLASS_FIELDS, TIED_FIELDS, CovKind, perclass_error_model
 from gmfast.ops import BackendFallbackWarning
 from gmfast.ops import _cuda
 
@@ -317,15 +318,14 @@ def test_emulated_cuda_tied_equals_reference(cuda_on_cpu, dtype):
         Z = _emu_sample(head, B, dtype, seed=B, noncontig=B % 2 == 1)
         for norm in (2, math.inf) if K == 3 else (2,):  # the norm only changes the table
             inv_hat, inv_lo = ref.tied_denominators(p, norm)
-            alpha, eps = ref.tied_error_coefficients(p, d, dtype)
-            pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv_lo, alpha, eps)
+            pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv_lo, ref.tied_error_model(p, d, dtype))
             pb, rb = ref.tied_certify(Z, p, norm)
             _, plain = ref.tied_certify(Z, p, norm, fp_sound=False)
             gap = (plain - rb).abs()
             _assert_close(pa, ra, pb, rb, gap, f"tied {dtype} B={B} d={d} K={K} norm={norm}")
-            pn, rn = cuda_on_cpu._tied(Z, p.A, p.beta, inv_hat, None, None)
+            pn, rn = cuda_on_cpu._tied(Z, p.A, p.beta, inv_hat, None)
             _assert_close(pn, rn, pb, plain, gap, f"tied plain {dtype} B={B} d={d} K={K}")
-            pp, rp = cuda_on_cpu._tied(Z, p.A, p.beta, None, None, None)
+            pp, rp = cuda_on_cpu._tied(Z, p.A, p.beta, None, None)
             assert rp is None and torch.equal(pp, pb)
 
 
@@ -338,14 +338,14 @@ def test_emulated_cuda_perclass_equals_reference(cuda_on_cpu, kind, dtype):
         p = head.classifier_params.to("cpu", dtype)
         Z = _emu_sample(head, B, dtype, seed=B, noncontig=B % 2 == 1)
         lam_hat, lam_up, _ = ref.curvature_table(p, "exact")
-        pa, ra = cuda_on_cpu._perclass(Z, p, lam_up, True)
+        pa, ra = cuda_on_cpu._perclass(Z, p, lam_up, perclass_error_model(d, dtype))
         pb, rb = ref.perclass_certify(Z, p, curvature="exact")
         _, plain = ref.perclass_certify(Z, p, fp_sound=False, curvature="exact")
         gap = (plain - rb).abs()
         _assert_close(pa, ra, pb, rb, gap, f"{kind} {dtype} B={B} d={d} K={K}")
-        pn, rn = cuda_on_cpu._perclass(Z, p, lam_hat, False)
+        pn, rn = cuda_on_cpu._perclass(Z, p, lam_hat, None)
         _assert_close(pn, rn, pb, plain, gap, f"{kind} plain {dtype} B={B} d={d} K={K}")
-        pp, rp = cuda_on_cpu._perclass(Z, p, None, True)
+        pp, rp = cuda_on_cpu._perclass(Z, p, None, None)
         assert rp is None and torch.equal(pp, pb)
 
 
@@ -357,10 +357,10 @@ def test_emulated_cuda_nonfinite_rows(cuda_on_cpu):
         Z[1, 2], Z[4, 0] = float("nan"), -float("inf")
         if kind == "tied":
             inv = ref.tied_denominators(p, 2)[1]
-            pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv, *ref.tied_error_coefficients(p, 4, torch.float32))
+            pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv, ref.tied_error_model(p, 4, torch.float32))
             pb, rb = ref.tied_certify(Z, p, 2)
         else:
-            pa, ra = cuda_on_cpu._perclass(Z, p, ref.curvature_table(p, "exact")[1], True)
+            pa, ra = cuda_on_cpu._perclass(Z, p, ref.curvature_table(p, "exact")[1], perclass_error_model(4, torch.float32))
             pb, rb = ref.perclass_certify(Z, p, curvature="exact")
         assert pa[[1, 4]].tolist() == [-1, -1] and ra[[1, 4]].tolist() == [0.0, 0.0]
         assert torch.equal(pa, pb) and torch.allclose(ra, rb, rtol=1e-4, atol=1e-7)
@@ -369,11 +369,25 @@ def test_emulated_cuda_nonfinite_rows(cuda_on_cpu):
 def test_emulated_cuda_argument_checks(emulated_module):
     m = emulated_module
     with pytest.raises(ValueError, match="alpha and eps"):
-        m.tied_certify_f32(0, 1, 2, 3, 3, 1, 1, 2, 1, 1, 0, 1, 1, 1, 1, 8, 0)
+        m.tied_certify_f32(0, 1, 2, 3, 3, 1, 1, 2, 1, 1, 0, None, 1, 1, 1, 1, 8, 0)
+    with pytest.raises(ValueError, match="consts must be given exactly when"):
+        m.tied_certify_f32(0, 1, 2, 3, 3, 1, 1, 2, 1, 1, 1, None, 1, 1, 1, 1, 8, 0)
+    with pytest.raises(ValueError, match=f"consts: expected {len(TIED_FIELDS)} values, got 2"):
+        m.tied_certify_f32(0, 1, 2, 3, 3, 1, 1, 2, 1, 1, 1, [1.0, 2.0], 1, 1, 1, 1, 8, 0)
     with pytest.raises(ValueError, match="row stride"):
-        m.tied_certify_f32(0, 1, 2, 3, 2, 1, 1, 2, 0, 0, 0, 1, 0, 1, 0, 8, 0)
+        m.tied_certify_f32(0, 1, 2, 3, 2, 1, 1, 2, 0, 0, 0, None, 1, 0, 1, 0, 8, 0)
     with pytest.raises(ValueError, match="null device pointer"):
-        m.perclass_certify_f64(0, 1, 2, 3, 3, 0, 1, 1, 0, 1, 1, 1, 2, 0, False, 1, 0, 1, 8, 0)
+        m.perclass_certify_f64(0, 1, 2, 3, 3, 0, 1, 1, 0, 1, 1, 1, 2, 0, None, 1, 0, 1, 8, 0)
+    with pytest.raises(ValueError, match=f"consts: expected {len(PERCLASS_FIELDS)} values, got 1"):
+        m.perclass_certify_f64(0, 1, 2, 3, 3, 1, 1, 1, 0, 1, 1, 1, 2, 1, [0.0], 1, 1, 0, 8, 0)
+
+
+def test_emulated_cuda_kernel_interface_matches_python(emulated_module):
+    """The CUDA module reads the constants in gmfast._fp's order and numbers kinds as CovKind."""
+    got = emulated_module.kernel_interface()
+    assert tuple(got["tied_fields"]) == TIED_FIELDS
+    assert tuple(got["perclass_fields"]) == PERCLASS_FIELDS
+    assert got["kinds"] == {k.name.lower(): int(k) for k in CovKind}
 
 
 # --------------------------------------------------------------------------------------
@@ -422,15 +436,14 @@ def test_cuda_first_call_failure_falls_back_once(broken_cuda):
     p = head.classifier_params.to("cpu", torch.float32)
     Z = torch.randn(9, 5)
     inv = ref.tied_denominators(p, 2)[1]
-    alpha, eps = ref.tied_error_coefficients(p, 5, torch.float32)
     with pytest.warns(BackendFallbackWarning, match="failed at their first call.*reference"):
-        pa, ra = _cuda.tied_certify(Z, p.A, p.beta, inv, alpha, eps)
+        pa, ra = _cuda.tied_certify(Z, p.A, p.beta, inv, ref.tied_error_model(p, 5, torch.float32))
     assert ops._status["cuda"][0] is False and "NoKernelImage" in ops._status["cuda"][1]
     pb, rb = ref.tied_certify(Z, p, 2)
     assert torch.equal(pa, pb) and torch.equal(ra, rb)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
-        pp, rp = _cuda.tied_certify(Z, p.A, p.beta, None, None, None)
+        pp, rp = _cuda.tied_certify(Z, p.A, p.beta, None, None)
     assert rp is None and torch.equal(pp, pb)
 
 
@@ -444,7 +457,7 @@ def test_cuda_perclass_fallback_uses_the_given_table(broken_cuda, kind):
         for fp_sound, lam in ((True, lam_up), (False, lam_hat)):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", BackendFallbackWarning)
-                pa, ra = _cuda.perclass_certify(Z, p, lam, fp_sound)
+                pa, ra = _cuda.perclass_certify(Z, p, lam, perclass_error_model(4, torch.float32) if fp_sound else None)
             pb, rb = ref.perclass_certify(Z, p, fp_sound=fp_sound, curvature=curvature)
             assert torch.equal(pa, pb) and torch.equal(ra, rb)
 

@@ -27,7 +27,7 @@ import torch
 pytest.importorskip("triton")
 
 from gmfast import _reference as ref  # noqa: E402
-from gmfast._fp import norm_upper  # noqa: E402
+from gmfast._fp import norm_upper, perclass_error_model  # noqa: E402
 from gmfast.ops import _triton  # noqa: E402
 from gmfast.smoothing import _count  # noqa: E402
 from gmfast.triton import perclass as tpc  # noqa: E402
@@ -113,8 +113,8 @@ def near_tie_tied(Z, p, pa, pb):
 def check_tied(Z, p, norm, fp_sound, what, split=None):
     B, d = Z.shape
     inv_hat, inv_lo = ref.tied_denominators(p, norm)
-    alpha, eps = ref.tied_error_coefficients(p, d, Z.dtype) if fp_sound else (None, None)
-    pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo if fp_sound else inv_hat, alpha, eps, split=split)
+    fp = ref.tied_error_model(p, d, Z.dtype) if fp_sound else None
+    pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo if fp_sound else inv_hat, fp, split=split)
     pb, rb = ref.tied_certify(Z, p, norm, fp_sound=fp_sound)
     assert pa.dtype == torch.int64 and ra.dtype == torch.float64 and pa.shape == ra.shape == (B,)
     diff = (pa != pb).numpy()
@@ -127,7 +127,7 @@ def check_tied(Z, p, norm, fp_sound, what, split=None):
     bad = same & ~(err <= tol)
     assert not bad.any(), f"{what}: radii differ beyond the rounding bound: " + describe(bad, ra, rb, tol)
     # predict-only gives the same predictions and no radius
-    pp, rp = ttied.tied_certify(Z, p.A, p.beta, None, None, None, split=split)
+    pp, rp = ttied.tied_certify(Z, p.A, p.beta, None, None, split=split)
     assert rp is None and torch.equal(pp, pa), f"{what}: predict-only differs"
     return pa, ra
 
@@ -160,8 +160,8 @@ def test_tied_two_kernel_path(K, dtype):
 def _tied_tables(p, norm, fp_sound, Z):
     inv_hat, inv_lo = ref.tied_denominators(p, norm)
     if not fp_sound:
-        return inv_hat, None, None
-    return (inv_lo,) + tuple(ref.tied_error_coefficients(p, Z.shape[1], Z.dtype))
+        return inv_hat, None
+    return inv_lo, ref.tied_error_model(p, Z.shape[1], Z.dtype)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -186,8 +186,7 @@ def test_tied_sound_near_boundary(split, dtype):
     Z = Z0 - ((m / (v * v).sum(1)) - t / v.norm(dim=1))[:, None] * v
     Z = Z.to(dtype)
     inv_hat, inv_lo = ref.tied_denominators(p, 2)
-    alpha, eps = ref.tied_error_coefficients(p, d, dtype)
-    pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo, alpha, eps, split=split)
+    pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo, ref.tied_error_model(p, d, dtype), split=split)
     p64 = master.to("cpu", torch.float64)
     pe, re = ref.tied_certify(Z.double(), p64, 2, fp_sound=False)
     assert_sound(pa, ra, pe, re, "tied near boundary")
@@ -240,7 +239,7 @@ def test_tied_nonfinite_rows(split, dtype):
         keep[7] = False
         assert torch.equal(pa[keep], pb[keep])
         assert torch.allclose(ra[keep], rb[keep], rtol=1e-4, atol=1e-6)
-    pp, _ = ttied.tied_certify(Z, p.A, p.beta, None, None, None, split=split)
+    pp, _ = ttied.tied_certify(Z, p.A, p.beta, None, None, split=split)
     assert (pp[bad] == -1).all() and torch.equal(pp, pa)
 
 
@@ -269,7 +268,7 @@ def check_perclass(Z, p, what):
     for fp_sound in (True, False):
         lam_hat, lam_up, _ = ref.curvature_table(p, "exact")
         lam = lam_up if fp_sound else lam_hat
-        pa, ra = tpc.perclass_certify(Z, p, lam, fp_sound)
+        pa, ra = tpc.perclass_certify(Z, p, lam, perclass_error_model(Z.shape[1], Z.dtype) if fp_sound else None)
         pb, rb = ref.perclass_certify(Z, p, fp_sound=fp_sound, curvature="exact")
         assert pa.dtype == torch.int64 and ra.dtype == torch.float64 and pa.shape == ra.shape == (B,)
         out[fp_sound] = (pa, ra, pb, rb)
@@ -291,7 +290,7 @@ def check_perclass(Z, p, what):
         err = (ra - rb).abs().numpy()
         bad = ~diff & ~(err <= tol)
         assert not bad.any(), f"{what} fp_sound={fp_sound}: radii differ: " + describe(bad, ra, rb, tol)
-    pp, rp = tpc.perclass_certify(Z, p, None, True)
+    pp, rp = tpc.perclass_certify(Z, p, None, None)
     assert rp is None and torch.equal(pp, out[True][0]), f"{what}: predict-only differs"
 
 
@@ -321,7 +320,7 @@ def test_perclass_sound(kind):
     Z[::2] = mid[::2] + (Z[::2] - mid[::2]) * 1e-3
     Z = Z.float()
     lam_up = ref.curvature_table(p, "exact")[1]
-    pa, ra = tpc.perclass_certify(Z, p, lam_up, True)
+    pa, ra = tpc.perclass_certify(Z, p, lam_up, perclass_error_model(Z.shape[1], Z.dtype))
     pe, re = ref.perclass_certify(Z.double(), p64, fp_sound=False, curvature="exact")
     assert_sound(pa, ra, pe, re, f"{kind} sound")
     assert (ra > 0).any()
@@ -338,7 +337,7 @@ def test_perclass_nonfinite_rows(kind):
     bad = torch.zeros(8, dtype=torch.bool)
     bad[[2, 4, 6]] = True
     lam = ref.curvature_table(p, "exact")[1]
-    pa, ra = tpc.perclass_certify(Z, p, lam, True)
+    pa, ra = tpc.perclass_certify(Z, p, lam, perclass_error_model(Z.shape[1], Z.dtype))
     assert (pa[bad] == -1).all() and (ra[bad] == 0).all(), (pa, ra)
     pb, rb = ref.perclass_certify(Z[~bad], p, fp_sound=True, curvature="exact")
     assert torch.equal(pa[~bad], pb)
@@ -351,9 +350,9 @@ def test_perclass_full_chunks(monkeypatch):
     p = master.to("cpu", torch.float32)
     Z = sample(master.mu, 50, torch.float32, seed=2)
     lam = ref.curvature_table(p, "exact")[1]
-    one = tpc.perclass_certify(Z, p, lam, True)
+    one = tpc.perclass_certify(Z, p, lam, perclass_error_model(Z.shape[1], Z.dtype))
     monkeypatch.setattr(ttied, "_CHUNK_ELEMS", 16 * 5 * 4)  # 16 rows per chunk
-    many = tpc.perclass_certify(Z, p, lam, True)
+    many = tpc.perclass_certify(Z, p, lam, perclass_error_model(Z.shape[1], Z.dtype))
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
@@ -409,7 +408,8 @@ def test_backend_module_contract():
     pb, rb = ref.tied_certify(Z, p, 2)
     assert torch.equal(pa, pb) and torch.allclose(ra, rb, rtol=1e-4, atol=1e-6)
     q = random_params("diag", 3, 4, seed=1).to("cpu", torch.float32)
-    pa, ra = _triton.perclass_certify(Z, q, ref.curvature_table(q, "exact")[1], True)
+    pa, ra = _triton.perclass_certify(Z, q, ref.curvature_table(q, "exact")[1],
+                                      perclass_error_model(Z.shape[1], Z.dtype))
     pb, rb = ref.perclass_certify(Z, q, curvature="exact")
     assert torch.equal(pa, pb) and torch.allclose(ra, rb, rtol=1e-4, atol=1e-6)
 
@@ -418,15 +418,15 @@ def test_launchers_check_inputs(monkeypatch):
     p = random_params("tied", 3, 4, seed=1).to("cpu", torch.float32)
     Z = torch.zeros(2, 3)
     with pytest.raises(TypeError, match="dtype"):
-        ttied.tied_certify(Z.double(), p.A, p.beta, None, None, None)
-    with pytest.raises(ValueError, match="both"):
-        ttied.tied_certify(Z, p.A, p.beta, torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
-                           None)
+        ttied.tied_certify(Z.double(), p.A, p.beta, None, None)
+    with pytest.raises(ValueError, match="alpha, eps"):
+        fp = ref.tied_error_model(p, 3, torch.float32)
+        ttied.tied_certify(Z, p.A, p.beta, torch.zeros(4, 4, dtype=torch.float64), fp._replace(eps=fp.eps[:2]))
     with pytest.raises(TypeError, match="float16"):
-        ttied.tied_certify(Z.half(), p.A.half(), p.beta.half(), None, None, None)
+        ttied.tied_certify(Z.half(), p.A.half(), p.beta.half(), None, None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA tensors"):
-        ttied.tied_certify(Z, p.A, p.beta, None, None, None)
+        ttied.tied_certify(Z, p.A, p.beta, None, None)
 
 
 # --------------------------------------------------------------------------------------

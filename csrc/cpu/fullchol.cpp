@@ -136,16 +136,13 @@ template <class T>
 void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* rpack, const T* rbias,
                        const double* kappa, const double* rho, const double* sigma, const double* eps, const T* prec,
                        const T* prec_mu, const double* prec_abs_up, const double* mu_norm_up, index_t K,
-                       const double* lam, bool fp_sound, int64_t* pred, double* radius) {
+                       const double* lam, const PerClassConsts* fp, int64_t* pred, double* radius) {
   if (B == 0) return;
-  const double u = unit_roundoff<T>();
-  const double g_ = gamma_n(d + 4, u), gd = gamma_n(d, u);
-  const double S = 1.0 + 4.0 * g_;
-  const double eta = underflow_unit<T>();
-  const double nu = std::sqrt(2.0 * (d + 4) * eta);
-  const double tiny_u = 2.0 * std::pow(static_cast<double>(d + 4), 1.5) * eta;
-  const double tiny_d = 2.0 * (d + 4) * eta;
-  const double up4 = slack_up(4);
+  // the constants of gmfast._fp.perclass_constants (fp null: fp_sound=False, none needed)
+  const bool fp_sound = fp != nullptr;
+  const PerClassConsts cst = fp_sound ? *fp : PerClassConsts{};
+  const double u = cst.u, g_ = cst.g, gd = cst.gd, S = cst.S, nu = cst.nu, tiny_u = cst.tiny_u,
+               tiny_d = cst.tiny_d, up4 = cst.up4;
   // rows per chunk: the n x K tables and the gathered pairs stay a few tens of MB
   const index_t chunk = std::max<index_t>(kMR, std::min<index_t>(4096, (index_t{1} << 21) / std::max(K, d)));
   std::vector<double> D, Q, UB;
@@ -334,7 +331,7 @@ void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* r
     for (index_t r = 0; r < n; ++r) {
       if (!alive[r]) continue;
       double rad = std::min(best[r], pruned[r]);
-      if (fp_sound) rad *= slack_down(8);
+      if (fp_sound) rad *= cst.down8;
       radius[r0 + r] = std::isnan(rad) ? 0.0 : rad;
     }
   }
@@ -342,11 +339,11 @@ void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* r
 
 template void full_certify_chol<float>(const float*, index_t, index_t, index_t, const float*, const float*,
                                        const double*, const double*, const double*, const double*, const float*,
-                                       const float*, const double*, const double*, index_t, const double*, bool,
+                                       const float*, const double*, const double*, index_t, const double*, const PerClassConsts*,
                                        int64_t*, double*);
 template void full_certify_chol<double>(const double*, index_t, index_t, index_t, const double*, const double*,
                                         const double*, const double*, const double*, const double*, const double*,
-                                        const double*, const double*, const double*, index_t, const double*, bool,
+                                        const double*, const double*, const double*, index_t, const double*, const PerClassConsts*,
                                         int64_t*, double*);
 
 }  // namespace gmfast

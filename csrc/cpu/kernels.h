@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common.h"
+#include "constants.h"
 
 namespace gmfast {
 
@@ -26,18 +27,17 @@ inline double pair_radius(double q, double g, double lam) {
   return den > 0.0 ? 2.0 * q / den : kInf;
 }
 
-enum class PerClassKind : int { kFull = 0, kDiag = 1, kSpherical = 2 };
-
 // Per-class quadratic classifier f_k = kappa_k - 1/2 (z - mu_k)^T P_k (z - mu_k) with the
 // sound l2 radius of DESIGN 1.4 (gmfast._reference.perclass_certify has the derivation).
 // Never materialises B x K x d: rows are processed in blocks whose scratch is bounded.
 //   prec: diag (K x d), spherical (K) (full: full_certify_chol);  mu, prec_mu (K x d)
 //   kappa, prec_abs_up, mu_norm_up (K) float64;  lam (K x K) float64 or null (predict only)
+//   fp: the rounding-error constants (constants.h) or null (fp_sound=False)
 template <class T>
 void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu,
                       const T* prec, const T* prec_mu, const double* kappa, const double* prec_abs_up,
-                      const double* mu_norm_up, index_t K, const double* lam, bool fp_sound, int64_t* pred,
-                      double* radius);
+                      const double* mu_norm_up, index_t K, const double* lam, const PerClassConsts* fp,
+                      int64_t* pred, double* radius);
 
 // Full covariances in the Cholesky form (csrc/cpu/fullchol.cpp; the math is
 // gmfast._reference._perclass_certify_cholesky). The margins come from R_k = chol(P_k)^T packed
@@ -54,6 +54,6 @@ template <class T>
 void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* rpack, const T* rbias,
                        const double* kappa, const double* rho, const double* sigma, const double* eps, const T* prec,
                        const T* prec_mu, const double* prec_abs_up, const double* mu_norm_up, index_t K,
-                       const double* lam, bool fp_sound, int64_t* pred, double* radius);
+                       const double* lam, const PerClassConsts* fp, int64_t* pred, double* radius);
 
 }  // namespace gmfast

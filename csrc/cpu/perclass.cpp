@@ -22,8 +22,8 @@ namespace {
 // Epilogue for one row, given u-hat for every class in U (K x d, working precision).
 template <class T>
 void row_epilogue(const T* z, index_t d, const T* mu, T* U, const double* kappa, const double* prec_abs_up,
-                  const double* mu_norm_up, index_t K, const double* lam, bool fp_sound, double* f, double* D,
-                  double* un, double* wn, int64_t* pred, double* radius) {
+                  const double* mu_norm_up, index_t K, const double* lam, const PerClassConsts* fp, double* f,
+                  double* D, double* un, double* wn, int64_t* pred, double* radius) {
   bool finite = true;
   for (index_t k = 0; k < K; ++k) {
     const T* m = mu + k * d;
@@ -53,14 +53,10 @@ void row_epilogue(const T* z, index_t d, const T* mu, T* U, const double* kappa,
   *pred = c;
   if (lam == nullptr) return;
 
-  const double u = unit_roundoff<T>();
-  const double g_ = gamma_n(d + 4, u);
-  const double S = 1.0 + 4.0 * g_;
-  // underflow allowances, as in the reference: on computed norms, on u-hat and on D-hat
-  const double eta = underflow_unit<T>();
-  const double nu = std::sqrt(2.0 * (d + 4) * eta);
-  const double tiny_u = 2.0 * std::pow(static_cast<double>(d + 4), 1.5) * eta;
-  const double tiny_d = 2.0 * (d + 4) * eta;
+  // the constants of gmfast._fp.perclass_constants (fp null: fp_sound=False, none needed)
+  const bool fp_sound = fp != nullptr;
+  const PerClassConsts cst = fp_sound ? *fp : PerClassConsts{};
+  const double u = cst.u, g_ = cst.g, S = cst.S, nu = cst.nu, tiny_u = cst.tiny_u, tiny_d = cst.tiny_d;
   double zn = 0.0;
   if (fp_sound) {
     double ss = 0.0;
@@ -103,7 +99,7 @@ void row_epilogue(const T* z, index_t d, const T* mu, T* U, const double* kappa,
     r = std::min(r, rj);
     if (r == 0.0) break;
   }
-  if (fp_sound) r *= slack_down(8);
+  if (fp_sound) r *= cst.down8;
   *radius = std::isnan(r) ? 0.0 : r;
 }
 
@@ -130,8 +126,8 @@ void elementwise_u(const T* z, index_t d, PerClassKind kind, const T* mu, const 
 template <class T>
 void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu,
                       const T* prec, const T* prec_mu, const double* kappa, const double* prec_abs_up,
-                      const double* mu_norm_up, index_t K, const double* lam, bool fp_sound, int64_t* pred,
-                      double* radius) {
+                      const double* mu_norm_up, index_t K, const double* lam, const PerClassConsts* fp,
+                      int64_t* pred, double* radius) {
   if (B == 0) return;
   const size_t Kd = static_cast<size_t>(K) * d;
 #pragma omp parallel
@@ -142,7 +138,7 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
     for (index_t r = 0; r < B; ++r) {
       const T* z = Z + r * ldz;
       elementwise_u<T>(z, d, kind, mu, prec, K, U.data());
-      row_epilogue<T>(z, d, mu, U.data(), kappa, prec_abs_up, mu_norm_up, K, lam, fp_sound, f.data(), D.data(),
+      row_epilogue<T>(z, d, mu, U.data(), kappa, prec_abs_up, mu_norm_up, K, lam, fp, f.data(), D.data(),
                       un.data(), wn.data(), pred + r, radius + r);
     }
   }
@@ -150,9 +146,9 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
 
 template void perclass_certify<float>(const float*, index_t, index_t, index_t, PerClassKind, const float*,
                                       const float*, const float*, const double*, const double*, const double*,
-                                      index_t, const double*, bool, int64_t*, double*);
+                                      index_t, const double*, const PerClassConsts*, int64_t*, double*);
 template void perclass_certify<double>(const double*, index_t, index_t, index_t, PerClassKind, const double*,
                                        const double*, const double*, const double*, const double*, const double*,
-                                       index_t, const double*, bool, int64_t*, double*);
+                                       index_t, const double*, const PerClassConsts*, int64_t*, double*);
 
 }  // namespace gmfast

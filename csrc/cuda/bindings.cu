@@ -4,11 +4,14 @@
 // imports on a machine without a GPU or driver; the first runtime call then raises
 // CudaError (device_count() is the cheap probe gmfast.ops._cuda.available() uses).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cuda/kernels.h"
 
@@ -35,13 +38,25 @@ void check_rows(index_t B, index_t d, index_t ldz) {
 
 cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// The rounding-error constants (gmfast._fp) as the kernels' struct S, or nothing for None.
+template <class S>
+std::optional<S> consts_of(const std::optional<std::vector<double>>& v, std::size_t count) {
+  if (!v) return std::nullopt;
+  if (v->size() != count)
+    fail("consts: expected " + std::to_string(count) + " values, got " + std::to_string(v->size()));
+  return gmfast::consts_from<S>(v->data());
+}
+
 template <class T>
 void tied(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, std::uintptr_t A, std::uintptr_t beta,
-          index_t K, std::uintptr_t inv, std::uintptr_t alpha, std::uintptr_t eps, std::uintptr_t pred,
-          std::uintptr_t radius, std::uintptr_t logits, std::uintptr_t ss, index_t chunk, std::uintptr_t stream) {
+          index_t K, std::uintptr_t inv, std::uintptr_t alpha, std::uintptr_t eps,
+          std::optional<std::vector<double>> consts, std::uintptr_t pred, std::uintptr_t radius, std::uintptr_t logits,
+          std::uintptr_t ss, index_t chunk, std::uintptr_t stream) {
   check_rows(B, d, ldz);
   if (K < 1) fail("A: expected at least one class");
   if ((alpha == 0) != (eps == 0)) fail("alpha and eps must both be given or both be null");
+  if ((alpha == 0) != !consts) fail("consts must be given exactly when alpha and eps are");
+  const auto cst = consts_of<gmfast::TiedConsts>(consts, gmfast::kTiedConstsCount);
   if (B == 0) return;
   for (auto [p, name] : {std::pair{Z, "Z"}, {A, "A"}, {beta, "beta"}, {pred, "pred"}, {logits, "logits"}})
     need(p, name);
@@ -52,16 +67,17 @@ void tied(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, std::
   gmfast::cuda::check(cudaSetDevice(device), "cudaSetDevice");
   gmfast::cuda::tied_certify<T>(as_ptr<const T>(Z), B, d, ldz, as_ptr<const T>(A), as_ptr<const T>(beta), K,
                                 as_ptr<const double>(inv), as_ptr<const double>(alpha), as_ptr<const double>(eps),
-                                as_ptr<int64_t>(pred), as_ptr<double>(radius), as_ptr<T>(logits), as_ptr<T>(ss),
+                                cst ? &*cst : nullptr, as_ptr<int64_t>(pred), as_ptr<double>(radius), as_ptr<T>(logits), as_ptr<T>(ss),
                                 chunk, as_stream(stream));
 }
 
 template <class T>
 void perclass(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, int kind, std::uintptr_t mu,
               std::uintptr_t prec, std::uintptr_t neg_prec_mu, std::uintptr_t kappa, std::uintptr_t prec_abs_up,
-              std::uintptr_t mu_norm_up, index_t K, std::uintptr_t lam, bool fp_sound, std::uintptr_t pred,
-              std::uintptr_t radius, std::uintptr_t U, index_t chunk, std::uintptr_t stream) {
+              std::uintptr_t mu_norm_up, index_t K, std::uintptr_t lam, std::optional<std::vector<double>> consts,
+              std::uintptr_t pred, std::uintptr_t radius, std::uintptr_t U, index_t chunk, std::uintptr_t stream) {
   check_rows(B, d, ldz);
+  const auto cst = consts_of<gmfast::PerClassConsts>(consts, gmfast::kPerClassConstsCount);
   if (K < 1) fail("mu: expected at least one class");
   if (kind < 0 || kind > 2) fail("kind: expected 0 (full), 1 (diag) or 2 (spherical)");
   if (B == 0) return;
@@ -83,7 +99,7 @@ void perclass(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, i
   gmfast::cuda::perclass_certify<T>(as_ptr<const T>(Z), B, d, ldz, k, as_ptr<const T>(mu), as_ptr<const T>(prec),
                                     as_ptr<const T>(neg_prec_mu), as_ptr<const double>(kappa),
                                     as_ptr<const double>(prec_abs_up), as_ptr<const double>(mu_norm_up), K,
-                                    as_ptr<const double>(lam), fp_sound, as_ptr<int64_t>(pred),
+                                    as_ptr<const double>(lam), cst ? &*cst : nullptr, as_ptr<int64_t>(pred),
                                     as_ptr<double>(radius), as_ptr<T>(U), chunk, as_stream(stream));
 }
 
@@ -102,19 +118,38 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       "Number of CUDA devices; raises CudaError when the runtime cannot start (no driver or GPU).");
 
+  m.def(
+      "kernel_interface",
+      [] {
+        py::dict out;
+        py::list tied, perclass;
+        for (std::size_t i = 0; i < gmfast::kTiedConstsCount; ++i) tied.append(gmfast::tied_consts_names()[i]);
+        for (std::size_t i = 0; i < gmfast::kPerClassConstsCount; ++i)
+          perclass.append(gmfast::perclass_consts_names()[i]);
+        out["tied_fields"] = tied;
+        out["perclass_fields"] = perclass;
+        py::dict kinds;
+        kinds["full"] = static_cast<int>(gmfast::PerClassKind::kFull);
+        kinds["diag"] = static_cast<int>(gmfast::PerClassKind::kDiag);
+        kinds["spherical"] = static_cast<int>(gmfast::PerClassKind::kSpherical);
+        out["kinds"] = kinds;
+        return out;
+      },
+      "The constants' field order and the kind codes, as compiled (for tests).");
+
   m.def("tied_certify_f32", &tied<float>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"), py::arg("ldz"),
-        py::arg("A"), py::arg("beta"), py::arg("K"), py::arg("inv"), py::arg("alpha"), py::arg("eps"), py::arg("pred"),
+        py::arg("A"), py::arg("beta"), py::arg("K"), py::arg("inv"), py::arg("alpha"), py::arg("eps"), py::arg("consts"), py::arg("pred"),
         py::arg("radius"), py::arg("logits"), py::arg("ss"), py::arg("chunk"), py::arg("stream"));
   m.def("tied_certify_f64", &tied<double>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"),
         py::arg("ldz"), py::arg("A"), py::arg("beta"), py::arg("K"), py::arg("inv"), py::arg("alpha"),
-        py::arg("eps"), py::arg("pred"), py::arg("radius"), py::arg("logits"), py::arg("ss"), py::arg("chunk"),
+        py::arg("eps"), py::arg("consts"), py::arg("pred"), py::arg("radius"), py::arg("logits"), py::arg("ss"), py::arg("chunk"),
         py::arg("stream"));
   m.def("perclass_certify_f32", &perclass<float>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"),
         py::arg("ldz"), py::arg("kind"), py::arg("mu"), py::arg("prec"), py::arg("neg_prec_mu"), py::arg("kappa"),
-        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("K"), py::arg("lam"), py::arg("fp_sound"),
+        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("K"), py::arg("lam"), py::arg("consts"),
         py::arg("pred"), py::arg("radius"), py::arg("U"), py::arg("chunk"), py::arg("stream"));
   m.def("perclass_certify_f64", &perclass<double>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"),
         py::arg("ldz"), py::arg("kind"), py::arg("mu"), py::arg("prec"), py::arg("neg_prec_mu"), py::arg("kappa"),
-        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("K"), py::arg("lam"), py::arg("fp_sound"),
+        py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("K"), py::arg("lam"), py::arg("consts"),
         py::arg("pred"), py::arg("radius"), py::arg("U"), py::arg("chunk"), py::arg("stream"));
 }

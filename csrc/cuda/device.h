@@ -1,6 +1,6 @@
 // Device helpers shared by the gmfast CUDA kernels: warp reductions, explicitly rounded
-// arithmetic, and the float64 constants of the fp-sound epilogues (computed on the host
-// with the same formulas as the CPU kernels, csrc/common.h).
+// arithmetic, and the norm bound read from the fp-sound constants (csrc/constants.h, derived
+// in gmfast/_fp.py).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -78,19 +78,12 @@ __device__ __forceinline__ void warp_argmax(T& best, index_t& idx) {
   }
 }
 
-// Upper bound on ||z|| from ss = fl(sum z_i^2) accumulated in T:
-// sqrt((ss + 2 d eta_T)(1 + gamma_{d+2}(u_T))) (1 + 4 u64), as norm_up_from_ss<T> in common.h.
-struct NormConsts {
-  double eta2, g1, up;
-};
-
-template <class T>
-NormConsts norm_consts(index_t d) {
-  return {2.0 * static_cast<double>(d) * underflow_unit<T>(), 1.0 + gamma_n(d + 2, unit_roundoff<T>()),
-          1.0 + 4.0 * kU64};
+// Upper bound on ||z|| from ss = fl(sum z_i^2) accumulated in T: the norm_* fields of the
+// constants (gmfast._fp.norm_constants), sqrt((ss + 2 d eta_T)(1 + gamma_{d+2}(u_T))) (1 + 4 u64).
+template <class C>
+__device__ __forceinline__ double norm_up(double ss, const C& c) {
+  return sqrt((ss + c.norm_eta2) * c.norm_g1) * c.norm_up;
 }
-
-__device__ __forceinline__ double norm_up(double ss, const NormConsts& c) { return sqrt((ss + c.eta2) * c.g1) * c.up; }
 
 }  // namespace cuda
 }  // namespace gmfast

@@ -8,9 +8,9 @@
 // ties). Pass 1 over k finds c and keeps its terms; pass 2 recomputes the terms of every j
 // with ||fl(u_c - u_j)||^2 and folds r_j = 2q / (g + sqrt(g^2 + 2 lam q)) into the min.
 //
-// Soundness: the error terms of gmfast._reference.perclass_certify, same formulas and
-// constants (gamma = gamma_{d+4}(u_T), S = 1 + 4 gamma, the underflow terms nu, tiny_u,
-// tiny_d, lam+ from the table). D and the squared norms are accumulated in T, which is
+// Soundness: the error terms of gmfast.ops._reference.perclass_certify, same formulas, with
+// the constants of gmfast._fp.perclass_constants (gamma = gamma_{d+4}(u_T), S = 1 + 4 gamma,
+// the underflow terms nu, tiny_u, tiny_d; csrc/constants.h), lam+ from the table. D and the squared norms are accumulated in T, which is
 // what that bound is written for (computed norms within gamma_{d+1}(u_T) of the exact ones,
 // covered by S); an overflow gives inf and radius 0, a NaN gives 0. u-hat and its
 // differences use explicitly rounded operations, so the u-hat_c of pass 2 is the rounded
@@ -23,34 +23,6 @@
 namespace gmfast {
 namespace cuda {
 namespace {
-
-struct PerClassConsts {
-  NormConsts norm;
-  double u, g, S, nu, tiny_u, tiny_d, three_u, half_S, four_u64, one_u, down8;
-};
-
-template <class T>
-PerClassConsts perclass_consts(index_t d) {
-  const double u = unit_roundoff<T>();
-  const double g = gamma_n(d + 4, u);
-  const double S = 1.0 + 4.0 * g;
-  const double eta = underflow_unit<T>();
-  const double n = static_cast<double>(d + 4);
-  PerClassConsts c;
-  c.norm = norm_consts<T>(d);
-  c.u = u;
-  c.g = g;
-  c.S = S;
-  c.nu = std::sqrt(2.0 * n * eta);      // on computed norms (their squares may underflow)
-  c.tiny_u = 2.0 * std::pow(n, 1.5) * eta;  // on u-hat
-  c.tiny_d = 2.0 * n * eta;             // on D-hat
-  c.three_u = 3.0 * u;
-  c.half_S = 0.5 * S;
-  c.four_u64 = 4.0 * kU64;
-  c.one_u = 1.0 + u;
-  c.down8 = slack_down(8);
-  return c;
-}
 
 constexpr int kRowsPerBlock = 8;  // one warp per row
 
@@ -127,7 +99,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   if (fp_sound) {
     T zss = T(0);
     for (index_t i = lane; i < d; i += kWarp) zss += z[i] * z[i];
-    zn = norm_up(static_cast<double>(warp_sum(zss)), cst.norm);
+    zn = norm_up(static_cast<double>(warp_sum(zss)), cst);
     const double zm = zn + mun[c];
     const double un = sqrt(uuc) + cst.nu, wn = sqrt(wwc) + cst.nu;
     delta_c = cst.g * pabs[c] * zm + cst.u * un + cst.tiny_u;
@@ -195,12 +167,12 @@ void launch_rows(index_t R, index_t d, index_t K, const T* Z, index_t ldz, const
 template <class T>
 void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu, const T* prec,
                       const T* neg_prec_mu, const double* kappa, const double* prec_abs_up,
-                      const double* mu_norm_up, index_t K, const double* lam, bool fp_sound, int64_t* pred,
-                      double* radius, T* U, index_t chunk, cudaStream_t stream) {
+                      const double* mu_norm_up, index_t K, const double* lam, const PerClassConsts* fp,
+                      int64_t* pred, double* radius, T* U, index_t chunk, cudaStream_t stream) {
   if (B == 0) return;
   chunk = std::min(chunk, kMaxChunkRows);
-  fp_sound = fp_sound && lam != nullptr;
-  const PerClassConsts cst = perclass_consts<T>(d);
+  const bool fp_sound = fp != nullptr && lam != nullptr;
+  const PerClassConsts cst = fp_sound ? *fp : PerClassConsts{};
   switch (kind) {
     case PerClassKind::kFull:
       // u-hat of a chunk = Z_chunk [P_1; ...; P_K]^T + (-P mu): the same rounded fl(P_k z) - P_k mu_k
@@ -225,10 +197,11 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
 
 template void perclass_certify<float>(const float*, index_t, index_t, index_t, PerClassKind, const float*,
                                       const float*, const float*, const double*, const double*, const double*,
-                                      index_t, const double*, bool, int64_t*, double*, float*, index_t, cudaStream_t);
+                                      index_t, const double*, const PerClassConsts*, int64_t*, double*, float*, index_t,
+                                      cudaStream_t);
 template void perclass_certify<double>(const double*, index_t, index_t, index_t, PerClassKind, const double*,
                                        const double*, const double*, const double*, const double*, const double*,
-                                       index_t, const double*, bool, int64_t*, double*, double*, index_t,
+                                       index_t, const double*, const PerClassConsts*, int64_t*, double*, double*, index_t,
                                        cudaStream_t);
 
 }  // namespace cuda

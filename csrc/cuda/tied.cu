@@ -6,7 +6,7 @@
 // Soundness: exactly the formula of gmfast._reference.tied_epilogue. The logits differ from
 // the exact a_k^T z + beta_k by at most e_k = alpha_k ||z|| + eps_k (gamma_{d+2}, Higham's
 // bound for any order, FMA or not); ||z|| is bounded above from fl(sum z^2) accumulated in
-// T (norm_up, the formula of norm_up_from_ss<T>). Margins, error terms, products and the
+// T (norm_up with the constants of gmfast._fp.tied_constants). Margins, error terms, products and the
 // min over ALL j != c are float64: E_cj = (e_c + e_j)(1 + 8u) + 2u|m|, num <= 0 -> 0,
 // times (1 - 8u). nvcc keeps float64 division and square root IEEE, does not flush
 // float64 subnormals, and FMA contraction only removes roundings from these bounds.
@@ -17,11 +17,6 @@
 namespace gmfast {
 namespace cuda {
 namespace {
-
-struct TiedConsts {
-  NormConsts norm;
-  double up4, two_u64, down4;
-};
 
 constexpr int kRowsPerBlock = 8;  // one warp per row
 
@@ -64,7 +59,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
   const double* irow = inv + c * K;
   double zn = 0.0, ec = 0.0;
   if (alpha != nullptr) {
-    zn = norm_up(static_cast<double>(ss[row]), cst.norm);
+    zn = norm_up(static_cast<double>(ss[row]), cst);
     ec = alpha[c] * zn + eps[c];
   }
   double r = infinity<double>();
@@ -88,12 +83,12 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
 
 template <class T>
 void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
-                  const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius, T* logits,
-                  T* ss, index_t chunk, cudaStream_t stream) {
+                  const double* inv, const double* alpha, const double* eps, const TiedConsts* fp, int64_t* pred,
+                  double* radius, T* logits, T* ss, index_t chunk, cudaStream_t stream) {
   if (B == 0) return;
   chunk = std::min(chunk, kMaxChunkRows);
-  const bool fp_sound = inv != nullptr && alpha != nullptr;
-  const TiedConsts cst{norm_consts<T>(d), slack_up(4), 2.0 * kU64, slack_down(4)};
+  const bool fp_sound = inv != nullptr && fp != nullptr;
+  const TiedConsts cst = fp_sound ? *fp : TiedConsts{};
   for (index_t r0 = 0; r0 < B; r0 += chunk) {
     const index_t rows = std::min(chunk, B - r0);
     gemm_nt_bias<T>(rows, K, d, Z + r0 * ldz, ldz, A, beta, logits, fp_sound ? ss : nullptr, stream);
@@ -107,10 +102,10 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
 }
 
 template void tied_certify<float>(const float*, index_t, index_t, index_t, const float*, const float*, index_t,
-                                  const double*, const double*, const double*, int64_t*, double*, float*, float*,
+                                  const double*, const double*, const double*, const TiedConsts*, int64_t*, double*, float*, float*,
                                   index_t, cudaStream_t);
 template void tied_certify<double>(const double*, index_t, index_t, index_t, const double*, const double*, index_t,
-                                   const double*, const double*, const double*, int64_t*, double*, double*, double*,
+                                   const double*, const double*, const double*, const TiedConsts*, int64_t*, double*, double*, double*,
                                    index_t, cudaStream_t);
 
 }  // namespace cuda

@@ -13,9 +13,11 @@ import ctypes
 import os
 import threading
 
+import numpy as np
 import torch
 
 from gmfast import _reference as ref
+from gmfast._fp import CovKind
 
 _C = None
 _blas_state = {"installed": False, "reason": "not probed"}
@@ -117,14 +119,14 @@ def _suffix(dtype: torch.dtype) -> str:
     raise TypeError(f"cpu kernels take float32 or float64; got {dtype}")
 
 
-def tied_certify(Z, A, beta, inv, alpha, eps):
+def tied_certify(Z, A, beta, inv, fp):
     C = _load()
     fn = getattr(C, "tied_certify_" + _suffix(Z.dtype))
+    # the kernel bounds ||z|| with common.h's norm_up_from_ss, equal to fp.consts
+    # (tests/test_constants.py)
+    alpha, eps = (None, None) if fp is None else (fp.alpha, fp.eps)
     pred, radius = fn(_rows(Z), _np(A), _np(beta), _np(inv), _np(alpha), _np(eps))
     return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)
-
-
-_KIND = {"full": 0, "diag": 1, "spherical": 2}
 
 
 def _cholesky_pack(p: ref.PerClassParams, dtype: torch.dtype):
@@ -148,7 +150,11 @@ def _cholesky_pack(p: ref.PerClassParams, dtype: torch.dtype):
     return p.cholesky[key]
 
 
-def perclass_certify(Z, p: ref.PerClassParams, lam, fp_sound: bool):
+def _consts(fp):
+    return None if fp is None else np.asarray(fp.consts, dtype=np.float64)
+
+
+def perclass_certify(Z, p: ref.PerClassParams, lam, fp):
     """Per-class certify; full covariances take the Cholesky form
     (``gmfast._reference.perclass_certify(form="cholesky")`` is its oracle)."""
     C = _load()
@@ -157,9 +163,9 @@ def perclass_certify(Z, p: ref.PerClassParams, lam, fp_sound: bool):
         fn = getattr(C, "full_certify_chol_" + _suffix(Z.dtype))
         pred, radius = fn(_rows(Z), _np(rpack), _np(rbias), _np(p.kappa), _np(rho), _np(sigma), _np(eps),
                           _np(p.prec), _np(p.prec_mu), _np(p.prec_abs_up), _np(p.mu_norm_up), _np(lam),
-                          bool(fp_sound))
+                          _consts(fp))
         return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)
     fn = getattr(C, "perclass_certify_" + _suffix(Z.dtype))
-    pred, radius = fn(_rows(Z), _KIND[p.kind], _np(p.mu), _np(p.prec), _np(p.prec_mu), _np(p.kappa),
-                      _np(p.prec_abs_up), _np(p.mu_norm_up), _np(lam), bool(fp_sound))
+    pred, radius = fn(_rows(Z), int(CovKind.of(p.kind)), _np(p.mu), _np(p.prec), _np(p.prec_mu), _np(p.kappa),
+                      _np(p.prec_abs_up), _np(p.mu_norm_up), _np(lam), _consts(fp))
     return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)

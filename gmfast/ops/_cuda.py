@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from gmfast import _reference as ref
-from gmfast._fp import norm_upper
+from gmfast._fp import CovKind, norm_upper
 
 _C = None
 _lock = threading.Lock()
@@ -29,7 +29,6 @@ _state = {"verified": False, "warned": False}
 
 #: Scratch elements (logits, per-class gradients) per chunk of rows: 32 MiB of float32.
 _CHUNK_ELEMS = 1 << 23
-_KIND = {"full": 0, "diag": 1, "spherical": 2}
 
 
 def _load():
@@ -91,23 +90,23 @@ def _fallback_name() -> str:
     return "triton" if _probe("triton")[0] else "the pure-PyTorch reference"
 
 
-def _tied_fallback(Z, A, beta, inv, alpha, eps):
+def _tied_fallback(Z, A, beta, inv, fp):
     from gmfast.ops import _probe, kernel_module
 
     if _probe("triton")[0]:
-        return kernel_module("triton").tied_certify(Z, A, beta, inv, alpha, eps)
-    return reference_tied(Z, A, beta, inv, alpha, eps)
+        return kernel_module("triton").tied_certify(Z, A, beta, inv, fp)
+    return reference_tied(Z, A, beta, inv, fp)
 
 
-def _perclass_fallback(Z, p, lam, fp_sound):
+def _perclass_fallback(Z, p, lam, fp):
     from gmfast.ops import _probe, kernel_module
 
     if _probe("triton")[0]:
-        return kernel_module("triton").perclass_certify(Z, p, lam, fp_sound)
-    return reference_perclass(Z, p, lam, fp_sound)
+        return kernel_module("triton").perclass_certify(Z, p, lam, fp)
+    return reference_perclass(Z, p, lam, fp)
 
 
-def reference_tied(Z, A, beta, inv, alpha, eps):
+def reference_tied(Z, A, beta, inv, fp):
     """The tied contract evaluated by the reference's own epilogue, in bounded row blocks
     (outputs preallocated and filled in place, as the reference does)."""
     B = Z.shape[0]
@@ -121,18 +120,19 @@ def reference_tied(Z, A, beta, inv, alpha, eps):
             finite = torch.isfinite(logits).all(1)
             pred[i:i + bs] = torch.where(finite, logits.argmax(1), torch.full_like(finite, -1, dtype=torch.int64))
             continue
-        zn = norm_upper(Zb) if alpha is not None else None
+        zn = norm_upper(Zb) if fp is not None else None
+        alpha, eps = (None, None) if fp is None else (fp.alpha, fp.eps)
         pred[i:i + bs], radius[i:i + bs] = ref.tied_epilogue(logits, zn, inv, alpha, eps)
     return pred, radius
 
 
-def reference_perclass(Z, p, lam, fp_sound):
+def reference_perclass(Z, p, lam, fp):
     """The per-class contract through :func:`gmfast._reference.perclass_certify`, with the
     given curvature table (planted as the only cached one, so exactly it is used)."""
     if lam is None:
-        return ref.perclass_certify(Z, p, fp_sound=fp_sound, need_radius=False)
+        return ref.perclass_certify(Z, p, fp_sound=fp is not None, need_radius=False)
     q = dataclasses.replace(p, curvature={"exact": (lam, lam)}, master=None)
-    return ref.perclass_certify(Z, q, fp_sound=fp_sound, need_radius=True, curvature="exact")
+    return ref.perclass_certify(Z, q, fp_sound=fp is not None, need_radius=True, curvature="exact")
 
 
 # --------------------------------------------------------------------------------------
@@ -174,7 +174,8 @@ def _chunk(width: int, lo: int, B: int) -> int:
     return max(1, min(B, 1 << 21, max(lo, _CHUNK_ELEMS // max(1, width))))
 
 
-def _tied(Z, A, beta, inv, alpha, eps):
+def _tied(Z, A, beta, inv, fp):
+    alpha, eps, consts = (None, None, None) if fp is None else fp
     _check(Z, A, beta, inv, alpha, eps)
     C = _load()
     fn = getattr(C, "tied_certify_" + _suffix(Z.dtype))
@@ -194,11 +195,12 @@ def _tied(Z, A, beta, inv, alpha, eps):
     ss = torch.empty(chunk, dtype=Z.dtype, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
     fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, _ptr(A), _ptr(beta), K, _ptr(inv), _ptr(alpha),
-       _ptr(eps), _ptr(pred), _ptr(radius), _ptr(logits), _ptr(ss), chunk, stream)
+       _ptr(eps), None if consts is None else list(consts), _ptr(pred), _ptr(radius), _ptr(logits), _ptr(ss), chunk,
+       stream)
     return pred, radius
 
 
-def _perclass(Z, p, lam, fp_sound):
+def _perclass(Z, p, lam, fp):
     _check(Z, p.mu, p.prec, p.kappa, lam)
     C = _load()
     fn = getattr(C, "perclass_certify_" + _suffix(Z.dtype))
@@ -222,15 +224,15 @@ def _perclass(Z, p, lam, fp_sound):
         chunk = _chunk(K * d, 32, B)
         U = torch.empty(chunk * K * d, dtype=T, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, _KIND[p.kind], _ptr(mu), _ptr(prec), _ptr(neg_pm),
-       _ptr(kappa), _ptr(pabs), _ptr(mun), K, _ptr(lam), bool(fp_sound), _ptr(pred), _ptr(radius), _ptr(U),
-       chunk, stream)
+    fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, int(CovKind.of(p.kind)), _ptr(mu), _ptr(prec),
+       _ptr(neg_pm), _ptr(kappa), _ptr(pabs), _ptr(mun), K, _ptr(lam), None if fp is None else list(fp.consts),
+       _ptr(pred), _ptr(radius), _ptr(U), chunk, stream)
     return pred, radius
 
 
-def tied_certify(Z, A, beta, inv, alpha, eps):
-    return _guarded(_tied, _tied_fallback, Z, A, beta, inv, alpha, eps)
+def tied_certify(Z, A, beta, inv, fp):
+    return _guarded(_tied, _tied_fallback, Z, A, beta, inv, fp)
 
 
-def perclass_certify(Z, p, lam, fp_sound: bool):
-    return _guarded(_perclass, _perclass_fallback, Z, p, lam, fp_sound)
+def perclass_certify(Z, p, lam, fp):
+    return _guarded(_perclass, _perclass_fallback, Z, p, lam, fp)

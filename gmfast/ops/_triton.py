@@ -23,16 +23,16 @@ def available():
     return True, "ok"
 
 
-def tied_certify(Z, A, beta, inv, alpha, eps):
+def tied_certify(Z, A, beta, inv, fp):
     from gmfast.triton.tied import tied_certify as run
 
-    return run(Z, A, beta, inv, alpha, eps)
+    return run(Z, A, beta, inv, fp)
 
 
-def perclass_certify(Z, p, lam, fp_sound: bool):
+def perclass_certify(Z, p, lam, fp):
     from gmfast.triton.perclass import perclass_certify as run
 
-    return run(Z, p, lam, fp_sound)
+    return run(Z, p, lam, fp)
 
 
 def smoothing_counts(Z, owner, num_inputs, A, beta, counts=None):

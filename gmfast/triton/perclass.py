@@ -38,17 +38,21 @@ Python floats as float32). A NaN anywhere in a pair's terms yields ``r_j = 0``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from gmfast._fp import U64, gamma, slack_down, underflow_unit, unit_roundoff
-from gmfast.triton.tied import (FP_FUSION, chunk_rows, check_device, check_dtype, check_f64, constants, gemm_nt_bias,
-                                interpreting, launch_context, norm_constants, norm_up, pow2)
+from gmfast._fp import NORM_FIELDS, PERCLASS_FIELDS, CovKind, PerClassErrorModel, perclass_constants
+from gmfast.triton.tied import (FP_FUSION, chunk_rows, check_device, check_dtype, check_f64, constants, field,
+                                gemm_nt_bias, interpreting, launch_context, norm_up, pow2)
 
-_KIND = {"full": 0, "diag": 1, "spherical": 2}
+# where the kernel finds each constant: the layout is gmfast._fp's, not restated here
+_NORM = field(PERCLASS_FIELDS, NORM_FIELDS[0])
+_U, _G, _S, _NU = (field(PERCLASS_FIELDS, n) for n in ("u", "g", "S", "nu"))
+_TINY_U, _TINY_D, _THREE_U, _HALF_S = (field(PERCLASS_FIELDS, n) for n in ("tiny_u", "tiny_d", "three_u", "half_S"))
+_FOUR_U64, _ONE_U, _DOWN8 = (field(PERCLASS_FIELDS, n) for n in ("four_u64", "one_u", "down8"))
+_FULL, _DIAG = tl.constexpr(int(CovKind.FULL)), tl.constexpr(int(CovKind.DIAG))
 
 
 @triton.jit
@@ -71,10 +75,10 @@ def _block_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, kc, kmask, c, d,
         z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd, mask=zmask, other=0.0)
         mu = tl.load(MU + kc[:, None] * d + dd[None, :], mask=cmask, other=0.0)
         w = z[:, None, :] - mu[None, :, :]
-        if KIND == 0:
+        if KIND == _FULL:
             u = tl.load(U + rows[:, None, None] * su + kc[None, :, None] * d + dd[None, None, :],
                         mask=rmask[:, None, None] & cmask[None, :, :], other=0.0)
-        elif KIND == 1:
+        elif KIND == _DIAG:
             u = tl.load(PREC + kc[:, None] * d + dd[None, :], mask=cmask, other=0.0)[None, :, :] * w
         else:
             u = tl.load(PREC + kc, mask=kmask, other=0.0)[None, :, None] * w
@@ -82,11 +86,11 @@ def _block_terms(Z, szb, szd, rows, rmask, U, su, MU, PREC, kc, kmask, c, d,
         uu += tl.sum(u * u, 2)
         ww += tl.sum(w * w, 2)
         if WITH_C:
-            if KIND == 0:
+            if KIND == _FULL:
                 uc = tl.load(U + rows[:, None] * su + c[:, None] * d + dd[None, :], mask=zmask, other=0.0)
             else:
                 wc = z - tl.load(MU + c[:, None] * d + dd[None, :], mask=zmask, other=0.0)
-                if KIND == 1:
+                if KIND == _DIAG:
                     uc = tl.load(PREC + c[:, None] * d + dd[None, :], mask=zmask, other=0.0) * wc
                 else:
                     uc = tl.load(PREC + c, mask=rmask, other=0.0)[:, None] * wc
@@ -156,16 +160,16 @@ def _perclass_kernel(Z, szb, szd, U, su, MU, PREC, KAPPA, PABS, MUN, LAM, CST, P
     c = tl.where(good, c, 0)
     tl.store(PRED + rows, tl.where(good, c, -1), mask=rmask)
     if NEED_RADIUS:
-        u = tl.load(CST + 3)
-        g_ = tl.load(CST + 4)
-        S = tl.load(CST + 5)
-        nu = tl.load(CST + 6)
-        tiny_u = tl.load(CST + 7)
-        tiny_d = tl.load(CST + 8)
-        three_u = tl.load(CST + 9)
-        half_S = tl.load(CST + 10)
-        four_u64 = tl.load(CST + 11)
-        one_u = tl.load(CST + 12)
+        u = tl.load(CST + _U)
+        g_ = tl.load(CST + _G)
+        S = tl.load(CST + _S)
+        nu = tl.load(CST + _NU)
+        tiny_u = tl.load(CST + _TINY_U)
+        tiny_d = tl.load(CST + _TINY_D)
+        three_u = tl.load(CST + _THREE_U)
+        half_S = tl.load(CST + _HALF_S)
+        four_u64 = tl.load(CST + _FOUR_U64)
+        one_u = tl.load(CST + _ONE_U)
         if FP_SOUND:
             dd0 = tl.arange(0, BD).to(tl.int64)
             zss = tl.zeros([BM], dtype=Z.dtype.element_ty)
@@ -174,7 +178,7 @@ def _perclass_kernel(Z, szb, szd, U, su, MU, PREC, KAPPA, PABS, MUN, LAM, CST, P
                 z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd,
                             mask=rmask[:, None] & (dd < d)[None, :], other=0.0)
                 zss += tl.sum(z * z, 1)
-            zn = norm_up(zss, CST, 0)
+            zn = norm_up(zss, CST, _NORM)
             delta_c, e_c = _error_terms(uuc, wwc, zn + tl.load(MUN + c), tl.load(PABS + c),
                                         nu, u, g_, S, tiny_u, tiny_d, three_u)
             mag_c = tl.abs(tl.load(KAPPA + c)) + tl.abs(Dc)
@@ -202,50 +206,37 @@ def _perclass_kernel(Z, szb, szd, U, su, MU, PREC, KAPPA, PABS, MUN, LAM, CST, P
             rj = tl.where(kmask[None, :] & (kc[None, :] != c[:, None]), rj, float("inf"))
             r = tl.minimum(r, tl.min(rj, 1))
         if FP_SOUND:
-            r = r * tl.load(CST + 13)
+            r = r * tl.load(CST + _DOWN8)
         tl.store(RAD + rows, tl.where(good & (r == r), r, 0.0), mask=rmask)
 
 
-def _kernel_constants(d: int, dtype: torch.dtype) -> tuple:
-    """The float64 constants of :func:`_perclass_kernel`, in its CST order."""
-    u = unit_roundoff(dtype)
-    g_ = gamma(d + 4, u)
-    S = 1.0 + 4.0 * g_
-    eta = underflow_unit(dtype)
-    nu = math.sqrt(2.0 * (d + 4) * eta)
-    tiny_u = 2.0 * (d + 4) ** 1.5 * eta
-    tiny_d = 2.0 * (d + 4) * eta
-    return norm_constants(d, dtype) + (u, g_, S, nu, tiny_u, tiny_d, 3.0 * u, 0.5 * S, 4.0 * U64, 1.0 + u,
-                                       slack_down(8))
-
-
-def perclass_certify(Z: torch.Tensor, p, lam: torch.Tensor | None, fp_sound: bool):
+def perclass_certify(Z: torch.Tensor, p, lam: torch.Tensor | None, fp: PerClassErrorModel | None):
     """Per-class certify on the GPU (or the Triton interpreter); see the module docstring.
 
-    Z (B, d) any strides, in ``p``'s working dtype; ``lam`` (K, K) float64 or None.
-    Returns pred (B,) int64 and radius (B,) float64 (None when ``lam`` is None).
+    Z (B, d) any strides, in ``p``'s working dtype; ``lam`` (K, K) float64 or None; ``fp``
+    the rounding-error model (:class:`gmfast._fp.PerClassErrorModel`) or None
+    (``fp_sound=False``). Returns pred (B,) int64 and radius (B,) float64 (None when
+    ``lam`` is None).
     """
-    if p.kind not in _KIND:
-        raise ValueError(f"unknown per-class kind {p.kind!r}")
+    kind = int(CovKind.of(p.kind))
     check_device(Z, p.mu, p.prec, p.prec_mu, p.kappa, p.prec_abs_up, p.mu_norm_up, lam)
     check_dtype(Z, p.mu, p.prec, p.prec_mu)
     check_f64(p.kappa, p.prec_abs_up, p.mu_norm_up, lam)
     B, d = Z.shape
     K = p.mu.shape[0]
     need_radius = lam is not None
-    fp_sound = bool(fp_sound) and need_radius
+    fp_sound = fp is not None and need_radius
     dev = Z.device
     pred = torch.empty(B, dtype=torch.int64, device=dev)
     radius = torch.empty(B, dtype=torch.float64, device=dev) if need_radius else None
     if B == 0:
         return pred, radius
-    cst = constants(_kernel_constants(d, Z.dtype), dev)
+    cst = constants(fp.consts if fp is not None else perclass_constants(d, Z.dtype), dev)
     mu, prec = p.mu.contiguous(), p.prec.contiguous()
     kappa, pabs, mun = p.kappa.contiguous(), p.prec_abs_up.contiguous(), p.mu_norm_up.contiguous()
     lam_ = lam.contiguous() if need_radius else cst
     if need_radius and lam_.shape != (K, K):
         raise ValueError(f"lam: expected ({K}, {K}); got {tuple(lam_.shape)}")
-    kind = _KIND[p.kind]
     if interpreting():
         BM, BC, BD, warps = pow2(B, 16, 64), pow2(K, 2, 32), pow2(d, 16, 32), 4
     else:
@@ -258,7 +249,7 @@ def perclass_certify(Z: torch.Tensor, p, lam: torch.Tensor | None, fp_sound: boo
                 mun, lam_, cst, pred_c, rad_c, n, d, K, KIND=kind, NEED_RADIUS=need_radius, FP_SOUND=fp_sound,
                 BM=BM, BC=BC, BD=BD, num_warps=warps, enable_fp_fusion=FP_FUSION)
 
-    if kind != 0:
+    if kind != CovKind.FULL:
         launch(Z, cst, B, pred, radius if need_radius else cst)
         return pred, radius
     # full: û for a chunk of rows = Z_chunk · [P_1; …; P_K]ᵀ − [P_1μ_1; …] (negation is exact)

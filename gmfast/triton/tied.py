@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gmfast._fp import U64, gamma, slack_down, slack_up, underflow_unit, unit_roundoff
+from gmfast._fp import NORM_FIELDS, TIED_FIELDS, TiedErrorModel, tied_constants
 
 #: Largest K handled by the single fused kernel (whole row of logits in registers).
 FUSED_MAX_K = 64
@@ -138,6 +138,19 @@ def chunk_rows(width: int, block: int, total: int) -> int:
     return min(rows, max(total, 1), 1 << 21)
 
 
+def field(fields: tuple, name: str) -> tl.constexpr:
+    """Index of a named constant in a CST tensor laid out as ``fields`` (:mod:`gmfast._fp`),
+    as a compile-time constant the kernels may read."""
+    return tl.constexpr(fields.index(name))
+
+
+# where the kernels find each constant: the layout is gmfast._fp's, not restated here
+NORM_AT = field(TIED_FIELDS, NORM_FIELDS[0])
+UP4_AT = field(TIED_FIELDS, "up4")
+TWO_U64_AT = field(TIED_FIELDS, "two_u64")
+DOWN4_AT = field(TIED_FIELDS, "down4")
+
+
 @functools.lru_cache(maxsize=64)
 def _constants(values: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
@@ -148,11 +161,6 @@ def constants(values, device) -> torch.Tensor:
     return _constants(tuple(float(v) for v in values), torch.device(device))
 
 
-def norm_constants(d: int, dtype: torch.dtype) -> tuple[float, float, float]:
-    """``(2dη_T, 1 + γ_{d+2}(u_T), 1 + 4u₆₄)`` for the ``‖z‖`` upper bound from ``fl(Σz²)`` in T."""
-    return 2.0 * d * underflow_unit(dtype), 1.0 + gamma(d + 2, unit_roundoff(dtype)), 1.0 + 4.0 * U64
-
-
 # --------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ def norm_constants(d: int, dtype: torch.dtype) -> tuple[float, float, float]:
 @triton.jit
 def norm_up(ss, CST, OFF: tl.constexpr):
     """Upper bound (float64) on ``‖z‖`` from ``ss = fl(Σz²)`` in T; ``CST[OFF:OFF+3]`` are
-    :func:`norm_constants`."""
+    the :data:`gmfast._fp.NORM_FIELDS`."""
     eta2 = tl.load(CST + OFF)
     g1 = tl.load(CST + OFF + 1)
     up = tl.load(CST + OFF + 2)
@@ -252,7 +260,7 @@ def _tied_fused_kernel(Z, szb, szd, A, BETA, INV, ALPHA, EPS, CST, PRED, RAD, B,
                        BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """Whole tied certify for a tile of BM rows when all K logits fit in one BK tile.
 
-    CST (float64): [2dη_T, 1 + γ_{d+2}(u_T), 1 + 4u₆₄, 1 + 8u₆₄, 2u₆₄, 1 − 8u₆₄].
+    CST (float64): the :data:`gmfast._fp.TIED_FIELDS` (:func:`gmfast._fp.tied_constants`).
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BM + tl.arange(0, BM).to(tl.int64)
@@ -278,14 +286,14 @@ def _tied_fused_kernel(Z, szb, szd, A, BETA, INV, ALPHA, EPS, CST, PRED, RAD, B,
     tl.store(PRED + rows, tl.where(good, c, -1), mask=rmask)
     if NEED_RADIUS:
         if FP_SOUND:
-            zn = norm_up(ss, CST, 0)
+            zn = norm_up(ss, CST, NORM_AT)
         else:
             zn = tl.zeros([BM], dtype=tl.float64)
         ec = _row_error(c, zn, ALPHA, EPS, FP_SOUND)
         r = _tile_min_ratio(lg, ks, kmask, rmask, mx.to(tl.float64), c, zn, ec, INV, ALPHA, EPS, K,
-                            tl.load(CST + 3), tl.load(CST + 4), FP_SOUND)
+                            tl.load(CST + UP4_AT), tl.load(CST + TWO_U64_AT), FP_SOUND)
         if FP_SOUND:
-            r = r * tl.load(CST + 5)
+            r = r * tl.load(CST + DOWN4_AT)
         tl.store(RAD + rows, tl.where(good, r, 0.0), mask=rmask)
 
 
@@ -321,13 +329,13 @@ def _tied_epilogue_kernel(L, SS, INV, ALPHA, EPS, CST, PRED, RAD, R, K,
     tl.store(PRED + rows, tl.where(good, c, -1), mask=rmask)
     if NEED_RADIUS:
         if FP_SOUND:
-            zn = norm_up(tl.load(SS + rows, mask=rmask, other=0.0), CST, 0)
+            zn = norm_up(tl.load(SS + rows, mask=rmask, other=0.0), CST, NORM_AT)
         else:
             zn = tl.zeros([BM], dtype=tl.float64)
         ec = _row_error(c, zn, ALPHA, EPS, FP_SOUND)
         lc = best.to(tl.float64)
-        up4 = tl.load(CST + 3)
-        two_u = tl.load(CST + 4)
+        up4 = tl.load(CST + UP4_AT)
+        two_u = tl.load(CST + TWO_U64_AT)
         r = tl.full([BM], float("inf"), tl.float64)
         for k0 in range(0, K, BK):
             ks = k0 + kk0
@@ -336,7 +344,7 @@ def _tied_epilogue_kernel(L, SS, INV, ALPHA, EPS, CST, PRED, RAD, R, K,
             r = tl.minimum(r, _tile_min_ratio(lg, ks, kmask, rmask, lc, c, zn, ec, INV, ALPHA, EPS, K,
                                               up4, two_u, FP_SOUND))
         if FP_SOUND:
-            r = r * tl.load(CST + 5)
+            r = r * tl.load(CST + DOWN4_AT)
         tl.store(RAD + rows, tl.where(good, r, 0.0), mask=rmask)
 
 
@@ -371,16 +379,16 @@ def gemm_nt_bias(X: torch.Tensor, Y: torch.Tensor, bias: torch.Tensor, out: torc
 
 
 def tied_certify(Z: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, inv: torch.Tensor | None,
-                 alpha: torch.Tensor | None, eps: torch.Tensor | None, *, split: bool | None = None):
+                 fp: TiedErrorModel | None, *, split: bool | None = None):
     """Tied certify on the GPU (or the Triton interpreter); see the module docstring.
 
-    Z (B, d) any strides; A (K, d), beta (K,) in Z's dtype; inv (K, K), alpha, eps (K,)
-    float64 or None. ``split`` forces the two-kernel path (True) or the fused one (False,
-    only for ``K ≤ FUSED_MAX_K``); by default it is chosen by K.
+    Z (B, d) any strides; A (K, d), beta (K,) in Z's dtype; inv (K, K) float64 or None;
+    ``fp`` the rounding-error model (:class:`gmfast._fp.TiedErrorModel`) or None
+    (``fp_sound=False``). ``split`` forces the two-kernel path (True) or the fused one
+    (False, only for ``K ≤ FUSED_MAX_K``); by default it is chosen by K.
     Returns pred (B,) int64 and radius (B,) float64 (None when ``inv`` is None).
     """
-    if (alpha is None) != (eps is None):
-        raise ValueError("alpha and eps must both be given or both be None")
+    alpha, eps = (None, None) if fp is None else (fp.alpha, fp.eps)
     check_device(Z, A, beta, inv, alpha, eps)
     check_dtype(Z, A, beta)
     check_f64(inv, alpha, eps)
@@ -388,6 +396,9 @@ def tied_certify(Z: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, inv: torc
     K = A.shape[0]
     if A.shape != (K, d) or beta.shape != (K,):
         raise ValueError(f"expected A ({K}, {d}) and beta ({K},); got {tuple(A.shape)} and {tuple(beta.shape)}")
+    if fp is not None and (alpha.shape != (K,) or eps.shape != (K,) or len(fp.consts) != len(TIED_FIELDS)):
+        raise ValueError(f"fp: expected alpha, eps of shape ({K},) and {len(TIED_FIELDS)} constants; got "
+                         f"{tuple(alpha.shape)}, {tuple(eps.shape)} and {len(fp.consts)}")
     A, beta = A.contiguous(), beta.contiguous()
     need_radius = inv is not None
     fp_sound = alpha is not None and need_radius
@@ -402,7 +413,7 @@ def tied_certify(Z: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, inv: torc
     radius = torch.empty(B, dtype=torch.float64, device=dev) if need_radius else None
     if B == 0:
         return pred, radius
-    cst = constants(norm_constants(d, Z.dtype) + (slack_up(4), 2.0 * U64, slack_down(4)), dev)
+    cst = constants(fp.consts if fp is not None else tied_constants(d, Z.dtype), dev)
     dummy = cst
     inv_, alpha_, eps_ = (inv if need_radius else dummy), (alpha if fp_sound else dummy), (eps if fp_sound else dummy)
     rad_ = radius if need_radius else dummy
