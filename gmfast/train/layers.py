@@ -30,8 +30,6 @@ lines of layers. Here the effective weight is visible in the trace, so no trust 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -158,11 +156,3 @@ def conv_architecture(in_channels: int, size: int, channels, latent: int, width:
         c, s = 4 * ch, s // 2
     spec.append({"type": "flatten"})
     return spec + mlp_architecture(c * s * s, [width], latent)[1:]
-
-
-def num_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _isqrt(n: int) -> int:
-    return int(math.isqrt(n))
