@@ -343,3 +343,77 @@ def test_widening_and_same_type_casts_are_the_identity():
     assert sound_or_refused(m, (3,)) == pytest.approx(spec(m.lin.weight), rel=1e-9)
     up = _Fn(lambda t: t.double() * 2.0).eval()  # float32 -> float64 is exact
     assert sound_or_refused(up, (3,)) == pytest.approx(2 * spec(up.lin.weight), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- 13.4: batch coupling
+
+
+class _Batch(nn.Module):
+    """``Linear`` then ``fn`` on the batch (inputs of shape (4,) or ``shape``)."""
+
+    def __init__(self, fn, d=4):
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin = nn.Linear(d, d)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.lin(x))
+
+
+COUPLED = [
+    lambda t: t - t.t().mean(1, keepdim=True).t(),  # the reported case
+    lambda t: t.t().sum(dim=-1),
+    lambda t: t.transpose(0, 1).amax(1, keepdim=True).transpose(0, 1).expand_as(t),
+    lambda t: t.flip(0),
+    lambda t: t.roll(1, 0),
+    lambda t: t.t().flip(1).t(),
+    lambda t: torch.cat([t, t], 0),
+    lambda t: torch.cat([t[1:], t[:1]], 0),
+    lambda t: t[[0]].expand_as(t),
+    lambda t: F.conv1d(t[None], torch.ones(2, t.shape[0], 1)),  # the batch as channels
+    lambda t: t.sum(0, keepdim=True) + t,
+    lambda t: t @ torch.ones(4, 4) + t.t().t().mean(0),
+    lambda t: t.reshape(-1)[:4].expand(t.shape[0], 4),
+]
+
+
+@pytest.mark.parametrize("fn", COUPLED, ids=[str(i) for i in range(len(COUPLED))])
+def test_outputs_that_depend_on_other_rows_are_refused(fn):
+    m = _Batch(fn).eval()
+    with pytest.raises(UnsupportedOpError, match=r"mixes samples of the batch|fails on a batch of"):
+        lipschitz_bound(m, (4,))  # with the default estimate: no raw RuntimeError either
+
+
+def test_the_reported_coupling_changes_one_row_by_changing_another():
+    # the hole: a bound per row ignores that each output moves with the other rows
+    m = _Batch(COUPLED[0]).eval()
+    x = torch.randn(3, 4)
+    y = x.clone()
+    y[1:] += 5.0
+    assert (m(x)[0] - m(y)[0]).norm() > 1.0  # row 0's input did not change
+
+
+INDEPENDENT = [
+    (lambda t: t.t().t(), (4,)),
+    (lambda t: t.transpose(0, 1).contiguous().transpose(0, 1) * 2.0, (4,)),
+    (lambda t: t.view(t.size(0), 2, 2).flatten(1), (4,)),
+    (lambda t: t.unsqueeze(1).squeeze(1).unsqueeze(0).squeeze(0), (4,)),
+    (lambda t: t.permute(1, 0).mean(0), (4,)),  # a mean over features, after a transpose
+    (lambda t: torch.stack([t, 2 * t], 0).sum(0), (4,)),
+    (lambda t: torch.cat([t, t.flip(1)], 1), (4,)),
+    (lambda t: t.unflatten(1, (2, 2)).transpose(0, 2).amax(1).t(), (4,)),
+    (lambda t: t[:, [1, 1, 0]], (4,)),
+    (lambda t: F.pad(t, (1, 2), mode="constant", value=3.0), (4,)),
+]
+
+
+@pytest.mark.parametrize("fn,shape", INDEPENDENT, ids=[str(i) for i in range(len(INDEPENDENT))])
+def test_batch_axis_tracked_through_moves(fn, shape):
+    assert sound_or_refused(_Batch(fn).eval(), shape) is not None
+
+
+def test_estimate_failures_are_clear_errors():
+    lin = nn.Linear(3, 3).eval()
+    with pytest.raises(ValueError, match=r"points must have shape \(P, \*input_shape\) = \(P, 3\); got \(5,\)"):
+        lipschitz_bound(lin, (3,), points=torch.randn(5))

@@ -49,7 +49,8 @@ from torch import nn
 #: Activations without arguments, and their factor.
 FIXED = {
     "relu": 1.0, "relu6": 1.0, "tanh": 1.0, "softsign": 1.0, "tanhshrink": 1.0, "logsigmoid": 1.0, "abs": 1.0,
-    "neg": 1.0, "negative": 1.0, "pos": 1.0, "positive": 1.0, "sigmoid": 0.25, "hardsigmoid": 1.0 / 6.0, "silu": 1.1, "mish": 1.09,
+    "neg": 1.0, "negative": 1.0, "pos": 1.0, "positive": 1.0, "sigmoid": 0.25, "hardsigmoid": 1.0 / 6.0,
+    "silu": 1.1, "mish": 1.09,
     "hardswish": 1.5, "selu": 1.7581,
 }
 #: Activations with arguments: torch's positional order after the input, with defaults

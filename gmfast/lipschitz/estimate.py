@@ -4,6 +4,8 @@ sound bound is at most."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gmfast.lipschitz.graph import dtype_device
@@ -53,19 +55,29 @@ def _power_iteration(module, points, dtype, n_iter: int, seed: int) -> float:
 
 
 def lower_estimate(module, input_shape, device, n_iter, n_points, seed, points) -> float:
+    """The estimate at ``points`` (or ``n_points`` random ones). Any failure (points of the
+    wrong shape, a forward that fails on a batch of them) is a ``ValueError`` saying so."""
     if points is None:
         g = torch.Generator().manual_seed(seed)
         points = torch.randn((n_points,) + input_shape, generator=g, dtype=torch.float64)
-    points = torch.as_tensor(points).detach().reshape((-1,) + input_shape).to(device)
+    points = torch.as_tensor(points).detach()
+    if points.numel() == 0 or points.numel() % math.prod(input_shape):
+        raise ValueError(f"points must have shape (P, *input_shape) = (P, {', '.join(map(str, input_shape))}); "
+                         f"got {tuple(points.shape)}")
+    points = points.reshape((-1,) + input_shape).to(device)
     # forward hooks may store derived tensors on the module (hook-based spectral_norm sets
     # .weight): put them back so that the float64 pass leaves no trace
     saved = [(m, k, v) for m in module.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
     try:
-        # float64 so that the estimate of a linear map cannot exceed the (exact) bound
-        return _power_iteration(module, points, torch.float64, n_iter, seed)
-    except RuntimeError:  # a forward that hard-codes float32 tensors: use its own dtype
-        return _power_iteration(module, points, dtype_device(module)[0], n_iter, seed)
+        try:
+            # float64 so that the estimate of a linear map cannot exceed the (exact) bound
+            return _power_iteration(module, points, torch.float64, n_iter, seed)
+        except RuntimeError:  # a forward that hard-codes float32 tensors: use its own dtype
+            return _power_iteration(module, points, dtype_device(module)[0], n_iter, seed)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"the lower estimate failed: {type(module).__name__} fails on a batch of "
+                         f"{points.shape[0]} points of shape {input_shape} ({e}); pass estimate=False to skip it"
+                         ) from e
     finally:
         for m, k, v in saved:
             object.__setattr__(m, k, v)
-

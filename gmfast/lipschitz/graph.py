@@ -13,12 +13,13 @@ import importlib
 
 import torch
 from torch import nn
+from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrizations, parametrize
 
 from gmfast.lipschitz.errors import ADVICE, UnsupportedOpError
-from gmfast.lipschitz.ops import is_meta
+from gmfast.lipschitz.ops import function_kind, is_meta, module_kind
 
 
 # ----------------------------------------------------------------------------- trust checks
@@ -230,6 +231,7 @@ def trace(module: nn.Module, input_shape: tuple) -> TracedGraph:
         raise ValueError(f"{type(module).__name__} failed on an input of shape {(1,) + input_shape}: {e}") from e
     tg.values = rec.values
     check_casts(tg)
+    check_batch(tg, dtype, device, input_shape)
     return tg
 
 
@@ -268,6 +270,215 @@ def check_casts(tg: TracedGraph) -> None:
                 raise UnsupportedOpError(f"node {tg.display_name(node)!r} casts {src} to {dst}: rounding to a "
                                          "narrower type is a step function with no Lipschitz constant; remove the "
                                          f"cast from the encoder (or {ADVICE})")
+
+
+# ----------------------------------------------------------------------------- batch coupling
+
+#: Kinds whose op acts on each position of its operands separately (broadcasting aside).
+_ELEMENTWISE = {"activation", "prelu", "clamp", "dropout", "add", "sub", "mul", "div"}
+#: Kinds that only move, copy or drop entries (or add constants): checked with index probes.
+_MOVES = {"reshape", "copy", "getitem", "getattr", "pad", "copy_pad", "identity"}
+#: Kinds that treat dim 0 as the batch and need a batched input (spatial dims from the name).
+_BATCH_FIRST = {"conv", "batch_norm", "max_pool", "avg_pool", "adaptive_max_pool", "upsample", "interpolate"}
+
+
+class _BatchRun(torch.fx.Interpreter):
+    """Runs the graph on a batch and keeps every node's shape(s) and the values of the nodes
+    that do not depend on the input's values (shape queries differ with the batch size)."""
+
+    def __init__(self, tg):
+        super().__init__(tg.gm)
+        self.tg, self.shapes, self.values = tg, {}, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = tuple(out.shape)
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+            self.shapes[n] = [tuple(o.shape) for o in out]
+        if self.tg.kind.get(n) in ("const", "meta"):
+            self.values[n] = out.detach().cpu() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+def _axis(s2, s3):
+    """The batch axis of a tensor whose shape is ``s2`` for a batch of 2 and ``s3`` for 3:
+    the one axis of size 2 and 3 in which they differ (None when there is no such axis: the
+    batch was reduced, merged with another axis, or repeated)."""
+    if not (isinstance(s2, tuple) and isinstance(s3, tuple)) or len(s2) != len(s3):
+        return None
+    diff = [i for i, (a, b) in enumerate(zip(s2, s3)) if a != b]
+    return diff[0] if len(diff) == 1 and (s2[diff[0]], s3[diff[0]]) == (2, 3) else None
+
+
+def check_batch(tg: TracedGraph, dtype, device, input_shape: tuple) -> None:
+    """Refuse any op through which one sample's output can depend on another sample.
+
+    The graph runs on batches of 2 and of 3; the batch axis of every input-dependent tensor
+    is the axis whose size follows the batch (a tensor without one has reduced, merged or
+    repeated the batch: refused). Then, per op kind: elementwise ops must keep the batch
+    axes of their operands aligned; ops that only move entries (reshape, view, transpose,
+    flip, roll, indexing, padding, ...) are run on two *index probes* (each entry holds its
+    sample's number, plus an offset the second time, so moved entries and constants are told
+    apart) and every moved entry must land in its own sample's slice; reductions must not
+    reduce the batch axis; Linear/matmul must not contract it; convolutions, pooling, batch
+    norm and interpolation need it first in a batched input; other ops (vouched modules)
+    need it first in and out; every output needs it first.
+    """
+    runs = []
+    for b in (2, 3):
+        r = _BatchRun(tg)
+        try:
+            with torch.no_grad():
+                r.run(torch.zeros((b,) + input_shape, dtype=dtype, device=device))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise UnsupportedOpError(f"the module fails on a batch of {b} inputs of shape {input_shape} ({e}): "
+                                     "samples must be processed independently; no Lipschitz rule; "
+                                     f"{ADVICE}") from e
+        runs.append(r)
+    r2, r3 = runs
+    axes = {}
+
+    def fail(node, why):
+        raise UnsupportedOpError(f"node {tg.display_name(node)!r} mixes samples of the batch ({why}): each "
+                                 f"input's output must depend on that input alone; no Lipschitz rule; {ADVICE}")
+
+    for node in tg.nodes:
+        if node.op == "output":
+            outs = [a for a in node.all_input_nodes if tg.kind.get(a) == "dep"]
+            for a in outs:
+                if axes.get(a) != 0:
+                    fail(a, "an output whose first dimension is not the batch")
+            return
+        if tg.kind.get(node) != "dep":
+            continue
+        s2, s3 = r2.shapes.get(node), r3.shapes.get(node)
+        if node.op == "placeholder":
+            axes[node] = 0
+            continue
+        if isinstance(s3, list):
+            ax = [_axis(a, b) for a, b in zip(s2, s3)]
+            if None in ax:
+                fail(node, f"a part of shape {s2[ax.index(None)]} for a batch of 2 and {s3[ax.index(None)]} for 3")
+        else:
+            ax = _axis(s2, s3)
+            if ax is None:
+                fail(node, f"shape {s2} for a batch of 2 and {s3} for 3: the batch dimension is reduced, merged "
+                           "or repeated")
+        axes[node] = ax
+        _check_op(tg, node, axes, r3, fail)
+
+
+def _check_op(tg, node, axes, r3, fail):
+    deps = [a for a in node.all_input_nodes if tg.kind.get(a) == "dep"]
+    out = axes[node]
+    mod = tg.gm.get_submodule(node.target) if node.op == "call_module" else None
+    kind = module_kind(mod) if mod is not None else function_kind(node)[0]
+    x = node.args[0] if node.args else None
+    if kind is None:
+        return  # no rule: the walk refuses it, naming the op
+    if isinstance(x, torch.fx.Node) and isinstance(axes.get(x), list):  # an element of a tuple
+        if kind != "getitem" or not isinstance(node.args[1], int):
+            return  # the op that made the tuple has no rule (torch.sort ...): the walk refuses it
+        if out != axes[x][node.args[1]]:
+            fail(node, "an element of a split whose batch axis moved")
+        return
+    if kind in _ELEMENTWISE:
+        rank = len(r3.shapes[node])
+        for a in deps:
+            if not isinstance(axes[a], int) or axes[a] + rank - len(r3.shapes[a]) != out:
+                fail(node, "operands whose batch dimensions do not line up")
+        return
+    if kind in _MOVES:
+        _probe(tg, node, mod, axes, r3, fail)
+        return
+    if kind in ("mean", "sum", "amax"):
+        rank = len(r3.shapes[x])
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dims = r3.values.get(dims, dims) if isinstance(dims, torch.fx.Node) else dims
+        dims = range(rank) if dims is None or dims == () or dims == [] else dims
+        dims = dims if isinstance(dims, (tuple, list, range)) else (dims,)
+        if axes[x] in {int(d) % rank for d in dims}:
+            fail(node, f"a {kind} over the batch dimension")
+        return
+    if kind in ("linear", "matmul"):
+        rank = len(r3.shapes[x] if isinstance(x, torch.fx.Node) else ())
+        if kind == "matmul" and not tg.kind.get(x) == "dep":  # constant @ x: contracts x's dim -2
+            x = node.args[1]
+            rank = len(r3.shapes[x])
+            if axes[x] == rank - 2 or rank < 3 and axes[x] == 0:
+                fail(node, "a product that contracts the batch dimension")
+        elif axes[x] == rank - 1:
+            fail(node, "a product that contracts the batch dimension")
+        if out != axes[x]:
+            fail(node, "a product that moves the batch dimension")
+        return
+    if kind == "cat":
+        parts = [p for p in node.args[0] if isinstance(p, torch.fx.Node) and tg.kind.get(p) == "dep"]
+        if len({axes[p] for p in parts}) != 1:
+            fail(node, "parts whose batch dimensions differ")
+        a = axes[parts[0]]
+        if node.target is torch.stack:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % (len(r3.shapes[node]))
+            if out != a + (dim <= a):
+                fail(node, "a stack that moves the batch dimension")
+        elif out != a:
+            fail(node, "a concatenation along the batch dimension")
+        return
+    if kind in _BATCH_FIRST:
+        name = type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))
+        nd = int(name[-2]) if name[-2:] in ("1d", "2d", "3d") else None
+        rank = len(r3.shapes[x])
+        need = {"batch_norm": rank >= 2, "upsample": rank >= 3, "interpolate": rank >= 3}.get(
+            kind, rank == (nd or 0) + 2)
+        if axes[x] != 0 or out != 0 or not need:
+            fail(node, f"{name} needs the batch first in a batched input; got the batch in dim {axes[x]} of a "
+                       f"{rank}-d input")
+        return
+    for a in deps:  # anything else (vouched modules, ...): batch first in and out
+        if axes[a] != 0 or out != 0:
+            fail(node, "an op that needs the batch as its first dimension")
+
+
+def _probe(tg, node, mod, axes, r3, fail):
+    """Run a data-movement op on index probes (entry = its sample's number + offset) and check
+    that every moved entry lands in its own sample's slice of the output."""
+    x = node.args[0]
+    a, shape = axes[x], r3.shapes[x]
+    others = []
+
+    def value(n):
+        if n not in r3.values:
+            others.append(n)
+        return r3.values.get(n)
+
+    args, kwargs = map_arg((tuple(node.args[1:]), dict(node.kwargs)), value)
+    if others:
+        fail(node, "a second input-dependent operand")
+
+    def run(offset):
+        view = [1] * len(shape)
+        view[a] = shape[a]
+        p = (torch.arange(1, shape[a] + 1, dtype=torch.float64).reshape(view) + offset).expand(shape).clone()
+        if mod is not None:
+            return mod(p)
+        if node.op == "call_method":
+            return getattr(p, node.target)(*args, **kwargs)
+        if node.target is getattr:
+            return getattr(p, args[0])
+        return node.target(p, *args, **kwargs)
+
+    with torch.no_grad():
+        o1, o2 = run(0.0), run(1000.0)
+    parts1 = o1 if isinstance(o1, (tuple, list)) else (o1,)
+    parts2 = o2 if isinstance(o2, (tuple, list)) else (o2,)
+    outs = axes[node] if isinstance(axes[node], list) else [axes[node]]
+    for p1, p2, ao in zip(parts1, parts2, outs):
+        moved = (p2 - p1) == 1000.0
+        want = torch.arange(1, p1.shape[ao] + 1, dtype=p1.dtype).reshape(
+            [-1 if i == ao else 1 for i in range(p1.dim())])
+        if not bool(((p1 == want) | ~moved).all()) or not bool((moved | (p1 == p2)).all()):
+            fail(node, f"{tg.display_name(node)} moves entries between samples")
 
 
 def check_same_function(tg: TracedGraph, module: nn.Module, input_shape: tuple) -> None:
