@@ -417,3 +417,18 @@ def test_estimate_failures_are_clear_errors():
     lin = nn.Linear(3, 3).eval()
     with pytest.raises(ValueError, match=r"points must have shape \(P, \*input_shape\) = \(P, 3\); got \(5,\)"):
         lipschitz_bound(lin, (3,), points=torch.randn(5))
+
+
+def test_certifier_refuses_an_encoder_with_a_hidden_hook():
+    # the reported attack: Certifier radii built on the hook-blind bound were broken by PGD
+    import gmfast
+
+    torch.manual_seed(5)
+    enc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    X = torch.randn(60, 4, dtype=torch.float64)
+    y = (X[:, 0] > 0).long()
+    with torch.no_grad():
+        head = gmfast.GaussianMixtureHead("tied").fit(enc(X), y)
+    enc[2].register_forward_hook(lambda mod, inp, out: 50.0 * out)
+    with pytest.raises(UnsupportedOpError, match=r"module '2' \(Linear\) has a forward hook"):
+        gmfast.Certifier(enc, head).certify(X[:5])

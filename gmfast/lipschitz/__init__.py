@@ -55,9 +55,17 @@ tensors, transposed convolutions, bicubic interpolation, ops on integer or boole
 
 What the bound does not cover: it is the constant of the exact-arithmetic function
 ``x ↦ module(x[None])[0]`` with the parameters as stored; the module's own floating-point
-error is not bounded, and samples must be processed independently (batch statistics,
-reductions over the batch dimension and in-train-mode modules are rejected). In-place ops
-are followed only where no other node can observe the change.
+error is not bounded (Softplus's switch to the identity is accepted only where its jump is
+below that rounding). What the trace cannot show is refused before any rule runs
+(:func:`~gmfast.lipschitz.graph.check_trust`): forward hooks, pre-hooks, overridden
+``forward``/``__call__`` on modules the trace keeps whole, global module hooks, unknown
+parametrizations, compiled calls, and modules whose forward reads the training flag left in
+train mode. Samples must be processed independently: the batch dimension is followed
+through every op, and any op that mixes samples (a reduction, concatenation, flip or
+contraction over it, wherever transposes put it) is refused
+(:func:`~gmfast.lipschitz.graph.check_batch`); so are narrowing casts
+(:func:`~gmfast.lipschitz.graph.check_casts`). In-place ops are followed only where no
+other node can observe the change.
 
 Layout (one traced graph, several analyses over it):
 

@@ -106,9 +106,10 @@ def lipschitz_bound(module: nn.Module, input_shape, *, estimate: bool = True, n_
 
     Parameters
     ----------
-    module : nn.Module in eval mode
+    module : nn.Module
         Maps a batch (N, *input_shape) to (N, ...) (or a tuple of such, bounded as their
-        concatenation), processing samples independently.
+        concatenation), processing samples independently. Submodules whose forward reads
+        the training flag (batch norm, dropout, RReLU, spectral norm) must be in eval mode.
     input_shape : tuple of int
         One input's shape without the batch dimension, e.g. ``(3, 32, 32)`` or ``(d,)``;
         convolution bounds depend on the spatial size.
