@@ -432,3 +432,40 @@ def test_certifier_refuses_an_encoder_with_a_hidden_hook():
     enc[2].register_forward_hook(lambda mod, inp, out: 50.0 * out)
     with pytest.raises(UnsupportedOpError, match=r"module '2' \(Linear\) has a forward hook"):
         gmfast.Certifier(enc, head).certify(X[:5])
+
+
+def _sweep():
+    """Activations over a grid of their arguments (edge values included)."""
+    edge = [-3.0, -1.0, -0.25, 0.0, 0.01, 0.5, 1.0, 2.0]
+    mods = [nn.LeakyReLU(s) for s in edge] + [nn.ELU(a) for a in edge] + [nn.CELU(a) for a in edge if a != 0]
+    mods += [nn.Hardtanh(lo, lo + w) for lo in (-2.0, 0.0, 0.5) for w in (0.01, 1.0)]
+    mods += [nn.Threshold(t, t + dv) for t in (-1.0, 0.0, 0.5) for dv in (0.0, 0.3, -1.0)]
+    mods += [nn.RReLU(lo, lo + w) for lo in (0.0, 0.5, 2.0) for w in (0.0, 1.0)]
+    mods += [nn.Softshrink(lam) for lam in (0.0, 0.5, 2.0)]
+    mods += [nn.Softplus(beta=b, threshold=t) for b in (-2.0, 0.5, 3.0) for t in (-1.0, 0.0, 5.0, 40.0)]
+    mods += [nn.GELU(approximate="tanh"), nn.GELU(), nn.SiLU(), nn.Mish(), nn.Hardswish(), nn.Hardsigmoid(),
+             nn.SELU(), nn.Softsign(), nn.LogSigmoid(), nn.Tanhshrink(), nn.Sigmoid(), nn.ReLU6()]
+    return mods
+
+
+@pytest.mark.parametrize("act", _sweep(), ids=repr)
+def test_activation_factor_against_grid_quotients(act):
+    # independent reference: the largest quotient between neighbours of a fine float64 grid
+    # that contains every switch point (jumps show as quotients ~ jump / spacing)
+    knots = torch.tensor([0.0, -1.0, 0.5, 0.3, -0.5, -2.0, 2.0, 5 / 3, -20.0, 80.0, -2.5, 10.0, -1 / 3, 40 / 3],
+                         dtype=torch.float64)
+    grid = torch.cat([torch.linspace(-40, 40, 200_001, dtype=torch.float64),
+                      (knots[:, None] + torch.linspace(-1e-6, 1e-6, 41, dtype=torch.float64)).reshape(-1)])
+    grid = grid.unique()
+    grid = grid[torch.cat([torch.ones(1, dtype=torch.bool), grid[1:] - grid[:-1] > 1e-8])]  # no near-duplicates
+    with torch.no_grad():
+        y = act.double().eval()(grid)
+    q = ((y[1:] - y[:-1]).abs() / (grid[1:] - grid[:-1])).max().item()
+    try:
+        bound = lipschitz_bound(nn.Sequential(act).double().eval(), (1,), estimate=False, cache=False).bound
+    except (UnsupportedOpError, ValueError) as e:
+        assert "no Lipschitz rule" in str(e)
+        assert q > 10.0, f"refused, yet the grid finds at most {q}: {e}"  # refusals are for real jumps
+        return
+    assert q <= bound * (1 + 1e-6), f"grid quotient {q} > bound {bound}"
+    assert bound <= 1.02 * q + 1e-12 or q == 0.0  # and not loose
