@@ -1,4 +1,5 @@
-"""Input-space certificates for an encoder + Gaussian-mixture head (the Lipschitz route)."""
+"""Input-space certificates for an encoder + Gaussian-mixture head: the global Lipschitz,
+margin-aware and local (linear bound propagation) routes (DESIGN 1.6)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ from gmfast._fp import round_down_to, slack_down
 from gmfast.certificate import Certificate
 from gmfast.fit import device_of, distributed_rank, encode, eval_mode, split_batch
 from gmfast.head import GaussianMixtureHead
+from gmfast.lipschitz.errors import UnsupportedOpError
+
+
+_METHODS = ("auto", "lipschitz", "margin", "local")
+
+
+def _input_norm(norm):
+    if norm in (2, 2.0, "2", "l2"):
+        return 2
+    if norm in (math.inf, "inf", "linf"):
+        return math.inf
+    raise ValueError(f"input-space certificates are l2 or l-inf: norm must be 2 or float('inf'); got {norm!r}")
 
 
 class Certifier:
@@ -34,18 +47,45 @@ class Certifier:
     not bounded by gmfast (as in the Lipschitz-certification literature). If you can bound it,
     pass it as ``encoder_error``: the radius becomes ``(R − encoder_error)/L``.
 
+    Routes (``method``), each sound on its own, so their per-input maximum is too:
+
+    * ``"lipschitz"``: ``R/L`` as above;
+    * ``"margin"`` (tied heads): each margin ``m_cj = (a_c − a_j)ᵀh + β_c − β_j`` divided by its
+      own Lipschitz constant, the head folded into the encoder's last linear layer
+      (:mod:`gmfast.lipschitz.margin`); never below ``"lipschitz"`` by more than rounding;
+    * ``"local"``: linear bound propagation (CROWN) over the ball around each input
+      (:mod:`gmfast.lipschitz.local`): a lower bound on every margin over the whole ball
+      (tied heads), or a box around the reachable latents that must stay inside the head's
+      latent certified ball (per-class heads); the largest ball proved by a few passes.
+      Supports Linear, ConvNd, BatchNorm (eval), average pooling, reshapes, residual adds and
+      ReLU/LeakyReLU; anything else is refused (:class:`gmfast.lipschitz.UnsupportedOpError`);
+    * ``"auto"`` (the default, unless ``lipschitz`` is given as a float: then
+      ``"lipschitz"``): the per-input maximum of every route the encoder supports
+      (``"local"`` is skipped, silently, when it refuses an op; the reason is in
+      ``extra["skipped"]``).
+
     Parameters
     ----------
     encoder : nn.Module mapping (N, *input_shape) to latents (N, d) (flattened if needed)
     head : fitted GaussianMixtureHead
     lipschitz : "auto" or float
+    method : {"auto", "lipschitz", "margin", "local"} or None
+    domain : (lo, hi) or None
+        The inputs' domain (e.g. ``(0, 1)`` for pixels). The ℓ∞ local route then certifies
+        the perturbed inputs that stay in the domain (the ball intersected with the box),
+        which is tighter; other routes and ℓ2 ignore it (their certificates hold for every
+        perturbation).
+    local_steps : int
+        Relaxation passes of the local route per batch (each certifies a radius; more passes
+        get closer to the best the relaxation can prove).
     batch_size : int
-        Inputs per forward pass.
+        Inputs per forward pass (the local route works in chunks of at most 64 inputs).
     device : where the encoder runs (default: where its parameters are)
     """
 
     def __init__(self, encoder: nn.Module, head: GaussianMixtureHead, lipschitz="auto", *, batch_size: int = 256,
-                 device=None, encoder_error: float = 0.0, backend: str | None = None):
+                 device=None, encoder_error: float = 0.0, backend: str | None = None, method: str | None = None,
+                 domain=None, local_steps: int = 6):
         if not isinstance(head, GaussianMixtureHead):
             raise TypeError(f"head must be a GaussianMixtureHead; got {type(head).__name__}")
         head.n_features_in_  # noqa: B018 - raises NotFittedError for an unfitted head
@@ -56,6 +96,26 @@ class Certifier:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         if not (encoder_error >= 0 and math.isfinite(encoder_error)):
             raise ValueError(f"encoder_error must be a finite number >= 0; got {encoder_error!r}")
+        if method is None:  # an explicit L is the caller's choice of route
+            method = "auto" if lipschitz == "auto" else "lipschitz"
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
+        if method == "margin" and head.covariance_type != "tied":
+            raise ValueError(f"method='margin' needs a tied head; got covariance_type={head.covariance_type!r} "
+                             "(use 'local' or 'lipschitz')")
+        if domain is not None:
+            if not (isinstance(domain, (tuple, list)) and len(domain) == 2
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            for v in domain) and domain[0] < domain[1]):
+                raise ValueError(f"domain must be a pair (lo, hi) of finite numbers with lo < hi; got {domain!r}")
+            domain = (float(domain[0]), float(domain[1]))
+        if not (isinstance(local_steps, int) and not isinstance(local_steps, bool) and local_steps > 0):
+            raise ValueError(f"local_steps must be a positive int; got {local_steps!r}")
+        self.method = method
+        self.domain = domain
+        self.local_steps = local_steps
+        self._margin = {}
+        self._local = {}
         self.encoder = encoder
         self.head = head
         self.lipschitz = lipschitz
@@ -81,31 +141,118 @@ class Certifier:
         return self._bounds[key]
 
     def certify(self, x, *, norm=2) -> Certificate:
-        """Predictions and input-space ℓ2 radii for a batch ``x`` (N, *input_shape).
+        """Predictions and input-space radii for a batch ``x`` (N, *input_shape).
 
+        ``norm``: 2 or ``float("inf")`` (the threat model ``‖δ‖_p < radius`` in input space;
+        the global and margin routes give ℓ∞ radii as ℓ2 radii ``/√n``, ``‖δ‖₂ ≤ √n‖δ‖∞``).
         Returns a Certificate whose ``radius`` is the input radius (float64, rounded down) and
-        whose ``extra`` holds ``latent_radius`` and ``lipschitz`` (the L used).
+        whose ``extra`` holds ``latent_radius``, ``lipschitz`` (the L used, or None when the
+        global route did not run), ``routes`` (route name → its radii) and ``skipped``.
         """
-        if norm not in (2, 2.0, "2", "l2"):
-            raise ValueError(f"input-space certificates are l2 (the Lipschitz bound is l2->l2); got norm={norm!r}")
+        p = _input_norm(norm)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor of inputs (N, ...); got {type(x).__name__}")
         if x.dim() < 1:
             raise ValueError("x must have a leading batch dimension")
-        preds, radii = [], []
+        preds, radii, latents = [], [], []
         with eval_mode(self.encoder):
             for i in range(0, x.shape[0], self.batch_size):
                 z = encode(self.encoder, x[i:i + self.batch_size], self.device)
                 cert = self.head.certify(z, norm=2, backend=self.backend)
                 preds.append(cert.prediction.cpu())
                 radii.append(cert.radius.double().cpu())
+                latents.append(z.detach().cpu())
         pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
         latent = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64)
-        Lf = float(self.lipschitz_bound(tuple(x.shape[1:]), points=x[:8].to(self.device)))
-        # (R − e)/L in float64; two roundings, so deflate to stay below the exact quotient
-        radius = ((latent - self.encoder_error).clamp_min(0) / Lf) * slack_down(2)
-        return Certificate(prediction=pred, radius=round_down_to(radius, torch.float64), norm=2,
-                           extra=dict(latent_radius=latent, lipschitz=Lf))
+        Z = torch.cat(latents) if latents else torch.zeros((0, self.head.n_features_in_))
+        shape = tuple(x.shape[1:])
+        n_in = math.prod(shape)
+        # ℓ2 → ℓ∞: divide by √n (rounded up), then one more rounding
+        to_p = (lambda r: r) if p == 2 else (lambda r: r / (math.sqrt(n_in) * (1 + 4e-16)) * slack_down(1))
+        routes, skipped, Lf = {}, {}, None
+        with eval_mode(self.encoder):
+            if self.method in ("lipschitz", "auto"):
+                Lf = float(self.lipschitz_bound(shape, points=x[:8].to(self.device)))
+                # (R − e)/L in float64; two roundings, so deflate to stay below the exact quotient
+                routes["lipschitz"] = to_p(((latent - self.encoder_error).clamp_min(0) / Lf) * slack_down(2))
+            if self.method in ("margin", "auto") and self.head.covariance_type == "tied":
+                try:
+                    routes["margin"] = to_p(self._margin_route(shape, Z, pred))
+                except UnsupportedOpError as e:
+                    if self.method == "margin":
+                        raise
+                    skipped["margin"] = str(e)
+            if self.method in ("local", "auto"):
+                try:
+                    routes["local"] = self._local_route(x, Z, pred, latent, p)
+                except UnsupportedOpError as e:
+                    if self.method == "local":
+                        raise
+                    skipped["local"] = str(e)
+        radius = torch.stack(list(routes.values())).amax(0) if routes else torch.zeros_like(latent)
+        radius = torch.where(pred >= 0, radius, torch.zeros_like(radius))
+        return Certificate(prediction=pred, radius=round_down_to(radius, torch.float64), norm=p,
+                           extra=dict(latent_radius=latent, lipschitz=Lf, routes=routes, skipped=skipped))
+
+    def _margin_route(self, shape, Z, pred):
+        from gmfast.lipschitz.margin import margin_lipschitz_table, margin_lower_bounds, margin_radius
+
+        params = self.head.classifier_params
+        if shape not in self._margin:
+            self._margin[shape] = margin_lipschitz_table(self.encoder, shape, params.A)[0]
+        low = margin_lower_bounds(Z, params.A, params.beta, pred, self.encoder_error)
+        return margin_radius(low, self._margin[shape], pred)
+
+    def _local_bounds(self, shape):
+        from gmfast.lipschitz.local import LocalBounds
+
+        if shape not in self._local:
+            if self.lipschitz == "auto":
+                self.lipschitz_bound(shape)  # the graph's trust checks (hooks, train mode, ...)
+            self._local[shape] = LocalBounds(self.encoder, shape)
+        return self._local[shape]
+
+    def _local_route(self, x, Z, pred, latent, p):
+        """Local radii (B,) float64; chunks of at most 64 inputs bound the working memory."""
+        lb = self._local_bounds(tuple(x.shape[1:]))
+        out = torch.zeros(x.shape[0], dtype=torch.float64)
+        step = min(self.batch_size, 64)
+        for i in range(0, x.shape[0], step):
+            sl = slice(i, i + step)
+            ok = pred[sl] >= 0
+            if not bool(ok.any()):
+                continue
+            idx = ok.nonzero().reshape(-1)
+            xb = x[sl][idx].detach().cpu()
+            if self.head.covariance_type == "tied":
+                r = self._local_tied(lb, xb, pred[sl][idx], p)
+            else:
+                r = self._local_perclass(lb, xb, Z[sl][idx], latent[sl][idx], p)
+            out[i + idx] = r
+        return out
+
+    def _local_tied(self, lb, xb, c, p):
+        params = self.head.classifier_params
+        A, beta = params.A.cpu().double(), params.beta.cpu().double()
+        K = A.shape[0]
+        others = torch.stack([torch.cat([torch.arange(k), torch.arange(k + 1, K)]) for k in range(K)])[c]  # (B, K-1)
+        lam = A[c][:, None, :] - A[others]  # fl(a_c − a_j): within u|·| of the exact direction
+        c0 = beta[c][:, None] - beta[others]
+        u = 2.0**-53
+        return lb.margin_radius(xb, lam, c0, p, self.domain, steps=self.local_steps, lam_err=u * lam.abs(),
+                                c0_err=u * c0.abs())
+
+    def _local_perclass(self, lb, xb, z, R, p):
+        from gmfast._fp import norm_upper
+
+        zd = z.double()
+
+        def accept(lo, hi):
+            far = torch.maximum((lo - zd).abs(), (hi - zd).abs())
+            far = torch.nextafter(far, torch.full_like(far, math.inf))  # one rounded subtraction
+            return norm_upper(far, dim=1) < R
+
+        return lb.box_radius(xb, accept, p, self.domain, steps=max(self.local_steps, 8))
 
     def certify_loader(self, loader, *, progress: bool = False):
         """Certify every batch of a loader yielding (inputs, labels).

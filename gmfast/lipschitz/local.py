@@ -1,0 +1,846 @@
+"""Local bounds by linear bound propagation (CROWN, Zhang et al. 2018) over the traced graph.
+
+For an input ``x`` and a ball ``B = {x' : ‖x' − x‖_p ≤ ε}`` (``p = 2`` or ``∞``, for ``∞``
+optionally intersected with the input domain box), :class:`LocalBounds` returns lower bounds
+on linear functions ``Λᵀ f(x')`` of the encoder's output over ``B`` (the margins
+``(a_c − a_j)ᵀ h(x') + β_c − β_j`` of a tied head, or ``±`` the output coordinates).
+
+The relaxation (exact arithmetic)
+---------------------------------
+The graph is linearised once (:class:`_Builder`, the same walk and op vocabulary as the
+global bound): every input-dependent node is an *affine* op ``v = W u + b`` (Linear, ConvNd
+with zero padding, BatchNorm in eval, average pooling, reshapes, dropout in eval,
+multiplication/division by constants, adding a constant), a *sum* ``v = a + α·b`` of two
+input-dependent nodes (residual connections), or a *piecewise-linear convex activation*
+``σ(z) = max(z, a·z)`` with ``0 ≤ a ≤ 1`` (ReLU ``a = 0``, LeakyReLU). A backward pass
+carries a linear lower bound ``m(x') ≥ Λ_vᵀ v(x') + c`` from the start node down to the
+input:
+
+* through an affine op, ``Λ_uᵀ u + c'`` with ``Λ_u = WᵀΛ_v`` and ``c' = c + Λ_vᵀ b`` (an
+  identity; ``Wᵀ`` is the op's transpose: ``Λ W`` for Linear, the transposed convolution
+  for Conv, the vector–Jacobian product for data movement and pooling);
+* through a sum, ``Λ_v`` goes to ``a`` and ``α Λ_v`` to ``b`` (contributions add);
+* through an activation with pre-activation bounds ``l ≤ z ≤ u`` (valid on the whole
+  ball): ``σ(z) ≥ α z`` for any ``α ∈ [a, 1]`` (lines through 0 between the two pieces lie
+  below the convex ``σ``; CROWN's adaptive choice ``α = 1`` if ``u ≥ −l`` else ``a``), and
+  ``σ(z) ≤ s z + t`` with the chord ``s = (u − a l)/(u − l)``, ``t = (s − a)(−l)`` (above
+  a convex function between the chord's ends); stable neurons (``l ≥ 0`` or ``u ≤ 0``)
+  are exactly linear. A coefficient ``λ ≥ 0`` takes the lower line, ``λ < 0`` the upper:
+  ``Λ_z = Λ⁺α + Λ⁻s``, ``c' = c + Λ⁻ᵀt``;
+* at the input, ``min_{x' ∈ B} Λ_0ᵀ x' = Λ_0ᵀ x − ε‖Λ_0‖_q`` (``q`` the dual exponent), or
+  ``Σ Λ⁺ lo' + Λ⁻ hi'`` over the box ``[max(x − ε, lo), min(x + ε, hi)]`` for ``ℓ∞`` with a
+  domain (that box is exactly ``B ∩ domain``).
+
+Pre-activation bounds ``l, u`` come from the same backward pass started at the
+pre-activation node with ``Λ = ±I`` (full CROWN, in topological order, so every
+activation below is already relaxed). The bound holds for every ``x' ∈ B``, so the same
+bound is valid for every smaller ball: certifying by bisection on ``ε`` and returning the
+largest ``ε`` that *passed* is sound whatever the bisection does.
+
+Floating point
+--------------
+Everything runs in float64 on the CPU (convolutions as im2col + GEMM: sums of products in
+some order; Higham's bound holds for any order, with or without FMA). The certified
+function is the encoder with its parameters read exactly as float64 (float32 parameters
+are exact in float64). Relaxation parameters need no exactness, only validity: the chord
+slope ``s`` is rounded up (``min(1, ŝ(1 + 8u))``: a line through ``(l, a l)`` with a larger
+slope lies above the chord on ``[l, u]``), the offset ``t`` is rounded up, and ``l, u`` are
+themselves sound bounds computed by this procedure. What is not exact are the identities
+of the backward pass; each computed step is charged to a per-row error total ``E``:
+
+* ``Λ̂_u = fl(WᵀΛ_v)`` differs from ``WᵀΛ_v`` by at most ``γ_n |W|ᵀ|Λ_v|`` entrywise
+  (``n`` the terms per entry; Higham, Lemma 3.1 / eq. 3.5), so the identity
+  ``Λ_vᵀW u = Λ̂_uᵀu + (WᵀΛ_v − Λ̂_u)ᵀu`` costs at most ``γ_n |Λ_v|ᵀ(|W| M_u)`` where
+  ``M_u ≥ |u|`` on the ball. ``M`` is propagated forward from ``M_0 = |x| + ε`` by
+  ``|W| M + |b|`` (rounded up), replaced by ``max(|l|, |u|)`` at pre-activations whose
+  bounds are known. Parameters that are not exactly representable in float64 (BatchNorm's
+  ``γ/√(var + ε)``, pooling's ``1/k``, ``1/c``) are counted as extra roundings in ``n``;
+  BatchNorm's shift adds ``|Λ_v|ᵀ δb`` with ``δb`` a bound on its error.
+* ``Λ_vᵀb`` and ``Λ⁻ᵀt`` are inner products of length ``n``: ``γ_n |Λ|ᵀ|b|``.
+* The activation step ``Λ⁺α + Λ⁻s`` rounds once per entry: ``2u |Λ|ᵀ M_z``; sums of two
+  ``Λ`` at a residual fork round once per entry: ``u |Λ_sum|ᵀ M``.
+* The concretisation: ``Λ_0ᵀx`` within ``γ_n|Λ_0|ᵀ|x|``; ``‖Λ_0‖₂`` bounded above by
+  :func:`gmfast._fp.norm_upper`, ``‖Λ_0‖₁`` by ``(1 + γ_n) fl(Σ|λ|)``, then ``ε·N`` raised
+  by ``(1 + 2u)``; the box corners rounded outward (``nextafter``), a larger box being
+  still sound; each addition into ``c`` is charged ``u(|c| + |term|)``.
+
+Every charged term is a sum of products of nonnegative float64 numbers, hence computed
+within a factor ``1 + γ_N`` (``N < 2³⁰``, so ``< 1 + 2⁻²²``) of its exact value; the total is
+doubled, which covers that factor with room to spare, and ``2⁻⁹⁶⁰`` is added for every
+product that may underflow (Higham eq. 2.8: at most ``2⁻¹⁰⁷⁴`` each, fewer than ``2¹¹⁴``
+products). The returned lower bound is ``nextafter(fl(c + val − 2E − tiny), −∞)``, below the
+exact value because the last subtraction is the only rounding not yet charged.
+
+Not covered, as for the global route: the encoder's own floating-point error when it runs
+(the certificate is for the exact-arithmetic encoder; the local route's margins are bounded
+from ``x`` directly, so no latent error term enters them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from gmfast._fp import U64, gamma, norm_upper
+from gmfast.lipschitz.errors import UnsupportedOpError
+from gmfast.lipschitz.graph import TracedGraph, check_same_function, trace
+from gmfast.lipschitz import activations
+from gmfast.lipschitz.ops import CONVS, FUNCTION_NAMES, arg, shape_of
+from gmfast.lipschitz.walk import Analysis
+
+_F64 = torch.float64
+#: per-product underflow allowance, generous (see the module docstring)
+_TINY = 2.0**-960
+_LOCAL_ADVICE = ("the local route supports Linear, ConvNd (zero padding), BatchNorm (eval), average pooling, "
+                 "reshapes, residual adds, scaling by constants and ReLU/LeakyReLU; use method='lipschitz' "
+                 "or 'margin' for this encoder")
+
+
+def _down(t: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(t, torch.full_like(t, -math.inf))
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(t, torch.full_like(t, math.inf))
+
+
+# ----------------------------------------------------------------------------- linearised ops
+
+
+class _Affine:
+    """``v = W u + b``. ``T(lam)``: ``Wᵀ`` on rows ``lam`` (M, *out) → (M, *in), computed;
+    ``absfwd(M)``: an upper bound on ``|W| M`` (B, *in) → (B, *out); ``n``: the γ index of
+    ``T`` (terms per entry plus roundings of inexact parameters); ``bias`` (*out) or None,
+    ``bias_err`` (*out) bound on ``|b̂ − b|`` or None."""
+
+    kind = "affine"
+
+    def __init__(self, src, T, absfwd, n, bias=None, bias_err=None, fwd=None):
+        self.src, self.T, self.absfwd, self.n = src, T, absfwd, n
+        self.bias, self.bias_err, self.fwd = bias, bias_err, fwd
+
+
+class _Act:
+    """``σ(z) = max(z, a z)``, ``0 ≤ a ≤ 1``."""
+
+    kind = "act"
+
+    def __init__(self, src, a: float):
+        self.src, self.a = src, float(a)
+
+
+class _Sum:
+    """``v = a + α b`` of two input-dependent nodes."""
+
+    kind = "sum"
+
+    def __init__(self, a, b, alpha: float):
+        self.a, self.b, self.alpha = a, b, float(alpha)
+
+
+def _inflate(t: torch.Tensor, n: int) -> torch.Tensor:
+    """An upper bound on the exact value of a computed nonnegative sum of ``n`` products."""
+    return t * (1.0 + 2.0 * gamma(n + 2, U64)) + _TINY
+
+
+class _Builder(Analysis):
+    """Turns the traced graph into the linearised ops above (refusing anything else)."""
+
+    def __init__(self, tg: TracedGraph):
+        super().__init__(tg)
+        self.order = []
+
+    def input(self, node):
+        self.order.append(node)
+        return None
+
+    def output(self, node):
+        out = node.args[0]
+        if not self.is_dep(out):
+            self.fail("output", "the output must be one input-dependent tensor")
+        return out
+
+    def fail(self, what: str, why: str = ""):
+        name = self.tg.display_name(self.node)
+        detail = f": {why}" if why else ""
+        raise UnsupportedOpError(f"node {name!r} ({what}{detail}): no linear relaxation; {_LOCAL_ADVICE}")
+
+    def add(self, op):
+        self.order.append(self.node)
+        return op
+
+    def single(self):
+        x = self.node.args[0] if self.node.args else None
+        if not self.is_dep(x) or len(self.deps()) != 1:
+            self.fail(self.op_name(), "the input-dependent tensor must be the first and only such operand")
+        return x
+
+    def structural(self, x, run, n: int = 1, has_bias: bool = False):
+        """A linear op given by ``run`` (data movement, pooling): transpose by the
+        vector–Jacobian product, ``|W| = W`` (nonnegative weights)."""
+        in_shape = shape_of(x)
+        if in_shape is None:
+            self.fail(self.op_name(), "input shape unknown")
+        in_shape = in_shape[1:]
+        zero = torch.zeros((1,) + tuple(in_shape), dtype=_F64)
+        with torch.no_grad():
+            b0 = run(zero)[0]
+        bias = b0 if has_bias and bool((b0 != 0).any()) else None
+        if not has_bias and bool((b0 != 0).any()):
+            self.fail(self.op_name(), "not linear (nonzero at 0)")
+
+        def T(lam):
+            u = torch.zeros((lam.shape[0],) + tuple(in_shape), dtype=_F64, requires_grad=True)
+            with torch.enable_grad():
+                y = run(u)
+                (g,) = torch.autograd.grad(y, u, lam.reshape(y.shape))
+            return g
+
+        def absfwd(M):
+            with torch.no_grad():
+                y = run(M)
+            if bias is not None:
+                y = y - bias
+            return _inflate(y, n)
+
+        def fwd(t):
+            with torch.no_grad():
+                y = run(t)
+            return y - bias if bias is not None else y
+
+        return self.add(_Affine(x, T, absfwd, n, bias, fwd=fwd))
+
+    # -- modules -------------------------------------------------------------------------
+
+    def module_identity(self, node, mod):
+        x = self.single()
+        return self.structural(x, lambda t: mod(t), 1, has_bias=True)
+
+    def module_activation(self, node, mod):
+        t = type(mod)
+        cls = t.__bases__[0] if t not in activations.MODULES else t
+        name, params = activations.module_params(mod, cls)
+        return self.activation(name, params)
+
+    def activation(self, name, params):
+        x = self.single()
+        if name == "relu":
+            return self.add(_Act(x, 0.0))
+        if name == "leaky_relu":
+            a = params["negative_slope"]
+            a = a.item() if isinstance(a, torch.Tensor) and a.numel() == 1 else a
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
+                self.fail(f"leaky_relu({a!r})", "the negative slope must be a number in [0, 1] (convex)")
+            return self.add(_Act(x, float(a)))
+        if name in ("pos", "positive"):
+            return self.structural(x, lambda t: t, 1)
+        if name in ("neg", "negative"):
+            return self.add(_Affine(x, lambda lam: -lam, lambda M: M, 1, fwd=lambda t: -t))
+        self.fail(name, "no sound linear relaxation implemented for this activation yet")
+
+    def module_linear(self, node, mod):
+        x = self.single()
+        return self.linear(x, mod.weight, mod.bias)
+
+    def module_conv(self, node, mod):
+        x = self.single()
+        if mod.padding_mode != "zeros":
+            self.fail(type(mod).__name__, f"padding_mode={mod.padding_mode!r}")
+        nd = CONVS[type(mod).__bases__[0] if type(mod) not in CONVS else type(mod)]
+        rp = mod._reversed_padding_repeated_twice
+        pad = tuple(rp[2 * (nd - 1 - d)] for d in range(nd))
+        if any(rp[2 * i] != rp[2 * i + 1] for i in range(nd)):
+            self.fail(type(mod).__name__, "asymmetric padding")
+        return self.conv(x, mod.weight, mod.bias, mod.stride, pad, mod.dilation, mod.groups, nd)
+
+    def module_batch_norm(self, node, mod):
+        x = self.single()
+        if mod.running_var is None:
+            self.fail(type(mod).__name__, "track_running_stats=False")
+        return self.batch_norm(x, mod.running_mean, mod.running_var, mod.weight, mod.bias, mod.eps)
+
+    def module_avg_pool(self, node, mod):
+        x = self.single()
+        shape = shape_of(x)
+        return self.structural(x, lambda t: mod(t), math.prod(shape[1:]) + 2)
+
+    # -- functions -----------------------------------------------------------------------
+
+    def rule_activation(self, node):
+        name = node.target if isinstance(node.target, str) else FUNCTION_NAMES[node.target]
+        name = name.rstrip("_")
+        x = node.args[0] if node.args else arg(node, 0, "input")
+        args, kwargs = self.resolve((tuple(node.args[1:]), dict(node.kwargs)), x, None)
+        try:
+            name, params = activations.call_params(name, args, kwargs)
+        except activations.Refusal as e:
+            self.fail(name, str(e))
+        return self.activation(name, params)
+
+    def rule_dropout(self, node):
+        if arg(node, 2, "training", True) is not False:
+            self.fail(self.op_name(), "training=True")
+        x = self.single()
+        return self.structural(x, lambda t: t, 1)
+
+    def rule_reshape(self, node):
+        x = self.single()
+        if node.target == "view" and any(isinstance(a, torch.dtype) for a in node.args[1:]):
+            self.fail("view(dtype)", "reinterprets bits")
+        args, kwargs = self.resolve((tuple(node.args[1:]), dict(node.kwargs)), x, None)
+        if node.op == "call_method":
+            if node.target in ("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"):
+                return self.structural(x, lambda t: t, 1)
+            return self.structural(x, lambda t: getattr(t, node.target)(*args, **kwargs), 1)
+        return self.structural(x, lambda t: node.target(t, *args, **kwargs), 1)
+
+    def rule_linear(self, node):
+        x = self.single()
+        w = self.const_value(arg(node, 1, "weight"), "linear")
+        b = arg(node, 2, "bias")
+        return self.linear(x, w, None if b is None else self.const_value(b, "linear"))
+
+    def rule_add(self, node):
+        return self.add_sub(node, 1.0)
+
+    def rule_sub(self, node):
+        return self.add_sub(node, -1.0)
+
+    def add_sub(self, node, sign):
+        a, b = arg(node, 0, "input"), arg(node, 1, "other")
+        alpha = arg(node, 2, "alpha", 1)
+        if isinstance(alpha, torch.fx.Node):
+            self.fail(self.op_name(), "alpha is not a python number")
+        alpha = sign * float(alpha)
+        out = shape_of(node)
+        if self.is_dep(a) and self.is_dep(b):
+            if shape_of(a) != out or shape_of(b) != out:
+                self.fail(self.op_name(), "broadcasting between input-dependent tensors")
+            return self.add(_Sum(a, b, alpha))
+        if self.is_dep(a):
+            if shape_of(a) != out:
+                self.fail(self.op_name(), "the input-dependent operand is broadcast")
+            c = self.const_value(b, self.op_name()) * alpha
+            return self.shift(a, c, exact=alpha in (1.0, -1.0))
+        if shape_of(b) != out:
+            self.fail(self.op_name(), "the input-dependent operand is broadcast")
+        if alpha not in (1.0, -1.0):
+            self.fail(self.op_name(), "alpha scaling of the input-dependent operand")
+        c = self.const_value(a, self.op_name())
+        # c + alpha·x: a scale by ±1 (exact) then a shift
+        shape = out[1:]
+
+        def T(lam):
+            return lam * alpha
+
+        def absfwd(M):
+            return M
+
+        scaled = _Affine(b, T, absfwd, 1, torch.broadcast_to(c, shape).clone(), fwd=T)
+        return self.add(scaled)
+
+    def shift(self, x, c, exact: bool):
+        shape = shape_of(self.node)[1:]
+        bias = torch.broadcast_to(c, shape).clone()
+        err = None if exact else bias.abs() * U64
+        return self.add(_Affine(x, lambda lam: lam, lambda M: M, 1, bias, err, fwd=lambda t: t))
+
+    def rule_mul(self, node):
+        a, b = arg(node, 0, "input"), arg(node, 1, "other")
+        if self.is_dep(a) and self.is_dep(b):
+            self.fail(self.op_name(), "product of two input-dependent tensors")
+        x, c = (a, b) if self.is_dep(a) else (b, a)
+        return self.scale(x, self.const_value(c, self.op_name()), 1)
+
+    def rule_div(self, node):
+        a, b = arg(node, 0, "input"), arg(node, 1, "other")
+        if arg(node, 2, "rounding_mode") is not None or not self.is_dep(a) or self.is_dep(b):
+            self.fail(self.op_name(), "only division of the input-dependent tensor by a constant")
+        c = self.const_value(b, self.op_name())
+        if not bool((c != 0).all()):
+            self.fail(self.op_name(), "division by zero")
+        # 1/c is not exact: one more rounding per entry
+        return self.scale(a, 1.0 / c, 2)
+
+    def scale(self, x, c, n):
+        out = shape_of(self.node)
+        if shape_of(x) != out:
+            self.fail(self.op_name(), "the input-dependent operand is broadcast")
+        c = torch.broadcast_to(c, out[1:]).clone()
+        ca = _inflate(c.abs(), n)
+        return self.add(_Affine(x, lambda lam: lam * c, lambda M: M * ca, n, fwd=lambda t: t * c))
+
+    # -- the affine pieces ---------------------------------------------------------------
+
+    def linear(self, x, weight, bias):
+        W = weight.detach().cpu().to(_F64)
+        Wa = W.abs()
+        out_f, in_f = W.shape
+        b = None if bias is None else bias.detach().cpu().to(_F64)
+
+        def T(lam):
+            return lam @ W
+
+        def absfwd(M):
+            return _inflate(M @ Wa.T, in_f)
+
+        return self.add(_Affine(x, T, absfwd, out_f, b, fwd=lambda t: t @ W.T))
+
+    def conv(self, x, weight, bias, stride, pad, dilation, groups, nd):
+        shape = shape_of(x)
+        if shape is None:
+            self.fail(self.op_name(), "input shape unknown")
+        in_shape = tuple(shape[1:])
+        W = weight.detach().cpu().to(_F64)
+        Wa = W.abs()
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        convT = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+        out_shape = tuple(shape_of(self.node)[1:])
+        st = stride if isinstance(stride, tuple) else (stride,) * nd
+        dl = dilation if isinstance(dilation, tuple) else (dilation,) * nd
+        k = W.shape[2:]
+        # output_padding so the transpose returns the input's spatial size
+        opad = tuple(in_shape[1 + d] - ((out_shape[1 + d] - 1) * st[d] - 2 * pad[d] + dl[d] * (k[d] - 1) + 1)
+                     for d in range(nd))
+        if any(p < 0 or p >= max(st[d], dl[d]) for d, p in enumerate(opad)):
+            self.fail(self.op_name(), "cannot form the transposed convolution")
+        n_in_terms = (W.shape[1]) * math.prod(k)
+        n_T = W.shape[0] * math.prod(k)
+        b = None if bias is None else bias.detach().cpu().to(_F64)
+        bias_full = None if b is None else b.reshape((-1,) + (1,) * nd).expand(out_shape).clone()
+
+        def T(lam):
+            return convT(lam, W, None, st, pad, opad, groups, dl)
+
+        def absfwd(M):
+            return _inflate(conv(M, Wa, None, st, pad, dl, groups), n_in_terms)
+
+        return self.add(_Affine(x, T, absfwd, n_T, bias_full, fwd=lambda t: conv(t, W, None, st, pad, dl, groups)))
+
+    def batch_norm(self, x, mean, var, weight, bias, eps):
+        shape = shape_of(x)[1:]
+        nd = len(shape) - 1
+        s = 1.0 / torch.sqrt(var.detach().cpu().to(_F64) + float(eps))
+        if weight is not None:
+            s = s * weight.detach().cpu().to(_F64)
+        mu = mean.detach().cpu().to(_F64)
+        beta = torch.zeros_like(mu) if bias is None else bias.detach().cpu().to(_F64)
+        shift = beta - mu * s
+        # ŝ within γ_4 of s (add, sqrt, divide, multiply); shift: two more roundings
+        g4 = gamma(4, U64)
+        shift_err = gamma(6, U64) * (beta.abs() + mu.abs() * s.abs()) * (1 + 2 * g4) + _TINY
+        view = (-1,) + (1,) * nd
+        s_b = s.reshape(view)
+        sa = _inflate(s.abs(), 5).reshape(view)
+
+        def T(lam):
+            return lam * s_b
+
+        def absfwd(M):
+            return M * sa
+
+        return self.add(_Affine(x, T, absfwd, 5, shift.reshape(view).expand(shape).clone(),
+                                shift_err.reshape(view).expand(shape).clone(), fwd=T))
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def _rowdot(lam: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``Σ lam[b, r, ...]·V[b, ...]`` → (B, R); ``lam`` may have a batch dim of 1 (shared)."""
+    Bl, R = lam.shape[:2]
+    B = V.shape[0]
+    lf = lam.reshape(Bl, R, -1)
+    vf = V.reshape(B, -1)
+    if Bl == 1:
+        return (lf[0] @ vf.T).T
+    if B == 1:
+        return lf @ vf[0]
+    return torch.bmm(lf, vf.unsqueeze(2)).squeeze(2)
+
+
+class _Rows(dict):
+    """A context restricted to the inputs ``bidx`` (repeated as needed), indexed lazily."""
+
+    def __init__(self, ctx, bidx):
+        super().__init__(ctx)
+        self["x"], self["eps"] = ctx["x"][bidx], ctx["eps"][bidx]
+        self["M"] = _Index(ctx["M"], bidx, lambda t: t[bidx])
+        self["relax"] = _Index(ctx["relax"], bidx, lambda t: tuple(v[bidx] for v in t))
+
+
+class _Index(dict):
+    def __init__(self, src, bidx, take):
+        super().__init__()
+        self.src, self.take = src, take
+
+    def __missing__(self, key):
+        v = self[key] = self.take(self.src[key])
+        return v
+
+
+class LocalBounds:
+    """CROWN over one traced encoder (see the module docstring for the proofs).
+
+    ``LocalBounds(encoder, input_shape)`` traces and linearises the encoder (in eval mode,
+    refusing unsupported ops with :class:`UnsupportedOpError`); :meth:`lower` gives lower
+    bounds of ``Λᵀ f(x') + c0`` over the ball around each input.
+    """
+
+    def __init__(self, encoder, input_shape):
+        input_shape = tuple(input_shape)
+        tg = trace(encoder, input_shape)
+        b = _Builder(tg)
+        out = b.run()
+        check_same_function(tg, encoder, input_shape)
+        self.ops = dict(zip(b.order, [None] + [b.out[n] for n in b.order[1:]]))
+        self.order = b.order  # topological, the input first
+        self.out_node = out
+        self.input_shape = input_shape
+        self.n_in = math.prod(input_shape)
+        self.out_shape = tuple(shape_of(out)[1:])
+        self.shapes = {n: tuple(shape_of(n)[1:]) for n in self.order}
+        self.pre = [self.ops[n].src for n in self.order[1:] if self.ops[n].kind == "act"]
+        self._tcache = {}
+        #: (input, neuron) pairs refined per backward pass: bounds the working memory
+        self.row_chunk = 4096
+
+    # -- the passes ----------------------------------------------------------------------
+
+    def _intervals(self, n, ctx):
+        """Sound interval ``[lo, hi]`` of node ``n`` on the ball from its inputs' intervals
+        (interval arithmetic with outward rounding: ``W·mid`` within ``γ_N|W||mid|``)."""
+        op, I = self.ops[n], ctx["I"]
+        if op.kind == "act":
+            lo, hi = I[op.src]
+            return torch.maximum(lo, op.a * lo), torch.maximum(hi, op.a * hi)  # monotone; exact
+        if op.kind == "sum":
+            (la, ha), (lb, hb) = I[op.a], I[op.b]
+            if op.alpha < 0:
+                lb, hb = hb, lb
+            lo, hi = la + op.alpha * lb, ha + op.alpha * hb
+            w = 4.0 * U64 * (lo.abs() + hi.abs() + la.abs() + ha.abs() + abs(op.alpha) * (lb.abs() + hb.abs()))
+            return _down(lo - w), _up(hi + w)
+        lo, hi = I[op.src]
+        mid, rad = (lo + hi) * 0.5, (hi - lo) * 0.5
+        rad = rad + 4.0 * U64 * (mid.abs() + rad.abs())
+        N = math.prod(self.shapes[op.src]) + 2
+        c = op.fwd(mid)
+        r = op.absfwd(rad + gamma(N, U64) * mid.abs() * 2.0)
+        if op.bias is not None:
+            c = c + op.bias
+        if op.bias_err is not None:
+            r = r + op.bias_err
+        w = r + 4.0 * U64 * (c.abs() + r) + _TINY
+        return _down(c - w), _up(c + w)
+
+    def _relax(self, l, u, a):
+        """Lower slope α, upper slope s and offset t of ``max(z, a z)`` on ``[l, u]``."""
+        pos, neg = l >= 0, u <= 0
+        unstable = ~(pos | neg)
+        width = torch.where(unstable, u - l, torch.ones_like(u))
+        s = torch.clamp(((u - a * l) / width) * (1.0 + 8.0 * U64), max=1.0)
+        s = torch.where(unstable, s, torch.where(pos, torch.ones_like(s), torch.full_like(s, a)))
+        t = torch.where(unstable, _up(((s - a) * (-l)) * (1.0 + 4.0 * U64)), torch.zeros_like(s))
+        alpha = torch.where(pos, torch.ones_like(s), torch.full_like(s, a))
+        alpha = torch.where(unstable & (u >= -l), torch.ones_like(s), alpha)
+        return alpha, s, t
+
+    def _backward(self, start, lam, ctx, key=None, rows=None, raw=False):
+        """Lower bounds (B, R) of ``Σ lam·start`` over the ball (``lam`` (1 or B, R, *shape)).
+
+        ``rows`` ``(bidx, ridx)``: with a shared ``lam``, keep only the rows ``ridx[i]`` of
+        input ``bidx[i]``, selected when the rows stop being shared (so the shared part is
+        computed, and cached, once); the result is then (len(bidx), 1).
+        """
+        B = ctx["x"].shape[0]
+        R = lam.shape[1]
+        M, relax = ctx["M"], ctx["relax"]
+        lams = {start: lam}
+        c = torch.zeros((1, R), dtype=_F64)
+        err = torch.zeros((B, R), dtype=_F64)
+        idx = self.order.index(start)
+        for n in reversed(self.order[:idx + 1]):
+            if n not in lams:
+                continue
+            lam = lams.pop(n)
+            op = self.ops[n]
+            if rows is not None and (n is self.order[0] or op.kind == "act"):
+                # the rows stop being shared here: keep the selected (input, row) pairs, each
+                # as its own one-row problem (a ragged batch, no padding)
+                bidx, ridx = rows
+                lam = lam[0][ridx].unsqueeze(1)
+                lams = {k: v[0][ridx].unsqueeze(1) for k, v in lams.items()}  # pending branches of a fork
+                c = c[0][ridx].unsqueeze(1)
+                err = err[bidx, ridx].unsqueeze(1)
+                ctx = _Rows(ctx, bidx)
+                M, relax = ctx["M"], ctx["relax"]
+                B, R, rows = bidx.numel(), 1, None
+            if n is self.order[0]:
+                return (lam, c, err, ctx) if raw else self._concretize(lam, c, err, ctx)
+            Bl = lam.shape[0]
+            if op.kind == "affine":
+                if op.bias is not None:
+                    tb = _rowdot(lam, op.bias.unsqueeze(0))
+                    err = err + gamma(op.bias.numel() + 1, U64) * _rowdot(lam.abs(), op.bias.abs().unsqueeze(0))
+                    err = err + U64 * (c.abs() + tb.abs())
+                    c = c + tb
+                if op.bias_err is not None:
+                    err = err + _rowdot(lam.abs(), op.bias_err.unsqueeze(0))
+                err = err + gamma(op.n, U64) * _rowdot(lam.abs(), op.absfwd(M[op.src]))
+                shp = self.shapes[op.src]
+                # rows shared by the whole batch (no activation crossed yet) do not depend
+                # on the input: their transposes are computed once per start node
+                ck = (key, n) if key is not None and Bl == 1 else None
+                new = self._tcache.get(ck) if ck is not None else None
+                if new is None:
+                    new = op.T(lam.reshape((Bl * R,) + self.shapes[n])).reshape((Bl, R) + shp)
+                    if ck is not None:
+                        self._tcache[ck] = new
+                self._accumulate(lams, op.src, new, M, err_ref := [err])
+                err = err_ref[0]
+            elif op.kind == "sum":
+                err_ref = [err]
+                self._accumulate(lams, op.a, lam, M, err_ref)
+                scaled = lam * op.alpha
+                if op.alpha not in (1.0, -1.0):
+                    err_ref[0] = err_ref[0] + U64 * _rowdot(scaled.abs(), M[op.b])
+                self._accumulate(lams, op.b, scaled, M, err_ref)
+                err = err_ref[0]
+            else:
+                alpha, s, t = relax[n]
+                lp, ln = lam.clamp(min=0), lam.clamp(max=0)
+                new = lp * alpha.unsqueeze(1) + ln * s.unsqueeze(1)
+                tt = _rowdot(ln, t)
+                err = err + 2.0 * U64 * _rowdot(lam.abs(), M[op.src]) \
+                    + gamma(t[0].numel() + 1, U64) * _rowdot(ln.abs(), t) + U64 * (c.abs() + tt.abs())
+                c = c + tt
+                err_ref = [err]
+                self._accumulate(lams, op.src, new, M, err_ref)
+                err = err_ref[0]
+        raise RuntimeError("the backward pass did not reach the input")
+
+    @staticmethod
+    def _accumulate(lams, node, new, M, err_ref):
+        if node in lams:
+            total = lams[node] + new
+            err_ref[0] = err_ref[0] + U64 * _rowdot(total.abs(), M[node])
+            lams[node] = total
+        else:
+            lams[node] = new
+
+    def _concretize(self, lam, c, err, ctx, eps=None):
+        """The lower bound over the ball of radius ``eps`` (default: the context's; a smaller
+        one reuses the relaxation, valid on every smaller ball, and its error terms, which
+        were computed with magnitudes of the larger ball)."""
+        x, norm, domain = ctx["x"], ctx["norm"], ctx["domain"]
+        if eps is None:
+            eps = ctx["eps"]
+        elif bool((eps > ctx["eps"]).any()):
+            raise ValueError("the relaxation was computed for a smaller ball")
+        B = x.shape[0]
+        Bl, R = lam.shape[:2]
+        lf = lam.reshape(Bl, R, -1)
+        xf = x.reshape(B, -1)
+        n = xf.shape[1]
+        e = eps.reshape(B, 1)
+        if norm == math.inf and domain is not None:
+            lo = _down(torch.clamp(x - eps.reshape((B,) + (1,) * (x.dim() - 1)), min=domain[0])).reshape(B, -1)
+            hi = _up(torch.clamp(x + eps.reshape((B,) + (1,) * (x.dim() - 1)), max=domain[1])).reshape(B, -1)
+            lfb = lf.expand(B, R, n)
+            val = (lfb.clamp(min=0) * lo.unsqueeze(1) + lfb.clamp(max=0) * hi.unsqueeze(1)).sum(-1)
+            err = err + gamma(n + 1, U64) * _rowdot(lam.abs(), torch.maximum(lo.abs(), hi.abs()))
+        else:
+            center = _rowdot(lam, xf)
+            if norm == 2:
+                N = norm_upper(lf, dim=-1)
+            else:
+                N = lf.abs().sum(-1) * (1.0 + gamma(n + 1, U64))
+            rad = e * N.expand(B, R) * (1.0 + 2.0 * U64)
+            val = center - rad
+            err = err + gamma(n + 1, U64) * _rowdot(lam.abs(), xf.abs()) + U64 * (center.abs() + rad)
+        total = c + val
+        err = err + U64 * (c.abs() + val.abs() + total.abs())
+        return _down(total - (2.0 * err + _TINY))
+
+    # -- public --------------------------------------------------------------------------
+
+    def prepare(self, x, eps, norm, domain=None):
+        """Pre-activation bounds and relaxations for the balls of radius ``eps`` (B,)
+        around ``x`` (B, *input_shape): the context :meth:`lower` uses.
+
+        Every node gets a sound interval (interval arithmetic); each pre-activation's
+        neurons that the interval leaves unstable are refined by CROWN (the intersection of
+        two sound bounds is sound), the rest keep the interval."""
+        x = x.detach().cpu().to(_F64)
+        B = x.shape[0]
+        eps = torch.as_tensor(eps, dtype=_F64).reshape(-1).expand(B).clone()
+        e = eps.reshape((B,) + (1,) * len(self.input_shape))
+        lo, hi = _down(x - e), _up(x + e)
+        if domain is not None and norm == math.inf:
+            lo, hi = lo.clamp(min=domain[0]), hi.clamp(max=domain[1])
+        I = {self.order[0]: (lo, hi)}
+        M = {self.order[0]: torch.maximum(lo.abs(), hi.abs())}
+        ctx = dict(x=x, eps=eps, norm=norm, domain=domain, M=M, I=I, relax={})
+        pre = set(self.pre)
+        for n in self.order[1:]:
+            op = self.ops[n]
+            if op.kind == "act":
+                l, u = I[op.src]
+                ctx["relax"][n] = self._relax(l, u, op.a)
+            I[n] = self._intervals(n, ctx)
+            if n in pre:
+                I[n] = self._refine(n, ctx)
+            M[n] = torch.maximum(I[n][0].abs(), I[n][1].abs())
+        return ctx
+
+    def _refine(self, n, ctx):
+        """CROWN bounds on the neurons of ``n`` whose interval straddles 0."""
+        lo, hi = ctx["I"][n]
+        B = lo.shape[0]
+        shape = self.shapes[n]
+        k = math.prod(shape)
+        lo, hi = lo.reshape(B, k).clone(), hi.reshape(B, k).clone()
+        unstable = (lo < 0) & (hi > 0)
+        count = unstable.sum(1)
+        if int(count.sum()) == 0:
+            return ctx["I"][n]
+        # each input's unstable neurons first (stable ones after them are padding)
+        bidx, ridx = unstable.nonzero(as_tuple=True)
+        eye = torch.eye(k, dtype=_F64).reshape((1, k) + shape)
+        for i in range(0, bidx.numel(), self.row_chunk):
+            sel = (bidx[i:i + self.row_chunk], ridx[i:i + self.row_chunk])
+            lb = self._backward(n, eye, ctx, key=(n, 1), rows=sel)[:, 0]
+            ub = -self._backward(n, -eye, ctx, key=(n, -1), rows=sel)[:, 0]
+            lo[sel] = torch.maximum(lo[sel], lb)
+            hi[sel] = torch.minimum(hi[sel], ub)
+        return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
+
+    def lower(self, lam, ctx, c0=None):
+        """Lower bounds (B, R) of ``lam·f(x') + c0`` over each ball; ``lam`` (B or 1, R, d)
+        with ``d`` the output's size, ``c0`` (B, R) float64 (exact values) or None."""
+        return self.linear_bound(lam, ctx, c0).at()
+
+    def linear_bound(self, lam, ctx, c0=None, lam_err=None, c0_err=None) -> "LinearBound":
+        """The backward pass of :meth:`lower`, kept so that it can be concretised over any
+        smaller ball (:class:`LinearBound`). ``lam_err`` (like ``lam``) and ``c0_err``
+        (B, R): bounds on how far the exact coefficients are from the given ones (each
+        costs ``lam_errᵀ M_out + c0_err``, with ``M_out ≥ |f|`` on the ball)."""
+        Bl, R = lam.shape[:2]
+        lam = lam.to(_F64).reshape((Bl, R) + self.out_shape)
+        lam0, c, err, ctx2 = self._backward(self.out_node, lam, ctx, raw=True)
+        if lam_err is not None:
+            err = err + _rowdot(lam_err.to(_F64).reshape(lam.shape), ctx["M"][self.out_node])
+        if c0_err is not None:
+            err = err + c0_err
+        ctx = ctx2
+        if c0 is not None:
+            total = c + c0
+            err = err + U64 * (c.abs() + c0.abs() + total.abs())
+            c = total
+        return LinearBound(self, lam0, c, err, ctx)
+
+    def margin_radius(self, x, lam, c0, norm, domain=None, steps: int = 6, start=None, lam_err=None, c0_err=None):
+        """Largest certified radius (B,) float64 for ``lam·f + c0 > 0`` (every row) per input.
+
+        Each pass computes the relaxation for one ball ``ε_k`` and certifies the largest
+        ``ε' ≤ ε_k`` its linear bound proves (:meth:`LinearBound.largest`); the next ball is
+        chosen from the passes so far (grow while they pass, the geometric mean of the
+        largest certified and the smallest failed ball otherwise; the first ball is the
+        extrapolation of a pass at ``ε = 0``, i.e. the linearisation). The result is the
+        largest radius some pass certified: sound whatever the choices.
+        """
+        B = x.shape[0]
+        best = torch.zeros(B, dtype=_F64)
+        fail = torch.full((B,), math.inf, dtype=_F64)
+        if start is None:
+            lin = self.linear_bound(lam, self.prepare(x, 0.0, norm, domain), c0, lam_err, c0_err)
+            eps = lin.estimate()
+        else:
+            eps = torch.as_tensor(start, dtype=_F64).reshape(-1).expand(B).clone()
+        if domain is not None and norm == math.inf:
+            eps = eps.clamp(max=float(domain[1] - domain[0]))
+        for _ in range(steps):
+            eps = torch.where(eps > 0, eps, torch.where(best > 0, 2 * best, torch.full_like(eps, 1e-6)))
+            lin = self.linear_bound(lam, self.prepare(x, eps, norm, domain), c0, lam_err, c0_err)
+            got = lin.largest(eps)
+            best = torch.maximum(best, got)
+            fail = torch.where(got < eps, torch.minimum(fail, eps), fail)
+            g = lin.estimate()
+            grow = torch.maximum(2.0 * best, torch.minimum(g, 8.0 * best))
+            eps = torch.where(torch.isinf(fail), grow, torch.sqrt(best * fail))
+            eps = torch.where((best == 0) & torch.isfinite(fail), fail / 4.0, eps)
+            if bool(((fail <= best * 1.01) | (best >= eps)).all()):
+                break
+        return best
+
+    def box_radius(self, x, accept, norm, domain=None, steps: int = 8, start=None):
+        """Largest ``ε`` (B,) from a bisection on ``accept(lo, hi) → (B,) bool``, called
+        with the sound output box over each ball (see :meth:`output_box`)."""
+        B = x.shape[0]
+        best = torch.zeros(B, dtype=_F64)
+        fail = torch.full((B,), math.inf, dtype=_F64)
+        eps = torch.full((B,), 1e-3, dtype=_F64) if start is None else \
+            torch.as_tensor(start, dtype=_F64).reshape(-1).expand(B).clone().clamp_min(1e-6)
+        for _ in range(steps):
+            ctx = self.prepare(x, eps, norm, domain)
+            ok = accept(*self.output_box(ctx))
+            best = torch.where(ok, torch.maximum(best, eps), best)
+            fail = torch.where(ok, fail, torch.minimum(fail, eps))
+            eps = torch.where(torch.isinf(fail), 2.0 * torch.maximum(best, eps),
+                              torch.where(best > 0, torch.sqrt(best * fail), fail / 4.0))
+        return best
+
+    def output_box(self, ctx):
+        """Sound bounds (lo, hi), each (B, d), on the flattened output over each ball."""
+        B = ctx["x"].shape[0]
+        shape = self.out_shape
+        k = math.prod(shape)
+        eye = torch.eye(k, dtype=_F64).reshape((1, k) + shape)
+        lb = self._backward(self.out_node, eye, ctx, key=(self.out_node, 1))
+        ub = -self._backward(self.out_node, -eye, ctx, key=(self.out_node, -1))
+        lo, hi = ctx["I"][self.out_node]
+        return torch.maximum(lo.reshape(B, -1), lb), torch.minimum(hi.reshape(B, -1), ub)
+
+
+class LinearBound:
+    """``f(x') ≥ Λ₀ᵀx' + c − E`` for every ``x'`` in the ball the relaxation was computed on
+    (and so in every smaller ball): :meth:`at` concretises it over a ball of radius ``eps``
+    (B,) ``≤`` that one; :meth:`estimate` extrapolates (not a bound) the radius at which it
+    would reach 0 (``(Λ₀ᵀx + c − E)/‖Λ₀‖_q``, min over rows), to choose the next ball."""
+
+    def __init__(self, lb, lam, c, err, ctx):
+        self.lb, self.lam, self.c, self.err, self.ctx = lb, lam, c, err, ctx
+
+    def at(self, eps=None):
+        return self.lb._concretize(self.lam, self.c, self.err, self.ctx, eps)
+
+    def estimate(self):
+        B = self.ctx["x"].shape[0]
+        Bl, R = self.lam.shape[:2]
+        lf = self.lam.reshape(Bl, R, -1)
+        q = 2 if self.ctx["norm"] == 2 else 1
+        val = _rowdot(self.lam, self.ctx["x"].reshape(B, -1)) + self.c - 2.0 * self.err
+        N = lf.norm(p=q, dim=-1).expand(B, R).clamp_min(1e-300)
+        return (val / N).amin(1).clamp_min(0)
+
+    def largest(self, eps, iters: int = 30):
+        """Per input, the largest ``ε' ≤ eps`` (found by bisection, each candidate verified)
+        at which every row's lower bound is ``> 0``; 0 when none is."""
+        lo = torch.zeros_like(eps)
+        ok = (self.at(eps) > 0).all(1)
+        lo = torch.where(ok, eps, lo)
+        hi = eps.clone()
+        for _ in range(iters):
+            todo = ~ok & (hi > 0)
+            if not bool(todo.any()):
+                break
+            mid = torch.where(todo, 0.5 * (lo + hi), lo)
+            passed = (self.at(mid) > 0).all(1)
+            lo = torch.where(todo & passed, mid, lo)
+            hi = torch.where(todo & ~passed, mid, hi)
+        # every returned value passed (or is 0): check once more, never trust the loop
+        final = (self.at(lo) > 0).all(1)
+        return torch.where(final, lo, torch.zeros_like(lo))
