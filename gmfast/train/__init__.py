@@ -21,6 +21,9 @@ from gmfast.train.recipe import Recipe, certify, fit_tied_head, load, recipe, ru
 def digits_recipe(time_budget: float | None = 60.0, *, seed: int = 0, progress: bool = False, log=None):
     """Train the digits recipe on the demo's split (:func:`gmfast.demo.load_digits_split`).
 
+    The recipe is 300 epochs of a 64-128-128-32 AOL/MaxMin MLP (~0.15–0.4 s per epoch on one
+    CPU core, depending on load); ``time_budget`` (seconds) cuts the epochs to what fits.
+
     Returns ``(encoder, head, (Xte, yte))``: the trained 1-Lipschitz encoder and the refitted
     tied head, ready for :class:`gmfast.Certifier`, with the held-out split.
     """
