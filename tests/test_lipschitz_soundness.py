@@ -145,6 +145,35 @@ def test_class_level_call_overrides_of_leaves_and_compiled_calls_are_refused():
         lipschitz_bound(lin, (3,))
 
 
+class _Loud(torch.Tensor):
+    """A tensor subclass whose every op is 50 times larger."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out.as_subclass(torch.Tensor) * 50.0 if func is F.linear else out
+
+
+def test_replaced_class_forward_tensor_subclasses_and_hooks_inside_a_root_leaf_are_refused():
+    from torch.nn.utils.parametrizations import orthogonal
+
+    original = nn.Linear.forward
+    nn.Linear.forward = lambda self, x: 50.0 * original(self, x)
+    try:
+        with pytest.raises(UnsupportedOpError, match=r"Linear.forward has been replaced"):
+            lipschitz_bound(net(), (4,))
+    finally:
+        nn.Linear.forward = original
+    m = net()
+    m[0].weight = nn.Parameter(m[0].weight.detach().as_subclass(_Loud))
+    with pytest.raises(UnsupportedOpError, match=r"tensor subclasses \[\('weight', '_Loud'\)\]"):
+        lipschitz_bound(m, (4,))
+    lin = orthogonal(nn.Linear(3, 3)).eval()  # the root is a leaf: its parametrization is inside it
+    lin.parametrizations.weight[0].register_forward_hook(lambda mod, inp, out: 5.0 * out)
+    with pytest.raises(UnsupportedOpError, match=r"'parametrizations.weight.0' \(_Orthogonal\) has a forward hook"):
+        lipschitz_bound(lin, (3,))
+
+
 def test_vouched_modules_with_hooks_are_refused():
     class Vouched(nn.Module):
         lipschitz_constant = 1.0

@@ -84,11 +84,29 @@ def check_trust(module: nn.Module) -> None:
         if hooks:
             raise UnsupportedOpError(f"a global module hook is registered (torch.nn.modules.module.{table}: "
                                      f"{list(hooks.values())[:3]}): it changes every module call and {_REMEDY}")
+    for attr in _CALL_PATH:
+        f = getattr(nn.Module, attr)
+        if getattr(f, "__module__", None) != _module.__name__:
+            raise UnsupportedOpError(f"torch.nn.Module.{attr} has been replaced ({f!r}): module calls do not run "
+                                     "as traced; restore it")
     is_leaf, leaves = _Tracer().is_leaf_module, []
+
+    def inside_leaf(name):
+        return any(p == "" or name == p or name.startswith(p + ".") for p in leaves)
+
     for name, m in module.named_modules(remove_duplicate=False):
         where = _shown(name, m)
-        if is_leaf(m, name) and not any(name == p or name.startswith(p + ".") for p in leaves):
+        if not inside_leaf(name) and is_leaf(m, name):
             leaves.append(name)
+            fwd = type(m).forward
+            if not hasattr(m, "lipschitz_constant") and not getattr(fwd, "__module__", "").startswith("torch."):
+                raise UnsupportedOpError(f"{where}: {type(m).__name__}.forward has been replaced ({fwd!r}), so its "
+                                         f"rule does not describe it; {_REMEDY}")
+        odd = [(k, type(t).__name__) for k, t in list(m.named_parameters(recurse=False))
+               + list(m.named_buffers(recurse=False)) if type(t) not in (torch.Tensor, nn.Parameter)]
+        if odd:
+            raise UnsupportedOpError(f"{where}: the tensor subclasses {odd} can change what every op on them "
+                                     f"computes (__torch_function__); use plain tensors (or {ADVICE})")
         if m.training and (isinstance(m, _MODE_DEPENDENT) or any(isinstance(h, _KNOWN_PRE_HOOKS[0])
                                                                  for h in m._forward_pre_hooks.values())):
             raise ValueError(f"{where} is in train mode; call .eval() first (its forward depends on the training "
@@ -104,7 +122,7 @@ def check_trust(module: nn.Module) -> None:
         if vars(m).get("_compiled_call_impl") is not None:
             raise UnsupportedOpError(f"{where} is compiled (module.compile()): its call runs a compiled function "
                                      "instead of forward; bound the uncompiled module")
-        if not any(name == p or name.startswith(p + ".") for p in leaves):
+        if not inside_leaf(name):
             continue  # traced through: its call is in the graph
         if m._forward_hooks or getattr(m, "_forward_hooks_with_kwargs", None) \
                 or getattr(m, "_forward_hooks_always_called", None):
