@@ -128,7 +128,7 @@ def _straightforward_perclass(Z, work, make_u):
 
 def _setup(case, variant):
     """Inputs and a zero-argument callable that runs the variant once."""
-    from gmfast import _reference as ref
+    from gmfast import params
 
     B, d, K = case["B"], case["d"], case["K"]
     g = torch.Generator().manual_seed(1)
@@ -175,7 +175,7 @@ def _setup(case, variant):
         if variant == "floor":
             return lambda: torch.addmm(beta, Z, A.T)
         if variant == "torch":
-            inv = ref.tied_denominators(work, 2)[0].float()
+            inv = params.tied_denominators(work, 2)[0].float()
 
             def straightforward():  # logits, all margins, all ratios, min: B×K temporaries
                 L = torch.addmm(beta, Z, A.T)

@@ -7,7 +7,6 @@ import threading
 import torch
 from torch import nn
 
-from gmfast import _reference as ref
 from gmfast._fp import round_down_to
 from gmfast._validate import (
     COVARIANCE_TYPES,
@@ -27,6 +26,9 @@ from gmfast.certificate import Certificate
 from gmfast.io import invalid_file, read_head_file, write_head_file
 from gmfast.ops import BACKENDS
 from gmfast.ops import certify as ops
+from gmfast.params import (perclass_log_joint, prepare_perclass, prepare_tied, tied_linear_logits, tied_log_joint,
+                           working_dtype)
+from gmfast.stats import SufficientStats, finalize_params
 
 __all__ = ["StatisticalHead", "GaussianMixtureHead", "COVARIANCE_TYPES", "PRIORS", "CURVATURES"]
 
@@ -101,7 +103,7 @@ class StatisticalHead(nn.Module):
         """Validate ``Z``; return (Z in its working dtype, working copy, Z's own dtype)."""
         self._fitted()
         Z = as_float_matrix(Z, "Z", n_features=self.n_features_in_)
-        T = ref.working_dtype(Z)
+        T = working_dtype(Z)
         key = (Z.device, T)
         work = self._work.get(key)
         if work is None:
@@ -201,7 +203,7 @@ class GaussianMixtureHead(StatisticalHead):
 
     # ------------------------------------------------------------------ fitting
 
-    def _new_stats(self, d: int) -> ref.SufficientStats:
+    def _new_stats(self, d: int) -> SufficientStats:
         lw = self.shrinkage == "ledoit-wolf"
         if self.covariance_type == "tied" and not lw:
             kind = "pooled"
@@ -209,7 +211,7 @@ class GaussianMixtureHead(StatisticalHead):
             kind = "diag"
         else:
             kind = "per_class"
-        return ref.SufficientStats(d, kind, fourth_moments=lw)
+        return SufficientStats(d, kind, fourth_moments=lw)
 
     def partial_fit(self, Z, y) -> "GaussianMixtureHead":
         """Accumulate a batch of latents ``Z`` (n, d) with labels ``y`` (n,); returns self.
@@ -233,7 +235,7 @@ class GaussianMixtureHead(StatisticalHead):
         """Turn the accumulated statistics into the fitted classifier; returns self."""
         if self._stats is None:
             raise NotFittedError("finalize() called before any partial_fit(Z, y)")
-        params = ref.finalize_params(self._stats, self.covariance_type, self.shrinkage, self.priors,
+        params = finalize_params(self._stats, self.covariance_type, self.shrinkage, self.priors,
                                      self.num_classes)
         self._set_params(params)
         return self
@@ -269,9 +271,9 @@ class GaussianMixtureHead(StatisticalHead):
 
     def _set_params(self, params: dict) -> None:
         if self.covariance_type == "tied":
-            derived = ref.prepare_tied(params["means"], params["covariance"], params["priors"])
+            derived = prepare_tied(params["means"], params["covariance"], params["priors"])
         else:
-            derived = ref.prepare_perclass(self.covariance_type, params["means"], params["covariance"],
+            derived = prepare_perclass(self.covariance_type, params["means"], params["covariance"],
                                            params["priors"])
         parts = (derived.A, derived.beta) if self.covariance_type == "tied" else (derived.prec, derived.kappa,
                                                                                   derived.prec_mu)
@@ -315,15 +317,15 @@ class GaussianMixtureHead(StatisticalHead):
         """
         Zt, work, _ = self._prepare(Z)
         if self.covariance_type == "tied":
-            return ref.tied_log_joint(Zt, work)
-        return ref.perclass_log_joint(Zt, work)
+            return tied_log_joint(Zt, work)
+        return perclass_log_joint(Zt, work)
 
     def _scores(self, Z) -> torch.Tensor:
         """Logits up to a per-row constant: the linear ``ℓ`` for tied, the log-joint otherwise."""
         Zt, work, _ = self._prepare(Z)
         if self.covariance_type == "tied":
-            return ref.tied_linear_logits(Zt, work)
-        return ref.perclass_log_joint(Zt, work)
+            return tied_linear_logits(Zt, work)
+        return perclass_log_joint(Zt, work)
 
     def predict_log_proba(self, Z) -> torch.Tensor:
         """Posterior log-probabilities (B, K) via a max-shifted log-sum-exp."""
@@ -356,7 +358,7 @@ class GaussianMixtureHead(StatisticalHead):
             Rows with NaN/Inf get prediction -1 and radius 0 (with a warning), or raise.
         curvature : {"auto", "exact", "weyl"}
             ``full`` only: how ``λ_max(P_c − P_j)`` is bounded (see
-            :func:`gmfast._reference.curvature_table`).
+            :func:`gmfast.params.curvature_table`).
 
         Returns
         -------

@@ -36,12 +36,12 @@ bound, not the exact distance: the region is the *union* of the ``P_m``, and a b
 straddle two of them. With ``M = 1`` it is the tied head's exact radius. Threat norms: 2, 1,
 inf and Mahalanobis (``Σ`` the shared covariance), as the tied head.
 
-Floating point: the same argument as :func:`gmfast._reference.tied_certify`. The logits of
+Floating point: the same argument as :func:`gmfast.ops._reference.tied_certify`. The logits of
 all ``C = Σ_k M_k`` components are computed in the working precision ``T`` as one GEMM; each is
 within ``e_i = α_i‖z‖ + ε_i`` of its exact value
-(:func:`gmfast._reference.tied_error_coefficients`), each margin is lowered by
+(:func:`gmfast.params.tied_error_coefficients`), each margin is lowered by
 ``(e_i + e_j)(1 + 8u₆₄) + 2u₆₄|m̂|`` and multiplied by a lower bound on ``1/‖a_i − a_j‖_q``
-(:func:`gmfast._reference.tied_denominators`, computed from the float64 component
+(:func:`gmfast.params.tied_denominators`, computed from the float64 component
 parameters), and the result deflated for its float64 evaluation. Which component is taken as
 the winner does not matter for soundness: every ``r_m`` is a valid radius on its own.
 
@@ -84,8 +84,8 @@ import warnings
 import numpy as np
 import torch
 
-from gmfast import _reference as ref
-from gmfast._fp import U64, norm_upper, round_down_to, slack_down, slack_up
+from gmfast import params
+from gmfast._fp import round_down_to
 from gmfast._validate import (
     ON_NONFINITE,
     as_float_matrix,
@@ -97,105 +97,17 @@ from gmfast._validate import (
 )
 from gmfast.certificate import Certificate, certified_accuracy
 from gmfast.head import GaussianMixtureHead, StatisticalHead
+from gmfast.ops.certify import multiproto_certify, multiproto_epilogue
 
 __all__ = ["MultiPrototypeHead", "ConvergenceWarning", "multiproto_certify", "multiproto_epilogue",
            "compare_prototypes", "format_prototype_table"]
 
 LOG_2PI = math.log(2.0 * math.pi)
-_BLOCK_ELEMS = 1 << 20
 _PRUNE = 1e-9
 
 
 class ConvergenceWarning(UserWarning):
     """EM stopped at ``max_iter`` before the objective settled."""
-
-
-# ----------------------------------------------------------------------------- certify kernel
-
-
-def multiproto_epilogue(logits: torch.Tensor, z_norm_up: torch.Tensor | None, inv: torch.Tensor,
-                        alpha: torch.Tensor | None, eps: torch.Tensor | None, comp_class: torch.Tensor,
-                        class_table: torch.Tensor):
-    """Prediction and sound radius from a block of component logits, float64 epilogue.
-
-    For the winning component's class ``c`` and each component ``m`` of ``c``:
-    ``r_m = min_{i : class(i) ≠ c} (m̂_{m,i} − E_{m,i}) · inv[m, i]`` (0 if any numerator is
-    ≤ 0), ``R = max_m r_m`` (see the module docstring). ``E`` bounds the rounding error of
-    the margin as in :func:`gmfast._reference.tied_epilogue`; without ``alpha`` it is 0 (the
-    radius of the computed logits, not sound).
-
-    Parameters
-    ----------
-    logits : (b, C) any float dtype, component logits ``ℓ̂``
-    z_norm_up : (b,) float64 upper bounds on ``‖z‖₂``, or None
-    inv : (C, C) float64, ``≤ 1/‖a_i − a_j‖_q`` (``+inf`` where equal)
-    alpha, eps : (C,) float64 error coefficients, or None
-    comp_class : (C,) int64, the class of each component
-    class_table : (K, M) int64, the components of each class, padded with -1
-
-    Returns
-    -------
-    pred (b,) int64 class (-1 where a logit is not finite), radius (b,) float64,
-    component (b,) int64 the component ``m`` attaining the radius (the winner when R = 0).
-    """
-    win = logits.argmax(1)
-    cls = comp_class[win]
-    L = logits.to(torch.float64)
-    cand = class_table[cls]  # (b, M)
-    valid = cand >= 0
-    cand = torch.where(valid, cand, win[:, None])  # padding repeats the winner: harmless under max
-    m = L.gather(1, cand)[:, :, None] - L[:, None, :]  # (b, M, C)
-    if alpha is not None:
-        e = z_norm_up[:, None] * alpha[None, :] + eps[None, :]  # (b, C)
-        E = (e.gather(1, cand)[:, :, None] + e[:, None, :]) * slack_up(4) + 2.0 * U64 * m.abs()
-        num = m - E
-    else:
-        num = m
-    ratio = torch.where(num > 0, num * inv[cand], torch.zeros_like(num))
-    same = comp_class[None, None, :] == cls[:, None, None]
-    ratio = ratio.masked_fill(same, math.inf)
-    r_m = ratio.amin(2)  # (b, M): distance to the complement of each P_m
-    radius, best = r_m.max(1)
-    comp = cand.gather(1, best[:, None])[:, 0]
-    comp = torch.where(radius > 0, comp, win)
-    if alpha is not None:
-        radius = radius * slack_down(4)
-    finite = torch.isfinite(L).all(1)
-    radius = torch.where(finite, radius, torch.zeros_like(radius))
-    pred = torch.where(finite, cls, torch.full_like(cls, -1))
-    return pred, radius, comp
-
-
-def multiproto_certify(Z: torch.Tensor, p: ref.TiedParams, comp_class: torch.Tensor, class_table: torch.Tensor,
-                       norm, *, fp_sound: bool = True):
-    """Sound certified radius of the multi-prototype classifier (reference implementation).
-
-    ``p`` holds the component parameters (``A`` (C, d), ``β`` (C,)) in the working dtype of
-    ``Z`` (B, d), as the tied head's; ``comp_class`` (C,), ``class_table`` (K, M) on ``Z``'s
-    device. Blocked over rows (memory ``O(block · M · C)``).
-
-    Returns pred (B,) int64, radius (B,) float64, component (B,) int64; see
-    :func:`multiproto_epilogue`.
-    """
-    B, d = Z.shape
-    C = p.A.shape[0]
-    M = class_table.shape[1]
-    inv_hat, inv_lo = ref.tied_denominators(p, norm)
-    inv = (inv_lo if fp_sound else inv_hat).to(Z.device)
-    alpha, eps = ref.tied_error_coefficients(p, d, Z.dtype) if fp_sound else (None, None)
-    if alpha is not None:
-        alpha, eps = alpha.to(Z.device), eps.to(Z.device)
-    bs = max(1, _BLOCK_ELEMS // max(1, M * C))
-    pred = torch.empty(B, dtype=torch.int64, device=Z.device)
-    comp = torch.empty(B, dtype=torch.int64, device=Z.device)
-    radius = torch.empty(B, dtype=torch.float64, device=Z.device)
-    for i in range(0, B, bs):
-        Zb = Z[i:i + bs]
-        logits = ref.tied_linear_logits(Zb, p)
-        zn = norm_upper(Zb) if fp_sound else None
-        pred[i:i + bs], radius[i:i + bs], comp[i:i + bs] = multiproto_epilogue(
-            logits, zn, inv, alpha, eps, comp_class, class_table)
-    return pred, radius, comp
 
 
 # ----------------------------------------------------------------------------- EM
@@ -491,7 +403,7 @@ class MultiPrototypeHead(StatisticalHead):
     def predict(self, Z) -> torch.Tensor:
         """Class of the best component (B,) int64; -1 for rows with NaN/Inf (with a warning)."""
         Zt, (p, comp_class, _), _ = self._prepare(Z)
-        logits = ref.tied_linear_logits(Zt, p)
+        logits = params.tied_linear_logits(Zt, p)
         finite = torch.isfinite(logits).all(1)
         pred = torch.where(finite, comp_class[logits.argmax(1)], torch.full_like(finite, -1, dtype=torch.int64))
         bad = (~finite).nonzero().reshape(-1)

@@ -87,7 +87,7 @@ def test_equal_covariances_match_tied():
 def test_curvature_modes():
     Z, y = blobs(1000, 4, 6, seed=62, per_class_cov=True)
     head = Head("full").fit(Z, y)
-    from gmfast._reference import curvature_table
+    from gmfast.params import curvature_table
 
     lam_e, up_e, m_e = curvature_table(head.classifier_params, "exact")
     lam_w, up_w, m_w = curvature_table(head.classifier_params, "weyl")

@@ -16,9 +16,10 @@ import torch
 from helpers import random_head
 
 from gmfast import GaussianMixtureHead as Head
-from gmfast import _reference as ref
+from gmfast import params
 from gmfast._fp import perclass_error_model
 from gmfast.ops import _cpu
+from gmfast.ops import _reference as oracle
 
 
 def _mp_matrix(t):
@@ -34,7 +35,7 @@ def test_tables_bounds_hold_in_high_precision():
     head = Head.from_params(torch.randn(K, d, generator=g, dtype=torch.float64), cov,
                             torch.full((K,), 1.0 / K, dtype=torch.float64), "full")
     p = head.classifier_params
-    t = ref.cholesky_tables(p)
+    t = params.cholesky_tables(p)
     mpmath.mp.dps = 50
     for k in range(K):
         R, P = _mp_matrix(t.R[k]), _mp_matrix(p.prec[k])
@@ -79,9 +80,9 @@ def test_pruned_kernel_equals_reference_over_all_pairs(dtype, fp_sound):
     Z = _far_points(head, 700, 1, dtype)
     head.predict(Z[:1])
     w = head._work[(Z.device, dtype)]
-    lam = ref.curvature_table(w, "auto")[1 if fp_sound else 0]
+    lam = params.curvature_table(w, "auto")[1 if fp_sound else 0]
     got = _cpu.perclass_certify(Z, w, lam, perclass_error_model(Z.shape[1], dtype) if fp_sound else None)
-    want = ref.perclass_certify(Z, w, fp_sound=fp_sound, form="cholesky")
+    want = oracle.perclass_oracle(Z, w, fp_sound=fp_sound, form="cholesky")
     _agree(got, want, dtype)
     # the data does what it is meant to: many pairs within 2x of the binding radius
     pred, r_all = want
@@ -95,9 +96,9 @@ def test_pruned_kernel_in_sub_batches():
     Z = _far_points(head, 4000, 2, torch.float32)
     head.predict(Z[:1])
     w = head._work[(Z.device, torch.float32)]
-    lam = ref.curvature_table(w, "auto")[1]
+    lam = params.curvature_table(w, "auto")[1]
     got = _cpu.perclass_certify(Z, w, lam, perclass_error_model(Z.shape[1], Z.dtype))
-    want = ref.perclass_certify(Z, w, form="cholesky")
+    want = oracle.perclass_oracle(Z, w, form="cholesky")
     _agree(got, want, torch.float32)
     # how many pairs the kernel had to evaluate exactly: those whose cheap bound is below the
     # minimum; more than 2^22/513 = 8176 of them means more than one sub-batch
@@ -109,14 +110,14 @@ def test_pruned_kernel_in_sub_batches():
 
 def _cheap_radius(w, Z, pred):
     """The pair radii with the cheap gradient bound ub_c + ub_j (fp_sound=False form)."""
-    t = ref.cholesky_tables(w)
+    t = params.cholesky_tables(w)
     Y = torch.einsum("bd,ked->bke", Z.double(), t.R) - t.b[None]
     D = Y.square().sum(-1)
     f = w.kappa[None] - 0.5 * D
     ub = t.sigma[None] * D.sqrt()
     q = f.gather(1, pred[:, None]) - f
-    lam = ref.curvature_table(w, "auto")[0][pred]
-    r = ref.perclass_radius(q, ub.gather(1, pred[:, None]) + ub, lam)
+    lam = params.curvature_table(w, "auto")[0][pred]
+    r = oracle.perclass_radius(q, ub.gather(1, pred[:, None]) + ub, lam)
     return r.scatter(1, pred[:, None], math.inf)
 
 
@@ -128,9 +129,9 @@ def test_both_forms_sound_and_close(dtype):
     Z = (head.means_[y] + 1.5 * torch.randn(800, 37, generator=g, dtype=torch.float64)).to(dtype)
     head.predict(Z[:1])
     w = head._work[(Z.device, dtype)]
-    pe, exact = ref.perclass_certify(Z.double(), w.master, fp_sound=False)
-    pp, rp = ref.perclass_certify(Z, w)
-    pc, rc = ref.perclass_certify(Z, w, form="cholesky")
+    pe, exact = oracle.perclass_oracle(Z.double(), w.master, fp_sound=False)
+    pp, rp = oracle.perclass_oracle(Z, w)
+    pc, rc = oracle.perclass_oracle(Z, w, form="cholesky")
     pk, rk = head.certify(Z, backend="cpu")
     for p_, r_ in ((pp, rp), (pc, rc)):
         assert torch.equal(p_, pe)
@@ -147,11 +148,11 @@ def test_form_is_checked():
     head = random_head("full", 3, 2, seed=1)
     head.predict(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="form must be"):
-        ref.perclass_certify(torch.zeros(1, 3), head._work[(torch.device("cpu"), torch.float32)], form="lu")
+        oracle.perclass_oracle(torch.zeros(1, 3), head._work[(torch.device("cpu"), torch.float32)], form="lu")
     diag = random_head("diag", 3, 2, seed=1).classifier_params
     with pytest.raises(ValueError, match="Cholesky form is for full"):
-        ref.cholesky_tables(diag)
-    assert np.isfinite(ref.cholesky_tables(head.classifier_params).eps.numpy()).all()
+        params.cholesky_tables(diag)
+    assert np.isfinite(params.cholesky_tables(head.classifier_params).eps.numpy()).all()
 
 
 def test_sound_within_rounding_of_the_boundary():
@@ -163,7 +164,7 @@ def test_sound_within_rounding_of_the_boundary():
     g = torch.Generator().manual_seed(5)
     y = torch.randint(0, 5, (60,), generator=g)
     Z0 = head.means_[y] + 1.5 * torch.randn(60, 40, generator=g, dtype=torch.float64)
-    f = lambda Z: ref.perclass_log_joint(Z, p)  # noqa: E731
+    f = lambda Z: params.perclass_log_joint(Z, p)  # noqa: E731
     pts = []
     for z0 in Z0:
         top = f(z0[None])[0].topk(2).indices
@@ -181,7 +182,7 @@ def test_sound_within_rounding_of_the_boundary():
         for s in (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
             pts.append(zb + s * torch.randn(40, generator=g, dtype=torch.float64))
     X = torch.stack(pts).float()
-    _, exact = ref.perclass_certify(X.double(), p, fp_sound=False, curvature="exact")
+    _, exact = oracle.perclass_oracle(X.double(), p, fp_sound=False, curvature="exact")
     sound = head.certify(X, backend="cpu").radius.double()
     assert (sound <= exact).all(), (sound - exact).max()
     live = sound > 0  # the farther points get positive radii, close to the exact ones

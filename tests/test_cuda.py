@@ -30,11 +30,11 @@ import pytest
 import torch
 from helpers import random_head
 
-from gmfast import _reference as ref
-from gmfast import ops
+from gmfast import ops, params
 from gmfast._fp import PERCLASS_FIELDS, TIED_FIELDS, CovKind, perclass_error_model
-from gmfast.ops import BackendFallbackWarning
-from gmfast.ops import _cuda
+from gmfast.ops import BackendFallbackWarning, _cuda
+from gmfast.ops import _reference as oracle
+from gmfast.ops import certify as ops_certify
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SRC = ROOT / "csrc" / "cuda"
@@ -317,10 +317,10 @@ def test_emulated_cuda_tied_equals_reference(cuda_on_cpu, dtype):
         p = head.classifier_params.to("cpu", dtype)
         Z = _emu_sample(head, B, dtype, seed=B, noncontig=B % 2 == 1)
         for norm in (2, math.inf) if K == 3 else (2,):  # the norm only changes the table
-            inv_hat, inv_lo = ref.tied_denominators(p, norm)
-            pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv_lo, ref.tied_error_model(p, d, dtype))
-            pb, rb = ref.tied_certify(Z, p, norm)
-            _, plain = ref.tied_certify(Z, p, norm, fp_sound=False)
+            inv_hat, inv_lo = params.tied_denominators(p, norm)
+            pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv_lo, params.tied_error_model(p, d, dtype))
+            pb, rb = oracle.tied_oracle(Z, p, norm)
+            _, plain = oracle.tied_oracle(Z, p, norm, fp_sound=False)
             gap = (plain - rb).abs()
             _assert_close(pa, ra, pb, rb, gap, f"tied {dtype} B={B} d={d} K={K} norm={norm}")
             pn, rn = cuda_on_cpu._tied(Z, p.A, p.beta, inv_hat, None)
@@ -337,10 +337,10 @@ def test_emulated_cuda_perclass_equals_reference(cuda_on_cpu, kind, dtype):
         head = _random_head(kind, d, K, seed=B + d + K)
         p = head.classifier_params.to("cpu", dtype)
         Z = _emu_sample(head, B, dtype, seed=B, noncontig=B % 2 == 1)
-        lam_hat, lam_up, _ = ref.curvature_table(p, "exact")
+        lam_hat, lam_up, _ = params.curvature_table(p, "exact")
         pa, ra = cuda_on_cpu._perclass(Z, p, lam_up, perclass_error_model(d, dtype))
-        pb, rb = ref.perclass_certify(Z, p, curvature="exact")
-        _, plain = ref.perclass_certify(Z, p, fp_sound=False, curvature="exact")
+        pb, rb = oracle.perclass_oracle(Z, p, curvature="exact")
+        _, plain = oracle.perclass_oracle(Z, p, fp_sound=False, curvature="exact")
         gap = (plain - rb).abs()
         _assert_close(pa, ra, pb, rb, gap, f"{kind} {dtype} B={B} d={d} K={K}")
         pn, rn = cuda_on_cpu._perclass(Z, p, lam_hat, None)
@@ -356,12 +356,12 @@ def test_emulated_cuda_nonfinite_rows(cuda_on_cpu):
         Z = _emu_sample(head, 6, torch.float32, seed=0, noncontig=False)
         Z[1, 2], Z[4, 0] = float("nan"), -float("inf")
         if kind == "tied":
-            inv = ref.tied_denominators(p, 2)[1]
-            pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv, ref.tied_error_model(p, 4, torch.float32))
-            pb, rb = ref.tied_certify(Z, p, 2)
+            inv = params.tied_denominators(p, 2)[1]
+            pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv, params.tied_error_model(p, 4, torch.float32))
+            pb, rb = oracle.tied_oracle(Z, p, 2)
         else:
-            pa, ra = cuda_on_cpu._perclass(Z, p, ref.curvature_table(p, "exact")[1], perclass_error_model(4, torch.float32))
-            pb, rb = ref.perclass_certify(Z, p, curvature="exact")
+            pa, ra = cuda_on_cpu._perclass(Z, p, params.curvature_table(p, "exact")[1], perclass_error_model(4, torch.float32))
+            pb, rb = oracle.perclass_oracle(Z, p, curvature="exact")
         assert pa[[1, 4]].tolist() == [-1, -1] and ra[[1, 4]].tolist() == [0.0, 0.0]
         assert torch.equal(pa, pb) and torch.allclose(ra, rb, rtol=1e-4, atol=1e-7)
 
@@ -416,7 +416,8 @@ class _FakeModule:
 
 @pytest.fixture
 def broken_cuda(monkeypatch):
-    """_cuda as if the compiled module imported but its kernels fail at the first call."""
+    """_cuda as if the compiled module imported but its kernels fail at the first call, and
+    the dispatcher as if CPU tensors were a CUDA device (auto chain cuda → triton → reference)."""
     fake = _FakeModule()
 
     def fail(*args):
@@ -425,41 +426,52 @@ def broken_cuda(monkeypatch):
     monkeypatch.setattr(_cuda, "_C", fake)
     monkeypatch.setattr(_cuda, "_tied", fail)
     monkeypatch.setattr(_cuda, "_perclass", fail)
-    monkeypatch.setattr(_cuda, "_state", {"verified": False, "warned": False})
+    monkeypatch.setattr(_cuda, "_state", {"verified": False})
     monkeypatch.setitem(ops._status, "triton", (False, "not in this test"))
     monkeypatch.setitem(ops._status, "cuda", (True, "ok"))
+    monkeypatch.setitem(ops._DEVICE, "cuda", None)
+    monkeypatch.setitem(ops._AUTO, "cpu", ("cuda", "triton"))
+    monkeypatch.setattr(ops, "_warned", set())
     return fake
 
 
-def test_cuda_first_call_failure_falls_back_once(broken_cuda):
+def test_cuda_first_call_failure_is_marked_broken_and_resolved_again(broken_cuda):
+    """One fallback rule: the failing backend is marked broken, the call resolves again (here
+    to the reference, Triton being unavailable), with a warning; later calls go straight there."""
     head = _random_head("tied", 5, 4, seed=0)
     p = head.classifier_params.to("cpu", torch.float32)
     Z = torch.randn(9, 5)
-    inv = ref.tied_denominators(p, 2)[1]
-    with pytest.warns(BackendFallbackWarning, match="failed at their first call.*reference"):
-        pa, ra = _cuda.tied_certify(Z, p.A, p.beta, inv, ref.tied_error_model(p, 5, torch.float32))
+    inv = params.tied_denominators(p, 2)[1]
+    fp = params.tied_error_model(p, 5, torch.float32)
+    with pytest.warns(BackendFallbackWarning, match="failed at their first call"):
+        pa, ra = ops.call("tied_certify", None, Z, p.A, p.beta, inv, fp)
     assert ops._status["cuda"][0] is False and "NoKernelImage" in ops._status["cuda"][1]
-    pb, rb = ref.tied_certify(Z, p, 2)
+    pb, rb = oracle.tied_oracle(Z, p, 2)
     assert torch.equal(pa, pb) and torch.equal(ra, rb)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
-        pp, rp = _cuda.tied_certify(Z, p.A, p.beta, None, None)
+        pp, rp = ops.call("tied_certify", None, Z, p.A, p.beta, None, None)
     assert rp is None and torch.equal(pp, pb)
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available: the CUDA kernels failed"):
+        ops.call("tied_certify", "cuda", Z, p.A, p.beta, None, None)
 
 
 @pytest.mark.parametrize("kind", ["full", "diag", "spherical"])
-def test_cuda_perclass_fallback_uses_the_given_table(broken_cuda, kind):
+def test_cuda_failure_falls_back_through_the_dispatcher(broken_cuda, kind):
+    """The head's certify path (tables built by the dispatcher) after a first-call failure
+    equals the reference backend's, for each table and error model."""
     head = _random_head(kind, 4, 3, seed=1)
     p = head.classifier_params.to("cpu", torch.float32)
     Z = torch.randn(7, 4) + p.mu[0]
     for curvature in ("exact", "weyl"):
-        lam_hat, lam_up, _ = ref.curvature_table(p, curvature)
-        for fp_sound, lam in ((True, lam_up), (False, lam_hat)):
+        for fp_sound in (True, False):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", BackendFallbackWarning)
-                pa, ra = _cuda.perclass_certify(Z, p, lam, perclass_error_model(4, torch.float32) if fp_sound else None)
-            pb, rb = ref.perclass_certify(Z, p, fp_sound=fp_sound, curvature=curvature)
+                pa, ra = ops_certify.perclass_certify(Z, p, fp_sound=fp_sound, need_radius=True, backend=None,
+                                                      curvature=curvature)
+            pb, rb = oracle.perclass_oracle(Z, p, fp_sound=fp_sound, curvature=curvature)
             assert torch.equal(pa, pb) and torch.equal(ra, rb)
+    assert ops._status["cuda"][0] is False
 
 
 # --------------------------------------------------------------------------------------

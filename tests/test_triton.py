@@ -26,8 +26,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from gmfast import _reference as ref  # noqa: E402
+from gmfast import params  # noqa: E402
 from gmfast._fp import norm_upper, perclass_error_model  # noqa: E402
+from gmfast.ops import _reference as oracle  # noqa: E402
 from gmfast.ops import _triton  # noqa: E402
 from gmfast.smoothing import _count  # noqa: E402
 from gmfast.triton import perclass as tpc  # noqa: E402
@@ -90,7 +91,7 @@ def tied_tolerance(Z, p, pred, inv_hat):
     B, d = Z.shape
     if B == 0:
         return np.zeros(0)
-    alpha, eps = ref.tied_error_coefficients(p, d, Z.dtype)
+    alpha, eps = params.tied_error_coefficients(p, d, Z.dtype)
     e = norm_upper(Z)[:, None] * alpha[None, :] + eps[None, :]
     c = pred.clamp_min(0)
     pair = (e.gather(1, c[:, None]) + e) * inv_hat[c]
@@ -102,8 +103,8 @@ def near_tie_tied(Z, p, pa, pb):
     """Rows where two predictions may legitimately differ: the two classes' float64 logits
     are within the sum of their rounding-error bounds (``2(e_a + e_b)``)."""
     B, d = Z.shape
-    L = ref.tied_linear_logits(Z.double(), p.master)
-    alpha, eps = ref.tied_error_coefficients(p, d, Z.dtype)
+    L = params.tied_linear_logits(Z.double(), p.master)
+    alpha, eps = params.tied_error_coefficients(p, d, Z.dtype)
     e = norm_upper(Z)[:, None] * alpha[None, :] + eps[None, :]
     a, b = pa.clamp_min(0)[:, None], pb.clamp_min(0)[:, None]
     gap = (L.gather(1, a) - L.gather(1, b)).abs()[:, 0]
@@ -112,10 +113,10 @@ def near_tie_tied(Z, p, pa, pb):
 
 def check_tied(Z, p, norm, fp_sound, what, split=None):
     B, d = Z.shape
-    inv_hat, inv_lo = ref.tied_denominators(p, norm)
-    fp = ref.tied_error_model(p, d, Z.dtype) if fp_sound else None
+    inv_hat, inv_lo = params.tied_denominators(p, norm)
+    fp = params.tied_error_model(p, d, Z.dtype) if fp_sound else None
     pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo if fp_sound else inv_hat, fp, split=split)
-    pb, rb = ref.tied_certify(Z, p, norm, fp_sound=fp_sound)
+    pb, rb = oracle.tied_oracle(Z, p, norm, fp_sound=fp_sound)
     assert pa.dtype == torch.int64 and ra.dtype == torch.float64 and pa.shape == ra.shape == (B,)
     diff = (pa != pb).numpy()
     ok_tie = near_tie_tied(Z, p, pa, pb) if B else np.zeros(0, bool)
@@ -158,10 +159,10 @@ def test_tied_two_kernel_path(K, dtype):
 
 
 def _tied_tables(p, norm, fp_sound, Z):
-    inv_hat, inv_lo = ref.tied_denominators(p, norm)
+    inv_hat, inv_lo = params.tied_denominators(p, norm)
     if not fp_sound:
         return inv_hat, None
-    return inv_lo, ref.tied_error_model(p, Z.shape[1], Z.dtype)
+    return inv_lo, params.tied_error_model(p, Z.shape[1], Z.dtype)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -185,10 +186,10 @@ def test_tied_sound_near_boundary(split, dtype):
     t = torch.logspace(-9, -1, 40, dtype=torch.float64)
     Z = Z0 - ((m / (v * v).sum(1)) - t / v.norm(dim=1))[:, None] * v
     Z = Z.to(dtype)
-    inv_hat, inv_lo = ref.tied_denominators(p, 2)
-    pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo, ref.tied_error_model(p, d, dtype), split=split)
+    inv_hat, inv_lo = params.tied_denominators(p, 2)
+    pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo, params.tied_error_model(p, d, dtype), split=split)
     p64 = master.to("cpu", torch.float64)
-    pe, re = ref.tied_certify(Z.double(), p64, 2, fp_sound=False)
+    pe, re = oracle.tied_oracle(Z.double(), p64, 2, fp_sound=False)
     assert_sound(pa, ra, pe, re, "tied near boundary")
     assert (ra > 0).any(), "some points far enough from the facet must be certified"
 
@@ -209,7 +210,7 @@ def test_tied_sound_random(dtype):
     Z = sample(0.2 * master.A, 33, dtype, seed=4)
     for norm in NORMS:
         pa, ra = ttied.tied_certify(Z, p.A, p.beta, *_tied_tables(p, norm, True, Z))
-        pe, re = ref.tied_certify(Z.double(), master.to("cpu", torch.float64), norm, fp_sound=False)
+        pe, re = oracle.tied_oracle(Z.double(), master.to("cpu", torch.float64), norm, fp_sound=False)
         assert_sound(pa, ra, pe, re, f"tied norm={norm}")
 
 
@@ -231,7 +232,7 @@ def test_tied_nonfinite_rows(split, dtype):
     for fp_sound in (True, False):
         pa, ra = ttied.tied_certify(Z, p.A, p.beta, *_tied_tables(p, 2, fp_sound, Z), split=split)
         assert (pa[bad] == -1).all() and (ra[bad] == 0).all(), (pa, ra)
-        pb, rb = ref.tied_certify(Z, p, 2, fp_sound=fp_sound)
+        pb, rb = oracle.tied_oracle(Z, p, 2, fp_sound=fp_sound)
         assert pa[7] == -1 or pa[7] == pb[7]
         if fp_sound:
             assert ra[7] == 0  # ‖z‖² overflows: no finite error bound, no certificate
@@ -266,15 +267,15 @@ def check_perclass(Z, p, what):
     B = Z.shape[0]
     out = {}
     for fp_sound in (True, False):
-        lam_hat, lam_up, _ = ref.curvature_table(p, "exact")
+        lam_hat, lam_up, _ = params.curvature_table(p, "exact")
         lam = lam_up if fp_sound else lam_hat
         pa, ra = tpc.perclass_certify(Z, p, lam, perclass_error_model(Z.shape[1], Z.dtype) if fp_sound else None)
-        pb, rb = ref.perclass_certify(Z, p, fp_sound=fp_sound, curvature="exact")
+        pb, rb = oracle.perclass_oracle(Z, p, fp_sound=fp_sound, curvature="exact")
         assert pa.dtype == torch.int64 and ra.dtype == torch.float64 and pa.shape == ra.shape == (B,)
         out[fp_sound] = (pa, ra, pb, rb)
     pa, ra, pb, rb_sound = out[True]
     rb_plain = out[False][3]
-    scores = ref.perclass_log_joint(Z.double(), p.master) if B else torch.zeros(0, p.K, dtype=torch.float64)
+    scores = params.perclass_log_joint(Z.double(), p.master) if B else torch.zeros(0, p.K, dtype=torch.float64)
     for fp_sound, (pa, ra, pb, rb) in out.items():
         diff = (pa != pb).numpy()
         if B:
@@ -314,14 +315,14 @@ def test_perclass_sound(kind):
     p64 = master.to("cpu", torch.float64)
     Z = sample(master.mu, 60, torch.float64, seed=6)
     # pull half the points toward the midpoint of their two best classes: near-boundary
-    f = ref.perclass_log_joint(Z, p64)
+    f = params.perclass_log_joint(Z, p64)
     top2 = f.topk(2, dim=1).indices
     mid = 0.5 * (master.mu[top2[:, 0]] + master.mu[top2[:, 1]])
     Z[::2] = mid[::2] + (Z[::2] - mid[::2]) * 1e-3
     Z = Z.float()
-    lam_up = ref.curvature_table(p, "exact")[1]
+    lam_up = params.curvature_table(p, "exact")[1]
     pa, ra = tpc.perclass_certify(Z, p, lam_up, perclass_error_model(Z.shape[1], Z.dtype))
-    pe, re = ref.perclass_certify(Z.double(), p64, fp_sound=False, curvature="exact")
+    pe, re = oracle.perclass_oracle(Z.double(), p64, fp_sound=False, curvature="exact")
     assert_sound(pa, ra, pe, re, f"{kind} sound")
     assert (ra > 0).any()
 
@@ -336,10 +337,10 @@ def test_perclass_nonfinite_rows(kind):
     Z[6] = 1e30  # finite input whose quadratic scores overflow in float32
     bad = torch.zeros(8, dtype=torch.bool)
     bad[[2, 4, 6]] = True
-    lam = ref.curvature_table(p, "exact")[1]
+    lam = params.curvature_table(p, "exact")[1]
     pa, ra = tpc.perclass_certify(Z, p, lam, perclass_error_model(Z.shape[1], Z.dtype))
     assert (pa[bad] == -1).all() and (ra[bad] == 0).all(), (pa, ra)
-    pb, rb = ref.perclass_certify(Z[~bad], p, fp_sound=True, curvature="exact")
+    pb, rb = oracle.perclass_oracle(Z[~bad], p, fp_sound=True, curvature="exact")
     assert torch.equal(pa[~bad], pb)
     assert torch.allclose(ra[~bad], rb, rtol=1e-4, atol=1e-6)
 
@@ -349,7 +350,7 @@ def test_perclass_full_chunks(monkeypatch):
     master = random_params("full", 5, 4, seed=9)
     p = master.to("cpu", torch.float32)
     Z = sample(master.mu, 50, torch.float32, seed=2)
-    lam = ref.curvature_table(p, "exact")[1]
+    lam = params.curvature_table(p, "exact")[1]
     one = tpc.perclass_certify(Z, p, lam, perclass_error_model(Z.shape[1], Z.dtype))
     monkeypatch.setattr(ttied, "_CHUNK_ELEMS", 16 * 5 * 4)  # 16 rows per chunk
     many = tpc.perclass_certify(Z, p, lam, perclass_error_model(Z.shape[1], Z.dtype))
@@ -373,7 +374,7 @@ def test_smoothing_counts(K, dtype):
     Z[4, 0] = float("nan")  # not a class: dropped
     owner[9] = inputs  # out of range: dropped
     counts = tsm.smoothing_counts(Z, owner, inputs, p.A, p.beta)
-    logits = ref.tied_linear_logits(Z, p)
+    logits = params.tied_linear_logits(Z, p)
     labels = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), torch.full((70,), -1))
     labels[9] = -1
     expect = _count(labels, owner.clamp_max(inputs - 1), inputs, K)
@@ -405,12 +406,12 @@ def test_backend_module_contract():
     p = master.to("cpu", torch.float32)
     Z = sample(master.A, 5, torch.float32, seed=0)
     pa, ra = _triton.tied_certify(Z, p.A, p.beta, *_tied_tables(p, 2, True, Z))
-    pb, rb = ref.tied_certify(Z, p, 2)
+    pb, rb = oracle.tied_oracle(Z, p, 2)
     assert torch.equal(pa, pb) and torch.allclose(ra, rb, rtol=1e-4, atol=1e-6)
     q = random_params("diag", 3, 4, seed=1).to("cpu", torch.float32)
-    pa, ra = _triton.perclass_certify(Z, q, ref.curvature_table(q, "exact")[1],
+    pa, ra = _triton.perclass_certify(Z, q, params.curvature_table(q, "exact")[1],
                                       perclass_error_model(Z.shape[1], Z.dtype))
-    pb, rb = ref.perclass_certify(Z, q, curvature="exact")
+    pb, rb = oracle.perclass_oracle(Z, q, curvature="exact")
     assert torch.equal(pa, pb) and torch.allclose(ra, rb, rtol=1e-4, atol=1e-6)
 
 
@@ -420,7 +421,7 @@ def test_launchers_check_inputs(monkeypatch):
     with pytest.raises(TypeError, match="dtype"):
         ttied.tied_certify(Z.double(), p.A, p.beta, None, None)
     with pytest.raises(ValueError, match="alpha, eps"):
-        fp = ref.tied_error_model(p, 3, torch.float32)
+        fp = params.tied_error_model(p, 3, torch.float32)
         ttied.tied_certify(Z, p.A, p.beta, torch.zeros(4, 4, dtype=torch.float64), fp._replace(eps=fp.eps[:2]))
     with pytest.raises(TypeError, match="float16"):
         ttied.tied_certify(Z.half(), p.A.half(), p.beta.half(), None, None)

@@ -20,7 +20,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
                   const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius);
 
 // Largest r with q - g r - lam r^2 / 2 >= 0, without cancellation: 2q / (g + sqrt(g^2 + 2 lam q));
-// 0 when q <= 0 (or NaN), +inf when g = lam = 0 (gmfast._reference.perclass_radius).
+// 0 when q <= 0 (or NaN), +inf when g = lam = 0 (gmfast.ops._reference.perclass_radius).
 inline double pair_radius(double q, double g, double lam) {
   if (!(q > 0.0)) return 0.0;
   const double den = g + std::sqrt(g * g + 2.0 * lam * q);
@@ -28,7 +28,7 @@ inline double pair_radius(double q, double g, double lam) {
 }
 
 // Per-class quadratic classifier f_k = kappa_k - 1/2 (z - mu_k)^T P_k (z - mu_k) with the
-// sound l2 radius of DESIGN 1.4 (gmfast._reference.perclass_certify has the derivation).
+// sound l2 radius of DESIGN 1.4 (gmfast.ops._reference.perclass_certify has the derivation).
 // Never materialises B x K x d: rows are processed in blocks whose scratch is bounded.
 //   prec: diag (K x d), spherical (K) (full: full_certify_chol);  mu, prec_mu (K x d)
 //   kappa, prec_abs_up, mu_norm_up (K) float64;  lam (K x K) float64 or null (predict only)
@@ -40,7 +40,7 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
                       int64_t* pred, double* radius);
 
 // Full covariances in the Cholesky form (csrc/cpu/fullchol.cpp; the math is
-// gmfast._reference._perclass_certify_cholesky). The margins come from R_k = chol(P_k)^T packed
+// gmfast.ops._reference._perclass_certify_cholesky). The margins come from R_k = chol(P_k)^T packed
 // in row panels of chol_panel_rows<T>() rows: for class k and panel p (i0 = p * NR), a
 // (d - i0) x NR block, t-major, entry [t][r] = R_k[i0 + r, i0 + t] (zero past row d); panels
 // follow each other, classes too. rbias (K x ceil(d / NR) * NR) = R_k mu_k, zero-padded.

@@ -5,8 +5,8 @@
 // f_k = kappa_k - D_k / 2, c = argmax f. For every j != c:
 //   q = f_c - f_j,  g = ||u_c - u_j||,  lam = lam[c, j]  ->  r_j = 2q / (g + sqrt(g^2 + 2 lam q))
 // and the radius is min_j r_j. With fp_sound, q is lowered and g raised by the rigorous
-// rounding-error bounds derived in gmfast._reference.perclass_certify (same formulas, same
-// constants): the radius is a lower bound on the exact one. D, norms and differences are
+// rounding-error bounds derived in gmfast.ops._reference.perclass_certify (same formulas, the
+// constants of gmfast._fp through constants.h): the radius is a lower bound on the exact one. D, norms and differences are
 // accumulated in float64 here, which only tightens what the bounds (written for
 // working-precision accumulation) cover.
 #include <algorithm>

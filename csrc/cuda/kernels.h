@@ -39,7 +39,7 @@ template <class T>
 void gemm_nt_bias(index_t M, index_t N, index_t Kd, const T* X, index_t ldx, const T* Y, const T* bias, T* C,
                   T* ss, cudaStream_t stream);
 
-// Tied certify (gmfast._reference.tied_certify): logits l = Z A^T + beta for chunks of
+// Tied certify (gmfast.ops._reference.tied_certify): logits l = Z A^T + beta for chunks of
 // `chunk` rows into the scratch `logits` (chunk x K) and `ss` (chunk), then per row the
 // argmax c (lowest index on ties) and, when inv is non-null, the radius
 // min_{j != c} max(0, m_cj - E_cj) * inv[c, j] in float64 (E_cj = 0 when fp is null).

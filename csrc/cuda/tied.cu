@@ -3,7 +3,7 @@
 // c (lowest index on ties), pass 2 for min_{j != c} of the margin ratio with c known.
 // Scratch: chunk x K logits, never B x K unless B fits in one chunk.
 //
-// Soundness: exactly the formula of gmfast._reference.tied_epilogue. The logits differ from
+// Soundness: exactly the formula of gmfast.ops._reference.tied_epilogue. The logits differ from
 // the exact a_k^T z + beta_k by at most e_k = alpha_k ||z|| + eps_k (gamma_{d+2}, Higham's
 // bound for any order, FMA or not); ||z|| is bounded above from fl(sum z^2) accumulated in
 // T (norm_up with the constants of gmfast._fp.tied_constants). Margins, error terms, products and the

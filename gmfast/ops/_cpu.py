@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import torch
 
-from gmfast import _reference as ref
+from gmfast import params
 from gmfast._fp import CovKind
 
 _C = None
@@ -129,13 +129,13 @@ def tied_certify(Z, A, beta, inv, fp):
     return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)
 
 
-def _cholesky_pack(p: ref.PerClassParams, dtype: torch.dtype):
+def _cholesky_pack(p: params.PerClassParams, dtype: torch.dtype):
     """The Cholesky tables in the kernel's layout (``csrc/cpu/kernels.h: full_certify_chol``),
     built once per working copy: each class's ``R_k`` as row panels of ``NR`` rows, panel
     ``p`` holding columns ``p·NR … d−1`` (the triangle's zeros left of it are skipped)."""
     key = ("pack", dtype)
     if key not in p.cholesky:
-        t = ref.cholesky_tables(p)
+        t = params.cholesky_tables(p)
         C = _load()
         NR = C.chol_panel_rows(dtype == torch.float64)
         K, d, _ = t.R.shape
@@ -154,9 +154,9 @@ def _consts(fp):
     return None if fp is None else np.asarray(fp.consts, dtype=np.float64)
 
 
-def perclass_certify(Z, p: ref.PerClassParams, lam, fp):
+def perclass_certify(Z, p: params.PerClassParams, lam, fp):
     """Per-class certify; full covariances take the Cholesky form
-    (``gmfast._reference.perclass_certify(form="cholesky")`` is its oracle)."""
+    (``gmfast.ops._reference.perclass_oracle(form="cholesky")`` is its oracle)."""
     C = _load()
     if p.kind == "full":
         rpack, rbias, rho, sigma, eps = _cholesky_pack(p, Z.dtype)

@@ -6,26 +6,21 @@ everything), pass raw device pointers, shapes and ``torch.cuda.current_stream()`
 
 The module links the CUDA runtime statically, so it imports on machines without a driver;
 ``available()`` then reports why it cannot run. If the runtime still fails at the first
-real call (e.g. no kernel image for this GPU), the backend is marked broken for the
-process, a :class:`~gmfast.ops.BackendFallbackWarning` says so once, and that call and
-every later one go to the Triton backend, or to the reference when Triton is unavailable.
-After one successful call, errors propagate: they are bugs, not a missing runtime.
+real call (e.g. no kernel image for this GPU), the call raises
+:class:`~gmfast.ops.BackendFailure`: the dispatcher marks the backend broken for the
+process, says so once (:class:`~gmfast.ops.BackendFallbackWarning`) and resolves again
+(Triton, or the reference when Triton is unavailable). After one successful call, errors
+propagate: they are bugs, not a missing runtime.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-import warnings
-
 import torch
 
-from gmfast import _reference as ref
-from gmfast._fp import CovKind, norm_upper
+from gmfast._fp import CovKind
 
 _C = None
-_lock = threading.Lock()
-_state = {"verified": False, "warned": False}
+_state = {"verified": False}
 
 #: Scratch elements (logits, per-class gradients) per chunk of rows: 32 MiB of float32.
 _CHUNK_ELEMS = 1 << 23
@@ -58,81 +53,25 @@ def available():
 
 
 # --------------------------------------------------------------------------------------
-# First-call guard and fallbacks
+# First-call guard
 # --------------------------------------------------------------------------------------
 
 
-def _guarded(run, fallback, *args):
+def _guarded(run, *args):
+    """``run(*args)``; a CUDA runtime error before the first success is a
+    :class:`~gmfast.ops.BackendFailure` (the dispatcher marks the backend broken and resolves
+    again); after one success, errors propagate: they are bugs, not a missing runtime."""
     if _state["verified"]:
         return run(*args)
     C = _load()
     try:
         out = run(*args)
     except C.CudaError as exc:
-        from gmfast.ops import BackendFallbackWarning, mark_broken
+        from gmfast.ops import BackendFailure
 
-        reason = f"the CUDA kernels failed at their first call: {exc}"
-        mark_broken("cuda", reason)
-        with _lock:
-            first = not _state["warned"]
-            _state["warned"] = True
-        if first:
-            warnings.warn(f"gmfast: {reason}; falling back to {_fallback_name()} for this process",
-                          BackendFallbackWarning, stacklevel=4)
-        return fallback(*args)
+        raise BackendFailure(f"the CUDA kernels failed at their first call: {exc}") from exc
     _state["verified"] = True
     return out
-
-
-def _fallback_name() -> str:
-    from gmfast.ops import _probe
-
-    return "triton" if _probe("triton")[0] else "the pure-PyTorch reference"
-
-
-def _tied_fallback(Z, A, beta, inv, fp):
-    from gmfast.ops import _probe, kernel_module
-
-    if _probe("triton")[0]:
-        return kernel_module("triton").tied_certify(Z, A, beta, inv, fp)
-    return reference_tied(Z, A, beta, inv, fp)
-
-
-def _perclass_fallback(Z, p, lam, fp):
-    from gmfast.ops import _probe, kernel_module
-
-    if _probe("triton")[0]:
-        return kernel_module("triton").perclass_certify(Z, p, lam, fp)
-    return reference_perclass(Z, p, lam, fp)
-
-
-def reference_tied(Z, A, beta, inv, fp):
-    """The tied contract evaluated by the reference's own epilogue, in bounded row blocks
-    (outputs preallocated and filled in place, as the reference does)."""
-    B = Z.shape[0]
-    bs = max(1, ref._BLOCK_ELEMS // max(A.shape[0], 1))
-    pred = torch.empty(B, dtype=torch.int64, device=Z.device)
-    radius = torch.empty(B, dtype=torch.float64, device=Z.device) if inv is not None else None
-    for i in range(0, B, bs):
-        Zb = Z[i:i + bs]
-        logits = torch.addmm(beta, Zb, A.T)
-        if inv is None:
-            finite = torch.isfinite(logits).all(1)
-            pred[i:i + bs] = torch.where(finite, logits.argmax(1), torch.full_like(finite, -1, dtype=torch.int64))
-            continue
-        zn = norm_upper(Zb) if fp is not None else None
-        alpha, eps = (None, None) if fp is None else (fp.alpha, fp.eps)
-        pred[i:i + bs], radius[i:i + bs] = ref.tied_epilogue(logits, zn, inv, alpha, eps)
-    return pred, radius
-
-
-def reference_perclass(Z, p, lam, fp):
-    """The per-class contract through :func:`gmfast._reference.perclass_certify`, with the
-    given curvature table (planted as the only cached one, so exactly it is used)."""
-    if lam is None:
-        return ref.perclass_certify(Z, p, fp_sound=fp is not None, need_radius=False)
-    q = dataclasses.replace(p, curvature={"exact": (lam, lam)}, master=None)
-    return ref.perclass_certify(Z, q, fp_sound=fp is not None, need_radius=True, curvature="exact")
 
 
 # --------------------------------------------------------------------------------------
@@ -231,8 +170,8 @@ def _perclass(Z, p, lam, fp):
 
 
 def tied_certify(Z, A, beta, inv, fp):
-    return _guarded(_tied, _tied_fallback, Z, A, beta, inv, fp)
+    return _guarded(_tied, Z, A, beta, inv, fp)
 
 
 def perclass_certify(Z, p, lam, fp):
-    return _guarded(_perclass, _perclass_fallback, Z, p, lam, fp)
+    return _guarded(_perclass, Z, p, lam, fp)

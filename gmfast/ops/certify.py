@@ -1,63 +1,85 @@
 """The certify contracts, dispatched to a backend.
 
-Every backend implements, for inputs already validated and cast to the working dtype:
+Every backend module (:data:`gmfast.ops.MODULES`: ``reference``, ``cpu``, ``triton``,
+``cuda``) implements, for inputs already validated and cast to the working dtype T:
 
-``tied_certify(Z, A, beta, inv, alpha, eps) -> (pred, radius)``
-    Z (B, d), A (K, d), beta (K,) in the working dtype T; inv (K, K) float64 lower
-    bounds on ``1/‖a_c − a_j‖_q``; alpha, eps (K,) float64 rounding-error coefficients
-    (``|ℓ̂_k − ℓ_k| ≤ α_k‖z‖ + ε_k``), both ``None`` for ``fp_sound=False``; ``inv`` is
-    ``None`` when only predictions are wanted. Returns pred (B,) int64 (-1: overflow) and
-    radius (B,) float64 or None. See :func:`gmfast._reference.tied_certify`.
+``tied_certify(Z, A, beta, inv, fp) -> (pred, radius)``
+    Z (B, d), A (K, d), beta (K,) in T; inv (K, K) float64 lower bounds on
+    ``1/‖a_c − a_j‖_q``, ``None`` when only predictions are wanted. Returns pred (B,) int64
+    (-1: a non-finite logit) and radius (B,) float64 or None.
 
-``perclass_certify(Z, params, lam, fp_sound) -> (pred, radius)``
-    params a :class:`gmfast._reference.PerClassParams` in the working dtype, lam (K, K)
-    float64 curvature table (``None``: predictions only). See
-    :func:`gmfast._reference.perclass_certify`.
+``perclass_certify(Z, p, lam, fp) -> (pred, radius)``
+    p a :class:`gmfast.params.PerClassParams` in T, lam (K, K) float64 curvature table
+    (``None``: predictions only).
+
+In both, ``fp`` is the rounding-error model (:class:`gmfast._fp.TiedErrorModel`,
+:class:`gmfast._fp.PerClassErrorModel`: coefficients and the constants of
+:mod:`gmfast._fp`) or ``None`` for ``fp_sound=False``: the one encoding of ``fp_sound``.
+The math of each is in the reference backend (``gmfast/ops/_reference.py``).
+
+The multi-prototype contract ``multiproto_certify(Z, A, beta, inv, fp, comp_class,
+class_table)`` has the reference as its only backend.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gmfast import _reference as ref
-from gmfast._fp import perclass_error_model
-from gmfast.ops import kernel_module, resolve
+from gmfast._fp import TiedErrorModel, perclass_error_model
+from gmfast.ops import call, kernel_module
+from gmfast.params import PerClassParams, TiedParams, curvature_table, tied_denominators, tied_error_model
 
 
-def tied_certify(Z: torch.Tensor, p: ref.TiedParams, norm, *, fp_sound: bool, need_radius: bool,
+def tied_certify(Z: torch.Tensor, p: TiedParams, norm, *, fp_sound: bool, need_radius: bool,
                  backend: str | None):
-    name = resolve(backend, Z.device)
-
     def run(Z, p):
-        if name == "reference":
-            return ref.tied_certify(Z, p, norm, fp_sound=fp_sound, need_radius=need_radius)
         table = fp = None
         if need_radius:
-            inv_hat, inv_lo = ref.tied_denominators(p, norm)
+            inv_hat, inv_lo = tied_denominators(p, norm)
             table = inv_lo if fp_sound else inv_hat
             if fp_sound:
-                fp = ref.tied_error_model(p, Z.shape[1], Z.dtype)
-        return kernel_module(name).tied_certify(Z, p.A, p.beta, table, fp)
+                fp = tied_error_model(p, Z.shape[1], Z.dtype)
+        return call("tied_certify", backend, Z, p.A, p.beta, table, fp)
 
     return in_range(run, Z, p)
 
 
-def perclass_certify(Z: torch.Tensor, p: ref.PerClassParams, *, fp_sound: bool, need_radius: bool,
+def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool, need_radius: bool,
                      backend: str | None, curvature: str = "auto"):
-    name = resolve(backend, Z.device)
-
     def run(Z, p):
-        if name == "reference":
-            return ref.perclass_certify(Z, p, fp_sound=fp_sound, need_radius=need_radius, curvature=curvature)
         lam = fp = None
         if need_radius:
-            lam_hat, lam_up, _ = ref.curvature_table(p, curvature)
+            lam_hat, lam_up, _ = curvature_table(p, curvature)
             lam = lam_up if fp_sound else lam_hat
             if fp_sound:
                 fp = perclass_error_model(Z.shape[1], Z.dtype)
-        return kernel_module(name).perclass_certify(Z, p, lam, fp)
+        return call("perclass_certify", backend, Z, p, lam, fp)
 
     return in_range(run, Z, p)
+
+
+def multiproto_certify(Z: torch.Tensor, p: TiedParams, comp_class: torch.Tensor, class_table: torch.Tensor, norm,
+                       *, fp_sound: bool = True):
+    """Sound certified radius of the multi-prototype classifier (see :mod:`gmfast.multiproto`).
+
+    ``p`` holds the component parameters (``A`` (C, d), ``β`` (C,)) in the working dtype of
+    ``Z`` (B, d), as the tied head's; ``comp_class`` (C,), ``class_table`` (K, M) on ``Z``'s
+    device. Returns pred (B,) int64, radius (B,) float64, component (B,) int64.
+    """
+    if Z.dtype != torch.float64 and not p.cast_ok:  # see in_range
+        Z, p = Z.to(torch.float64), p.widened()
+    inv_hat, inv_lo = tied_denominators(p, norm)
+    fp = tied_error_model(p, Z.shape[1], Z.dtype) if fp_sound else None
+    # the reference is the only backend with this contract
+    return call("multiproto_certify", "reference", Z, p.A, p.beta, inv_lo if fp_sound else inv_hat, fp,
+                comp_class, class_table)
+
+
+def multiproto_epilogue(logits: torch.Tensor, z_norm_up: torch.Tensor | None, inv: torch.Tensor,
+                        fp: TiedErrorModel | None, comp_class: torch.Tensor, class_table: torch.Tensor):
+    """The multi-prototype epilogue on precomputed component logits (the reference
+    backend's; see its docstring there)."""
+    return kernel_module("reference").multiproto_epilogue(logits, z_norm_up, inv, fp, comp_class, class_table)
 
 
 def in_range(run, Z: torch.Tensor, p):

@@ -1,7 +1,7 @@
 """Triton kernels for the per-class (full / diag / spherical) certificate (DESIGN 1.4).
 
 Contract (:mod:`gmfast.ops.certify`): ``Z (B, d)`` in the working dtype ``T``; ``p`` a
-:class:`gmfast._reference.PerClassParams` on Z's device in ``T`` (``mu``, ``prec``,
+:class:`gmfast.params.PerClassParams` on Z's device in ``T`` (``mu``, ``prec``,
 ``prec_mu``; float64 ``kappa``, ``prec_abs_up``, ``mu_norm_up``); ``lam (K, K)`` float64
 curvature table or ``None`` (predictions only). Returns ``pred (B,)`` int64 (``-1``: a
 non-finite score) and ``radius (B,)`` float64 or ``None``.
@@ -25,7 +25,7 @@ comes from :func:`gmfast.triton.tied.gemm_nt_bias`; B×K×d is never materialise
 
 Soundness
 ---------
-The error terms are those of :func:`gmfast._reference.perclass_certify`, same formulas and
+The error terms are those of :func:`gmfast.ops._reference.perclass_certify`, same formulas and
 constants: ``γ = γ_{d+4}(u_T)``, ``S = 1 + 4γ``, the underflow allowances ``ν``, ``τ_u``,
 ``τ_D``, ``λ⁺`` from the table. ``D`` and the squared norms are accumulated in ``T`` (the
 reference accumulates the norms in float64): that bound is written for working-precision

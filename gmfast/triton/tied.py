@@ -24,7 +24,7 @@ term of the min can be formed. Two paths, chosen by ``K``:
 
 Soundness of the returned radius
 --------------------------------
-The arithmetic is exactly that of :func:`gmfast._reference.tied_epilogue`:
+The arithmetic is exactly that of :func:`gmfast.ops._reference.tied_epilogue`:
 
 * logits ``ℓ̂ = fl(Z Aᵀ) + β`` in ``T`` with ``tl.dot(..., input_precision="ieee")`` (no
   TF32): an inner product of length ``d + 1`` in some order, within
