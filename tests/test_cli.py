@@ -5,7 +5,6 @@ import datetime
 import math
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest

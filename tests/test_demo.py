@@ -45,8 +45,8 @@ def test_table_columns_line_up_and_footnotes_explain():
             dict(method="smoothing σ=0.25, same enc.+head (100 in.)", L=None, L_est=None,
                  accuracy=np.full(len(RADII), 0.25), ms=300.0, ms_encoder=None, samples=10100)]
     lines = []
-    smooth = dict(sigma=0.25, n0=100, n=10_000, alpha=0.001, inputs=100, r_max=smoothing_max_radius(0.25, 10_000, 0.001),
-                  abstained=0.04)
+    smooth = dict(sigma=0.25, n0=100, n=10_000, alpha=0.001, inputs=100, abstained=0.04,
+                  r_max=smoothing_max_radius(0.25, 10_000, 0.001))
     _print_table(rows, lines.append, smooth)
     header = next(ln for ln in lines if ln.startswith("method"))
     ends = [m.end() for m in re.finditer(r"\S+", header)]
