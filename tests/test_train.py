@@ -244,3 +244,11 @@ def test_pgd_never_flips_inside_certified_radius():
     # the attack is real: at 4x the certified radius it flips some inputs
     far = pgd_flips(enc, head, Xte, cert.prediction, 4 * cert.radius, steps=20, restarts=1)
     assert int(far.sum()) > 0
+
+
+def test_learned_covariance_trains_and_certifies():
+    r, enc, head, Xte, yte, hist = _tiny(epochs=2, covariance="learned", shrinkage="ledoit-wolf")
+    assert all(math.isfinite(v) for v in hist["loss"])
+    cert = gmfast.Certifier(enc, head).certify(Xte)
+    assert (cert.prediction == yte).float().mean() > 0.5
+    assert (cert.radius >= 0).all()
