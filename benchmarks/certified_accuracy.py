@@ -166,7 +166,7 @@ def plot(data, curves, marks, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.6, 4.2), dpi=120)
     for label, (r, a) in curves.items():
         ax.plot(r, 100 * np.asarray(a), label=label, lw=2)
     for label, (r, a) in marks.items():
@@ -179,7 +179,7 @@ def plot(data, curves, marks, path):
     ax.set_ylim(0, 100)
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{data}: certified accuracy on the held-out split", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
