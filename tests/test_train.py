@@ -57,6 +57,19 @@ def test_aol_linear_is_1_lipschitz(shape):
     assert b.bound <= exact * (1 + 1e-6)  # the rule reads the effective weight itself
 
 
+def test_bound_reads_the_weight_forward_uses_not_the_constraint():
+    # a layer whose forward breaks the AOL constraint gets its real constant, not 1
+    class Loose(AOLLinear):
+        def effective_weight(self):
+            return 3.0 * super().effective_weight()
+
+    torch.manual_seed(5)
+    layer = Loose(10, 6).eval()
+    b = lipschitz_bound(layer, (10,), cache=False)
+    exact = torch.linalg.matrix_norm(layer.effective_weight().detach().double(), ord=2).item()
+    assert exact > 2.9 and exact <= b.bound <= exact * (1 + 1e-6)
+
+
 @pytest.mark.parametrize("cin,cout,k,size", [(1, 4, 3, 8), (3, 5, 3, 6), (4, 4, 5, 7)])
 def test_aol_conv_is_1_lipschitz(cin, cout, k, size):
     torch.manual_seed(2)
