@@ -187,3 +187,65 @@ class _Coupled(nn.Module):
 def test_fuzz_batch_coupling_is_refused(d, act, fn):
     with pytest.raises(UnsupportedOpError):
         lipschitz_bound(_Coupled(d, act, fn).eval(), (d,))
+
+
+@st.composite
+def conv_net(draw):
+    """A small 1-d or 2-d conv net with random keyword arguments on every layer."""
+    nd = draw(st.sampled_from([1, 2]))
+    n = draw(st.integers(4, 7))
+    c = draw(st.integers(1, 3))
+    conv = (nn.Conv1d, nn.Conv2d)[nd - 1]
+    k = draw(st.integers(1, 3))
+    pad_mode = draw(st.sampled_from(["zeros", "zeros", "circular", "reflect", "replicate"]))
+    pad = draw(st.integers(0, min(2, n - 1) if pad_mode != "zeros" else 2))
+    layers = [conv(c, 3, k, stride=draw(st.integers(1, 2)), padding=pad, dilation=draw(st.integers(1, 2)),
+                   padding_mode=pad_mode, bias=draw(st.booleans()))]
+    layers.append(draw(activation()))
+    pool = draw(st.sampled_from(["max", "avg", "none", "bn", "upsample"]))
+    kp = draw(st.integers(1, 2))
+    if pool == "max":
+        layers.append((nn.MaxPool1d, nn.MaxPool2d)[nd - 1](kp, stride=draw(st.integers(1, 2)),
+                                                            padding=draw(st.integers(0, kp // 2)),
+                                                            dilation=draw(st.integers(1, 2)),
+                                                            ceil_mode=draw(st.booleans())))
+    elif pool == "avg":
+        layers.append((nn.AvgPool1d, nn.AvgPool2d)[nd - 1](kp, stride=draw(st.integers(1, 2)),
+                                                            padding=draw(st.integers(0, kp // 2)),
+                                                            ceil_mode=draw(st.booleans()),
+                                                            count_include_pad=draw(st.booleans()),
+                                                            **({"divisor_override": draw(st.sampled_from(
+                                                                [None, 1, 3]))} if nd == 2 else {})))
+    elif pool == "bn":
+        bn = (nn.BatchNorm1d, nn.BatchNorm2d)[nd - 1](3)
+        with torch.no_grad():
+            bn.running_var.uniform_(0.05, 2.0)
+            bn.weight.uniform_(-2.0, 2.0)
+        layers.append(bn)
+    elif pool == "upsample":
+        layers.append(nn.Upsample(scale_factor=2, mode=draw(st.sampled_from(
+            ["nearest", "linear" if nd == 1 else "bilinear"]))))
+    layers.append(nn.Flatten())
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    net = nn.Sequential(*layers).eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros((1, c) + (n,) * nd))
+    except (RuntimeError, ValueError):  # torch rejects the combination (output too small, padding too large)
+        return None
+    return net.eval(), (c,) + (n,) * nd
+
+
+@settings(FUZZ, max_examples=8)
+@given(conv_net())
+def test_fuzz_conv_pool_keyword_arguments(case):
+    if case is not None:
+        sound_or_refused(case[0], case[1], n_pairs=16, n_jac=1, ascent_steps=10)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=200)
+@given(conv_net())
+def test_fuzz_conv_pool_keyword_arguments_long(case):
+    if case is not None:
+        sound_or_refused(case[0], case[1], n_pairs=24, n_jac=2, ascent_steps=20)
