@@ -486,14 +486,17 @@ def _probe(tg, node, mod, axes, r3, fail):
             return getattr(p, args[0])
         return node.target(p, *args, **kwargs)
 
-    with torch.no_grad():
-        o1, o2 = run(0.0), run(1000.0)
+    try:
+        with torch.no_grad():
+            o1, o2 = run(0.0), run(1000.0)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        fail(node, f"the batch dimension could not be followed through it: {e}")
     parts1 = o1 if isinstance(o1, (tuple, list)) else (o1,)
     parts2 = o2 if isinstance(o2, (tuple, list)) else (o2,)
     outs = axes[node] if isinstance(axes[node], list) else [axes[node]]
     for p1, p2, ao in zip(parts1, parts2, outs):
         moved = (p2 - p1) == 1000.0
-        want = torch.arange(1, p1.shape[ao] + 1, dtype=p1.dtype).reshape(
+        want = torch.arange(1, p1.shape[ao] + 1, dtype=p1.dtype, device=p1.device).reshape(
             [-1 if i == ao else 1 for i in range(p1.dim())])
         if not bool(((p1 == want) | ~moved).all()) or not bool((moved | (p1 == p2)).all()):
             fail(node, f"{tg.display_name(node)} moves entries between samples")
