@@ -265,3 +265,26 @@ def test_learned_covariance_trains_and_certifies():
     cert = gmfast.Certifier(enc, head).certify(Xte)
     assert (cert.prediction == yte).float().mean() > 0.5
     assert (cert.radius >= 0).all()
+
+
+def test_checkpoint_resume_continues_the_schedule(tmp_path):
+    from gmfast.train.data import load_split
+    from gmfast.train.recipe import load_checkpoint
+
+    Xtr, ytr, _, _ = load_split("digits")
+    r = recipe("digits", architecture=mlp_architecture(64, [32], 8), latent=8, epochs=4)
+    ck = tmp_path / "ck.safetensors"
+    enc, proto, _ = train(r, Xtr, ytr, progress=False, checkpoint=ck)
+    enc2, proto2, _ = train(r.replace(epochs=3), Xtr, ytr, progress=False, checkpoint=tmp_path / "b.safetensors")
+    enc3, proto3, hist = train(r, Xtr, ytr, progress=False, resume=tmp_path / "b.safetensors")
+    assert len(hist["loss"]) == 1 and hist["epochs"] == 4
+    fresh = build_encoder(r.architecture)
+    head = TiedPrototypeHead(8, 10)
+    assert load_checkpoint(ck, fresh, head) == 4
+    for a, b in zip(fresh.state_dict().values(), enc.state_dict().values()):
+        assert torch.equal(a, b)
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_checkpoint(tmp_path / "x.safetensors", fresh, head)

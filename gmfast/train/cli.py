@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--target", type=float, default=None, help="target radius of the margin loss")
     p.add_argument("--covariance", choices=COVARIANCES, default=None, help="training covariance")
+    p.add_argument("--resume", default=None, help="continue from a checkpoint.safetensors of the same recipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -45,5 +46,5 @@ def cmd_train(args) -> int:
     if args.covariance == "learned":
         overrides["shrinkage"] = "ledoit-wolf"
     run(args.data, args.out, time_budget=args.time_budget, device=args.device, progress=not args.no_progress,
-        **overrides)
+        resume=args.resume, **overrides)
     return 0

@@ -106,13 +106,15 @@ def _lr_at(step: int, total: int, lr: float) -> float:
 
 
 def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, progress: bool = True,
-          checkpoint=None, log=None):
+          checkpoint=None, resume=None, log=None):
     """Train ``r``'s encoder and its tied prototype head on ``(X, y)``.
 
     ``time_budget`` (seconds): after the first epoch the number of epochs is cut to what fits
-    (the learning-rate schedule is rescaled to it, so a short budget still anneals);
-    ``checkpoint``: a path where the encoder and head weights are written (safetensors)
-    after every epoch. Returns ``(encoder (eval), prototype head, history dict)``.
+    (the learning-rate schedule is rescaled to it, so a short budget still anneals), and
+    training stops after any epoch that ends past the budget; ``checkpoint``: a path where
+    the encoder and head weights are written (safetensors) after every epoch; ``resume``: a
+    checkpoint to continue from (weights and epoch count; Adam's moments restart).
+    Returns ``(encoder (eval), prototype head, history dict)``.
     """
     from tqdm.auto import tqdm
 
@@ -128,8 +130,9 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
     steps_per_epoch = math.ceil(n / r.batch_size)
     epochs, step, t0 = r.epochs, 0, time.perf_counter()
     history = dict(loss=[], train_accuracy=[], epochs_planned=r.epochs)
-    bar = tqdm(total=epochs, disable=not progress, desc=f"train ({r.loss})", unit="epoch")
-    epoch = 0
+    epoch = 0 if resume is None else load_checkpoint(resume, encoder, head)
+    first, step = epoch, epoch * steps_per_epoch
+    bar = tqdm(total=epochs, initial=epoch, disable=not progress, desc=f"train ({r.loss})", unit="epoch")
     while epoch < epochs:
         encoder.train()
         perm = torch.randperm(n, generator=g).to(dev)
@@ -159,9 +162,9 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
         epoch += 1
         history["loss"].append(tot / n)
         history["train_accuracy"].append(correct / n)
-        if epoch == 1 and time_budget is not None:
+        if epoch == first + 1 and time_budget is not None:
             per_epoch = time.perf_counter() - t0
-            fit = max(1, int(time_budget / max(per_epoch, 1e-9)))
+            fit = first + max(1, int(time_budget / max(per_epoch, 1e-9)))
             if fit < epochs:
                 epochs = fit  # the schedule's total follows: it still anneals to 0
                 bar.total = epochs
@@ -171,6 +174,10 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
             save_checkpoint(checkpoint, encoder, head, r, epoch)
         bar.set_postfix(loss=f"{tot / n:.4f}", acc=f"{correct / n:.3f}")
         bar.update(1)
+        if time_budget is not None and time.perf_counter() - t0 > time_budget and epoch < epochs:
+            if log:
+                log(f"time budget {time_budget:g} s spent after {epoch} of {epochs} epochs: stopping")
+            break
     bar.close()
     history["epochs"] = epoch
     history["seconds"] = time.perf_counter() - t0
@@ -202,6 +209,24 @@ def save_checkpoint(path, encoder, head, r: Recipe, epoch: int) -> None:
     save_file(_state(encoder, "encoder.") | _state(head, "head."), str(tmp),
               metadata={"format": FORMAT + "-checkpoint", "epoch": str(epoch), "recipe": json.dumps(r.to_json())})
     tmp.replace(path)
+
+
+def load_checkpoint(path, encoder, head) -> int:
+    """Load a :func:`save_checkpoint` file into ``encoder`` and ``head``; returns its epoch."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT + "-checkpoint":
+            raise ValueError(f"{path}: not a gmfast training checkpoint (format {meta.get('format')!r})")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for prefix, module in (("encoder.", encoder), ("head.", head)):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(part, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match the recipe's {prefix[:-1]}: missing {missing}, "
+                             f"unexpected {unexpected}")
+    return int(meta["epoch"])
 
 
 def save(out, encoder, head, r: Recipe, *, metrics: dict | None = None) -> Path:
@@ -272,7 +297,7 @@ def certify(encoder, head, X, *, method: str | None = None):
 
 
 def run(data: str, out, *, time_budget: float | None = None, device=None, progress: bool = True, log=print,
-        **overrides):
+        resume=None, **overrides):
     """Train ``data``'s recipe, refit the head, certify the held-out split and write ``out``
     (the ``gmfast train`` contract): encoder, head, ``certificates.tsv``. Returns a summary."""
     import gmfast
@@ -284,7 +309,7 @@ def run(data: str, out, *, time_budget: float | None = None, device=None, progre
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     encoder, _, hist = train(r, Xtr, ytr, time_budget=time_budget, device=device, progress=progress,
-                             checkpoint=out / "checkpoint.safetensors", log=log)
+                             checkpoint=out / "checkpoint.safetensors", resume=resume, log=log)
     head = fit_tied_head(encoder, Xtr, ytr, r.shrinkage)
     cert, sec = certify(encoder, head, Xte)
     bound = gmfast.Certifier(encoder, head).lipschitz_bound(tuple(Xte.shape[1:]), points=Xte[:8])
