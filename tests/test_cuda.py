@@ -360,7 +360,8 @@ def test_emulated_cuda_nonfinite_rows(cuda_on_cpu):
             pa, ra = cuda_on_cpu._tied(Z, p.A, p.beta, inv, params.tied_error_model(p, 4, torch.float32))
             pb, rb = oracle.tied_oracle(Z, p, 2)
         else:
-            pa, ra = cuda_on_cpu._perclass(Z, p, params.curvature_table(p, "exact")[1], perclass_error_model(4, torch.float32))
+            lam = params.curvature_table(p, "exact")[1]
+            pa, ra = cuda_on_cpu._perclass(Z, p, lam, perclass_error_model(4, torch.float32))
             pb, rb = oracle.perclass_oracle(Z, p, curvature="exact")
         assert pa[[1, 4]].tolist() == [-1, -1] and ra[[1, 4]].tolist() == [0.0, 0.0]
         assert torch.equal(pa, pb) and torch.allclose(ra, rb, rtol=1e-4, atol=1e-7)

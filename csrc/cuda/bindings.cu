@@ -67,7 +67,8 @@ void tied(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, std::
   gmfast::cuda::check(cudaSetDevice(device), "cudaSetDevice");
   gmfast::cuda::tied_certify<T>(as_ptr<const T>(Z), B, d, ldz, as_ptr<const T>(A), as_ptr<const T>(beta), K,
                                 as_ptr<const double>(inv), as_ptr<const double>(alpha), as_ptr<const double>(eps),
-                                cst ? &*cst : nullptr, as_ptr<int64_t>(pred), as_ptr<double>(radius), as_ptr<T>(logits), as_ptr<T>(ss),
+                                cst ? &*cst : nullptr, as_ptr<int64_t>(pred), as_ptr<double>(radius),
+                                as_ptr<T>(logits), as_ptr<T>(ss),
                                 chunk, as_stream(stream));
 }
 
@@ -138,12 +139,13 @@ PYBIND11_MODULE(_C_cuda, m) {
       "The constants' field order and the kind codes, as compiled (for tests).");
 
   m.def("tied_certify_f32", &tied<float>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"), py::arg("ldz"),
-        py::arg("A"), py::arg("beta"), py::arg("K"), py::arg("inv"), py::arg("alpha"), py::arg("eps"), py::arg("consts"), py::arg("pred"),
-        py::arg("radius"), py::arg("logits"), py::arg("ss"), py::arg("chunk"), py::arg("stream"));
+        py::arg("A"), py::arg("beta"), py::arg("K"), py::arg("inv"), py::arg("alpha"), py::arg("eps"),
+        py::arg("consts"), py::arg("pred"), py::arg("radius"), py::arg("logits"), py::arg("ss"), py::arg("chunk"),
+        py::arg("stream"));
   m.def("tied_certify_f64", &tied<double>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"),
         py::arg("ldz"), py::arg("A"), py::arg("beta"), py::arg("K"), py::arg("inv"), py::arg("alpha"),
-        py::arg("eps"), py::arg("consts"), py::arg("pred"), py::arg("radius"), py::arg("logits"), py::arg("ss"), py::arg("chunk"),
-        py::arg("stream"));
+        py::arg("eps"), py::arg("consts"), py::arg("pred"), py::arg("radius"), py::arg("logits"), py::arg("ss"),
+        py::arg("chunk"), py::arg("stream"));
   m.def("perclass_certify_f32", &perclass<float>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"),
         py::arg("ldz"), py::arg("kind"), py::arg("mu"), py::arg("prec"), py::arg("neg_prec_mu"), py::arg("kappa"),
         py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("K"), py::arg("lam"), py::arg("consts"),

@@ -10,9 +10,9 @@
 //
 // Soundness: the error terms of gmfast.ops._reference.perclass_certify, same formulas, with
 // the constants of gmfast._fp.perclass_constants (gamma = gamma_{d+4}(u_T), S = 1 + 4 gamma,
-// the underflow terms nu, tiny_u, tiny_d; csrc/constants.h), lam+ from the table. D and the squared norms are accumulated in T, which is
-// what that bound is written for (computed norms within gamma_{d+1}(u_T) of the exact ones,
-// covered by S); an overflow gives inf and radius 0, a NaN gives 0. u-hat and its
+// the underflow terms nu, tiny_u, tiny_d; csrc/constants.h), lam+ from the table. D and the
+// squared norms are accumulated in T, which is what that bound is written for (computed
+// norms within gamma_{d+1}(u_T) of the exact ones, covered by S); an overflow gives inf and radius 0, a NaN gives 0. u-hat and its
 // differences use explicitly rounded operations, so the u-hat_c of pass 2 is the rounded
 // vector the bound is about. Everything after the accumulations is float64.
 #include <algorithm>
@@ -197,12 +197,12 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
 
 template void perclass_certify<float>(const float*, index_t, index_t, index_t, PerClassKind, const float*,
                                       const float*, const float*, const double*, const double*, const double*,
-                                      index_t, const double*, const PerClassConsts*, int64_t*, double*, float*, index_t,
-                                      cudaStream_t);
+                                      index_t, const double*, const PerClassConsts*, int64_t*, double*, float*,
+                                      index_t, cudaStream_t);
 template void perclass_certify<double>(const double*, index_t, index_t, index_t, PerClassKind, const double*,
                                        const double*, const double*, const double*, const double*, const double*,
-                                       index_t, const double*, const PerClassConsts*, int64_t*, double*, double*, index_t,
-                                       cudaStream_t);
+                                       index_t, const double*, const PerClassConsts*, int64_t*, double*, double*,
+                                       index_t, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace gmfast

@@ -102,11 +102,11 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
 }
 
 template void tied_certify<float>(const float*, index_t, index_t, index_t, const float*, const float*, index_t,
-                                  const double*, const double*, const double*, const TiedConsts*, int64_t*, double*, float*, float*,
-                                  index_t, cudaStream_t);
+                                  const double*, const double*, const double*, const TiedConsts*, int64_t*, double*,
+                                  float*, float*, index_t, cudaStream_t);
 template void tied_certify<double>(const double*, index_t, index_t, index_t, const double*, const double*, index_t,
-                                   const double*, const double*, const double*, const TiedConsts*, int64_t*, double*, double*, double*,
-                                   index_t, cudaStream_t);
+                                   const double*, const double*, const double*, const TiedConsts*, int64_t*, double*,
+                                   double*, double*, index_t, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace gmfast

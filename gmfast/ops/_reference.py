@@ -247,7 +247,8 @@ def _perclass_certify_cholesky(Z: torch.Tensor, p: PerClassParams, lam_tab: torc
       order has relative error ``≤ γ_d``; ``η``: underflow of the squares);
     * ``‖ŷ − R w‖ ≤ Δ = γ ρ ζ + u ŷn + 2(d+4)^{3/2}η`` (the product with ``R̃ = R(1+δ)``, the
       float64 ``b`` rounded once, one subtraction: the same shape as the precision form);
-    * ``D = wᵀPw = ‖Rw‖² − wᵀEw``, so ``|D̂ − D| ≤ e = γ_d ŷn² + Δ(2ŷn + Δ) + ε ζ² + 2(d+4)η``;
+    * ``D = wᵀPw = ‖Rw‖² − wᵀEw``, so
+      ``|D̂ − D| ≤ e = γ_d ŷn² + Δ(2ŷn + Δ) + ε ζ² + 2(d+4)η``;
     * ``‖u_k‖ = ‖P_k w‖ ≤ σ‖Rw‖ + ε‖w‖ ≤ ub_k = σ(ŷn + Δ) + ε ζ``: with it every pair has the
       cheap bound ``‖g_cj‖ ≤ ub_c + ub_j``.
 
@@ -301,7 +302,8 @@ def _perclass_certify_cholesky(Z: torch.Tensor, p: PerClassParams, lam_tab: torc
             e = S * (gd * yn * yn + dy * (2.0 * yn + dy) + eps[None] * zm * zm + tiny_d)
             ub = (sig[None] * (yn + dy) + eps[None] * zm) * up4
             mag = p.kappa[None, :].abs() + D.abs()
-            q = q - cst["half_S"] * (e.gather(1, pred[:, None]) + e) - cst["four_u64"] * (mag.gather(1, pred[:, None]) + mag)
+            q = (q - cst["half_S"] * (e.gather(1, pred[:, None]) + e)
+                 - cst["four_u64"] * (mag.gather(1, pred[:, None]) + mag))
             dp = g_ * p.prec_abs_up[None, :] * zm + u * (un + nu) + tiny_u
             G = S * ((G + nu) * cst["one_u"] + dp.gather(1, pred[:, None]) + dp)
             ubc = torch.minimum(ub.gather(1, pred[:, None]), (un + nu + dp).gather(1, pred[:, None]) * up4)
