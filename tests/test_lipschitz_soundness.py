@@ -229,6 +229,21 @@ def test_old_style_spectral_norm_hook_is_bounded_in_eval_and_refused_in_training
         lipschitz_bound(m, (5,))
 
 
+def test_old_style_weight_norm_hook_is_bounded():
+    import warnings
+
+    old_wn = importlib.import_module("torch.nn.utils.weight_norm").weight_norm
+    torch.manual_seed(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of the parametrization
+        lin = old_wn(nn.Linear(4, 3))
+    with torch.no_grad():
+        lin.weight_g.mul_(3.0)  # forward recomputes weight = g·v/‖v‖ from these
+    m = nn.Sequential(lin).train()  # weight norm does not read the training flag
+    lin(torch.zeros(1, 4))
+    assert sound_or_refused(m, (4,)) == pytest.approx(spec(lin.weight), rel=1e-9)
+
+
 # ----------------------------------------------------------------------------- 18.7: train mode
 
 
