@@ -17,7 +17,7 @@ _LAZY = {
     "available_backends": ("gmfast.ops", "available_backends"),
 }
 _SUBMODULES = {"smoothing", "binomial", "bounds", "distributional", "diagnostics", "mixture", "report", "io",
-               "lipschitz", "ops", "cli", "plot", "multiproto", "demo", "bench"}
+               "lipschitz", "ops", "cli", "plot", "multiproto", "demo", "bench", "sklearn", "tsv", "train"}
 
 
 def __getattr__(name):
