@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "constants.h"
+#include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
 namespace py = pybind11;
@@ -190,6 +191,42 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("policy"));
   m.def("max_threads", []() { return omp_get_max_threads(); });
+  // The ISA builds of the kernels (csrc/cpu/dispatch.h); gmfast/ops/_cpu.py: cpu_info, set_cpu_isa.
+  m.def("cpu_isas", []() {
+    py::list out;
+    for (int i = 0; i < gmfast::isa_count(); ++i) out.append(py::make_tuple(gmfast::isa_name(i), gmfast::isa_supported(i)));
+    return out;
+  }, "[(name, supported by this CPU)] for every compiled path, fastest first.");
+  m.def("cpu_isa", []() { return std::string(gmfast::isa_name(gmfast::isa_active())); }, "The path the kernels run.");
+  m.def("cpu_isa_best", []() { return std::string(gmfast::isa_name(gmfast::isa_best())); });
+  m.def("cpu_features", &gmfast::cpu_features, "The CPU features the choice of path looks at.");
+  m.def("set_cpu_isa", [](const std::string& name) {
+    std::string names;
+    for (int i = 0; i < gmfast::isa_count(); ++i) {
+      if (name != gmfast::isa_name(i)) {
+        names += std::string(names.empty() ? "" : ", ") + gmfast::isa_name(i);
+        continue;
+      }
+      if (!gmfast::isa_supported(i))
+        fail("cpu path '" + name + "' cannot run on this CPU (it reports: " + gmfast::cpu_features() + ")");
+      gmfast::isa_select(i);
+      return;
+    }
+    fail("cpu path: expected one of " + names + ", got '" + name + "'");
+  }, py::arg("name"));
+  m.def("fma_probe", [](const std::string& name, int64_t iters) {
+    for (int i = 0; i < gmfast::isa_count(); ++i)
+      if (name == gmfast::isa_name(i)) {
+        if (!gmfast::isa_supported(i)) fail("cpu path '" + name + "' cannot run on this CPU");
+        double flops = 0.0, secs;
+        {
+          py::gil_scoped_release nogil;
+          secs = gmfast::isa_fma_probe(i, iters, &flops);
+        }
+        return py::make_tuple(flops, secs);
+      }
+    fail("cpu path: no path named '" + name + "'");
+  }, py::arg("name"), py::arg("iters"), "(float32 flops, seconds) of a register-only FMA loop on that path.");
   m.def(
       "kernel_interface",
       []() {

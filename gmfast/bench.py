@@ -1,17 +1,25 @@
 """gmfast CPU benchmarks: each shape × {floor GEMM, straightforward torch, reference, cpu}.
 
     gmfast bench                             # the full table (a few minutes on 2 cores)
-    gmfast bench --smoke                     # tiny shapes: what CI runs so this cannot rot
+    gmfast bench --smoke                     # tiny shapes: checks that every case runs (CI)
     gmfast bench --only tied                 # a subset (case name prefix)
+    gmfast bench --isa avx2                  # force a CPU kernel path (GMFAST_CPU_ISA)
 
 (``python benchmarks/run.py`` is the same command from a source checkout.)
+
+``--smoke`` is a smoke check, not a measurement: tiny shapes, one repetition; it prints what
+ran and how long it took, no ratios. The table header names the CPU kernel path that ran
+(``gmfast.ops.cpu_info()``), that path's register-only FMA peak and the load average; a
+progress line per (case, variant) goes to stderr as each finishes.
 
 Every (case, variant) runs in a fresh subprocess, so its peak memory is measured cleanly:
 the peak resident set during the first call minus the resident set just before it (the
 kernel's peak mark is reset first: ``/proc/self/clear_refs``, Linux). Times are the median of ``--reps`` runs after one
 warm-up. Ratios are to the *floor*: a bare GEMM of the same shape (``torch.addmm`` for the
 tied logits, ``Z @ P_stackᵀ`` for full covariances, a float64 ``ZᵀZ`` for the fit). The
-table is printed and written as JSON (``--out``, default ``benchmarks/out/results.json``).
+table is printed and written as JSON to ``--out`` (default: ``gmfast_bench.json`` in the
+current directory; ``gmfast_bench_smoke.json`` for ``--smoke``, so a smoke check never
+overwrites a measured table).
 """
 
 from __future__ import annotations
@@ -277,15 +285,32 @@ def machine() -> dict:
     import gmfast
     from gmfast.ops import _cpu
 
+    info = _cpu.cpu_info()
     return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                gmfast=gmfast.__version__, python=platform.python_version(), blas=_cpu.blas_info())
+                gmfast=gmfast.__version__, python=platform.python_version(), blas=_cpu.blas_info(),
+                cpu_isa=info["isa"], cpu_isa_reason=info["reason"], cpu_features=info["cpu_features"])
+
+
+def fma_peak_gflops(isa: str, seconds: float = 0.3) -> float:
+    """The register-only FMA loop of that kernel path on all threads, GFLOP/s (best of 3)."""
+    from gmfast.ops import _cpu
+
+    C = _cpu._load()
+    flops, t = C.fma_probe(isa, 100_000)
+    iters = max(100_000, int(100_000 * seconds / max(t, 1e-6)))
+    return max(f / t for f, t in (C.fma_probe(isa, iters) for _ in range(3))) / 1e9
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, one repetition: checks that every case runs (CI); not a measurement")
     ap.add_argument("--only", default="", help="run cases whose name starts with this")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per variant")
-    ap.add_argument("--out", default="gmfast_bench.json", help="where to write the JSON results")
+    ap.add_argument("--isa", default=None,
+                    help="force the CPU kernel path (auto, avx512, avx2, portable, ...; sets GMFAST_CPU_ISA)")
+    ap.add_argument("--out", default=None,
+                    help="where to write the JSON results (default: ./gmfast_bench.json; "
+                         "./gmfast_bench_smoke.json with --smoke)")
     ap.add_argument("--one", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
 
 
@@ -295,51 +320,83 @@ def main(argv=None) -> int:
     return run(ap.parse_args(argv))
 
 
+def _variants(case):
+    return ("pair",) if case["kind"] == "e2e" else case.get("variants", VARIANTS)
+
+
 def run(args) -> int:
     cases = SMOKE if args.smoke else FULL
     reps = args.reps or (1 if args.smoke else 5)
+    if args.isa:
+        from gmfast.ops import _cpu
+
+        _cpu.set_cpu_isa(args.isa)  # here (refused now if this CPU cannot run it) and in every subprocess
+        os.environ[_cpu.ISA_ENV] = args.isa
     if args.one:
         case = next(c for c in SMOKE + FULL if c["name"] == args.one[0])
-        if args.one[1] == "pair":
-            for row in run_pair(case, max(reps, 10)):
-                print(json.dumps(row))
-        else:
-            print(json.dumps(run_one(case, args.one[1], reps)))
+        for variant in args.one[1].split(","):  # several: the smoke check's one process per case
+            if variant == "pair":
+                for row in run_pair(case, max(reps, 10)):
+                    print(json.dumps(row), flush=True)
+            else:
+                print(json.dumps(run_one(case, variant, reps)), flush=True)
         return 0
+    info = machine()
+    load = os.getloadavg()
+    info["load_average"] = list(load)
+    # one process per (case, variant), so each peak is measured cleanly; the smoke check
+    # measures nothing and runs each case's variants in one process (5 starts, not 20)
+    jobs = [(c, v) for c in cases if c["name"].startswith(args.only)
+            for v in ([",".join(_variants(c))] if args.smoke else _variants(c))]
+    if args.smoke:
+        print("SMOKE CHECK: tiny shapes, one repetition each. This checks that every case runs; the times "
+              "below are noise, not measurements (run `gmfast bench` for the table).")
+    else:
+        info["fma_peak_gflops"] = fma_peak_gflops(info["cpu_isa"])
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+          f"gmfast {info['gmfast']}, kernel GEMM: {info['blas']}")
+    print(f"cpu kernel path: {info['cpu_isa']} ({info['cpu_isa_reason']})")
+    peak = f"; register-only FMA peak of this path: {info['fma_peak_gflops']:.0f} GFLOP/s" if not args.smoke else ""
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{peak}", flush=True)
     rows = []
+    for n, (case, variant) in enumerate(jobs, 1):
+        cmd = [sys.executable, "-m", "gmfast.bench", "--one", case["name"], variant, "--reps", str(reps)]
+        t0 = time.perf_counter()
+        # run from the directory holding *this* gmfast, so `-m` (which puts the working
+        # directory first on sys.path) cannot pick up another copy, e.g. a source tree
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            raise SystemExit(f"benchmark {case['name']} / {variant} failed")
+        got = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+        for row in got:
+            row["gflops"] = flops(case) / row["seconds"] / 1e9
+            rows.append(row)
+        times = ", ".join(f"{r['variant']} {1e3 * r['seconds']:.1f} ms" for r in got)
+        print(f"[{n}/{len(jobs)}] {case['name']} / {variant}: {times} ({time.perf_counter() - t0:.0f} s with set-up)",
+              file=sys.stderr, flush=True)
     for case in cases:
-        if not case["name"].startswith(args.only):
-            continue
-        for variant in ("pair",) if case["kind"] == "e2e" else case.get("variants", VARIANTS):
-            cmd = [sys.executable, "-m", "gmfast.bench", "--one", case["name"], variant, "--reps", str(reps)]
-            # run from the directory holding *this* gmfast, so `-m` (which puts the working
-            # directory first on sys.path) cannot pick up another copy, e.g. a source tree
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
-                raise SystemExit(f"benchmark {case['name']} / {variant} failed")
-            lines = proc.stdout.strip().splitlines()
-            for line in lines[-2:] if variant == "pair" else lines[-1:]:
-                row = json.loads(line)
-                row["gflops"] = flops(case) / row["seconds"] / 1e9
-                rows.append(row)
         floor = next((r["seconds"] for r in rows if r["case"] == case["name"] and r["variant"] == "floor"), None)
         for r in rows:
             if r["case"] == case["name"]:
                 r["x_floor"] = r["seconds"] / floor if floor else float("nan")
-    info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-          f"gmfast {info['gmfast']}, kernel GEMM: {info['blas']}")
-    head = f"{'case':<24} {'variant':<10} {'ms':>10} {'x floor':>8} {'GFLOP/s':>9} {'peak MB':>9}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['case']:<24} {r['variant']:<10} {1e3 * r['seconds']:>10.2f} {r['x_floor']:>8.2f} "
-              f"{r['gflops']:>9.1f} {r['peak_growth_mb']:>9.1f}")
-    out = Path(args.out)
+    if args.smoke:
+        head = f"{'case':<24} {'variant':<10} {'ms (1 run)':>11}  status"
+        print(head)
+        print("-" * len(head))
+        for r in rows:
+            print(f"{r['case']:<24} {r['variant']:<10} {1e3 * r['seconds']:>11.2f}  ran")
+    else:
+        head = f"{'case':<24} {'variant':<10} {'ms':>10} {'x floor':>8} {'GFLOP/s':>9} {'peak MB':>9}"
+        print(head)
+        print("-" * len(head))
+        for r in rows:
+            print(f"{r['case']:<24} {r['variant']:<10} {1e3 * r['seconds']:>10.2f} {r['x_floor']:>8.2f} "
+                  f"{r['gflops']:>9.1f} {r['peak_growth_mb']:>9.1f}")
+    out = Path(args.out or ("gmfast_bench_smoke.json" if args.smoke else "gmfast_bench.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(machine=info, rows=rows), indent=2))
-    print(f"wrote {out}")
+    out.write_text(json.dumps(dict(smoke=bool(args.smoke), machine=info, rows=rows), indent=2))
+    print(f"wrote {out.resolve()}" + (" (smoke check: not a measurement)" if args.smoke else ""))
     return 0
 
 

@@ -3,7 +3,8 @@
 //
 // Phase 1, the margins: D_k = ||R_k z - b_k||^2 for every row and class, R_k = chol(P_k)^T upper
 // triangular, b_k = R_k mu_k. A register-blocked microkernel (MR rows x NR rows of R_k, GCC
-// vector extensions: AVX-512 with -march=native) runs over R_k's row panels; the panel that
+// vector extensions sized for the ISA of this build, microkernel.h) runs over R_k's row
+// panels (NR = 128 bytes on every ISA, in tiles of tile_width<T>() rows); the panel that
 // starts at row i0 is zero left of column i0, so its inner loop is d - i0 long: about half
 // the multiply-adds of P_k z. The square-and-reduce is fused: y never leaves the registers.
 //
@@ -26,22 +27,28 @@
 namespace gmfast {
 namespace {
 
-constexpr int kStrips = 8;  // tiles per row block (kMB rows, packed once, reused by every panel)
-constexpr int kMB = kMR * kStrips;
+constexpr int kMB = 96;  // rows per block (packed once, reused by every panel): whole strips of every kMR
+static_assert(kMB % kMR == 0, "whole strips per block");
 
-// One tile of y = R_k z over a panel, then the fused epilogue sq[r] += (y[r] - bias)^2 lane-wise.
+// One tile of y = R_k z over tile_width<T>() rows of a panel (row stride ldb), then the fused
+// epilogue sq[r] += (y[r] - bias)^2 lane-wise.
 template <class T>
-inline void chol_tile(const T* __restrict zp, const T* __restrict rp, index_t len, const T* bias,
+inline void chol_tile(const T* __restrict zp, const T* __restrict rp, index_t len, index_t ldb, const T* bias,
                       typename VecOf<T>::type* __restrict sq) {
   using V = typename VecOf<T>::type;
   constexpr int L = lanes<T>();
-  V c[kMR][2];
-  tile_acc<T>(zp, rp, len, c);
-  const V m0 = vload<V>(bias), m1 = vload<V>(bias + L);
+  V c[kMR][kNV];
+  tile_acc<T>(zp, rp, len, ldb, c);
+  V m[kNV];
+  for (int v = 0; v < kNV; ++v) m[v] = vload<V>(bias + v * L);
 #pragma GCC unroll 12
   for (int r = 0; r < kMR; ++r) {
-    const V y0 = c[r][0] - m0, y1 = c[r][1] - m1;
-    sq[r] += y0 * y0 + y1 * y1;
+    V acc = sq[r];
+    for (int v = 0; v < kNV; ++v) {
+      const V y = c[r][v] - m[v];
+      acc += y * y;
+    }
+    sq[r] = acc;
   }
 }
 
@@ -57,7 +64,7 @@ template <class T>
 void chol_margins(const T* Z, index_t n, index_t d, index_t ldz, const T* rpack, const T* rbias, index_t K,
                   double* D) {
   using V = typename VecOf<T>::type;
-  constexpr index_t NR = panel_width<T>();
+  constexpr index_t NR = panel_width<T>(), TW = tile_width<T>();
   const index_t np = (d + NR - 1) / NR, dp = np * NR;
   std::vector<index_t> off(np + 1, 0);
   for (index_t p = 0; p < np; ++p) off[p + 1] = off[p] + (d - p * NR) * NR;
@@ -85,8 +92,10 @@ void chol_margins(const T* Z, index_t n, index_t d, index_t ldz, const T* rpack,
           const T* bk = rbias + k * dp;
           for (index_t p = 0; p < np; ++p) {
             const index_t i0 = p * NR;
-            for (index_t s = 0; s < strips; ++s)
-              chol_tile<T>(zp.data() + s * kMR * d + i0 * kMR, rk + off[p], d - i0, bk + i0, sq.data() + s * kMR);
+            for (index_t j = 0; j < NR; j += TW)
+              for (index_t s = 0; s < strips; ++s)
+                chol_tile<T>(zp.data() + s * kMR * d + i0 * kMR, rk + off[p] + j, d - i0, NR, bk + i0 + j,
+                             sq.data() + s * kMR);
           }
           for (index_t row = 0; row < rows; ++row) D[(r0 + row) * K + k] = hsum<T>(sq[row]);
         }

@@ -1,25 +1,18 @@
 // Row-major C = X * Y^T for the kernels' row blocks: MKL through a function pointer when
 // one was installed (the MKL that torch already loaded), else a portable blocked loop.
+// Compiled once per ISA (isa_table.h); the installed BLAS and the policy are shared state
+// kept in dispatch.cpp.
 #include <algorithm>
-#include <atomic>
 #include <climits>
 
 #include "common.h"
+#include "cpu/isa_table.h"
+#include "cpu/microkernel.h"
 
 namespace gmfast {
 
-static std::atomic<sgemm_fn> g_sgemm{nullptr};
-static std::atomic<dgemm_fn> g_dgemm{nullptr};
-static std::atomic<int> g_policy{static_cast<int>(GemmPolicy::kAuto)};
-
-void set_gemm_policy(GemmPolicy p) { g_policy.store(static_cast<int>(p)); }
-GemmPolicy gemm_policy() { return static_cast<GemmPolicy>(g_policy.load()); }
-
-void set_blas(sgemm_fn s, dgemm_fn d) {
-  g_sgemm.store(s);
-  g_dgemm.store(d);
-}
-bool have_blas() { return g_sgemm.load() != nullptr && g_dgemm.load() != nullptr; }
+GemmPolicy gemm_policy() { return static_cast<GemmPolicy>(gmfast_state_policy()); }
+bool have_blas() { return gmfast_state_sgemm() != nullptr && gmfast_state_dgemm() != nullptr; }
 
 namespace {
 
@@ -126,12 +119,13 @@ void gemm_nt(index_t m, index_t n, index_t k, const T* X, index_t ldx, const T* 
     return;
   }
   const GemmPolicy policy = gemm_policy();
-  const bool want_blas = policy == GemmPolicy::kBlas || (policy == GemmPolicy::kAuto && (prefer_blas || k < 256));
+  const bool want_blas =
+      policy == GemmPolicy::kBlas || (policy == GemmPolicy::kAuto && (prefer_blas || (k < kPortableMinInner && n >= kBlasMinCols)));
   const bool ok = want_blas && fits_int(m) && fits_int(n) && fits_int(k) && fits_int(ldx) && fits_int(ldy) &&
                   fits_int(ldc);
   // Column-major view: C^T (n x m, ldc) = Y (n x k; stored as k x n, ldy)^T * X^T (k x m; ldx).
   if constexpr (std::is_same_v<T, float>) {
-    sgemm_fn f = g_sgemm.load();
+    GmfastSgemm f = gmfast_state_sgemm();
     if (f != nullptr && ok) {
       const int M = static_cast<int>(n), N = static_cast<int>(m), Kk = static_cast<int>(k);
       const int lda = static_cast<int>(ldy), ldb = static_cast<int>(ldx), ldcc = static_cast<int>(ldc);
@@ -142,7 +136,7 @@ void gemm_nt(index_t m, index_t n, index_t k, const T* X, index_t ldx, const T* 
       return;
     }
   } else {
-    dgemm_fn f = g_dgemm.load();
+    GmfastDgemm f = gmfast_state_dgemm();
     if (f != nullptr && ok) {
       const int M = static_cast<int>(n), N = static_cast<int>(m), Kk = static_cast<int>(k);
       const int lda = static_cast<int>(ldy), ldb = static_cast<int>(ldx), ldcc = static_cast<int>(ldc);

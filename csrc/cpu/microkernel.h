@@ -1,13 +1,23 @@
-// The register-blocked microkernel of the full-covariance CPU kernel (fullchol.cpp), kept in a
-// header for reuse. (Tried for the tied kernel too: slower there than its unpacked 4x4 tiles,
-// because packing Z costs as much as the GEMM when K is small; benchmarks/RESULTS.md.)
+// The register-blocked microkernel of the tied (tied.cpp) and full-covariance (fullchol.cpp)
+// kernels, sized for the instruction set this translation unit is compiled for.
 //
-// acc (kMR x 2L) = Zstrip (kMR x len) * panel (len x 2L), both packed t-major: the strip holds,
-// for each t, the kMR values Z[row, t]; the panel, for each t, 2L consecutive values (L = one
-// 64-byte vector: 16 floats or 8 doubles). GCC vector extensions compile to AVX-512 under
-// -march=native on this project's machines and to narrower vectors elsewhere. FMA contraction
-// is fine for the rounding bounds (an inner product in any order and with fused
-// multiply-adds stays within gamma_len).
+// The kernel sources are compiled once per ISA (CMakeLists.txt: GMFAST_ISA_AVX512, _AVX2, or
+// neither: the portable path, SSE2 on x86-64, NEON on aarch64) and the one to run is chosen at
+// run time (dispatch.cpp). Each gets the tile that fills its register file:
+//
+//   ISA       vector   registers  tile (rows of Z x vectors of B)   accumulators
+//   AVX-512   64 B     32 zmm     12 x 2  (12 x 32 floats)          24 + 2 loads + 1 broadcast
+//   AVX2+FMA  32 B     16 ymm      6 x 2  ( 6 x 16 floats)          12 + 2 loads + 1 broadcast
+//   SSE2      16 B     16 xmm      6 x 2  ( 6 x  8 floats)          12 + 2 loads + 1 broadcast
+//   NEON      16 B     32 q       12 x 2  (12 x  8 floats)          24 + 2 loads + 1 broadcast
+//
+// acc (kMR x TW) = Zstrip (kMR x len) * panel (len x TW), both packed t-major: the strip holds,
+// for each t, the kMR values Z[row, t]; the panel, for each t, TW = tile_width<T>() consecutive
+// values starting a row of `ldb` values (a panel may be wider than a tile: the Cholesky panels
+// are 128 bytes wide on every ISA, kernels.h: chol_panel_rows). FMA contraction is fine for the
+// rounding bounds: an inner product in any order, chunked or not, with or without fused
+// multiply-adds, stays within gamma_len (Higham, Thm 3.4 and its FMA variant), so the bound
+// does not depend on the ISA or the blocking.
 #pragma once
 
 #include <algorithm>
@@ -17,23 +27,64 @@
 
 namespace gmfast {
 
-typedef float vfloat __attribute__((vector_size(64)));
-typedef double vdouble __attribute__((vector_size(64)));
+#if defined(GMFAST_ISA_AVX512)
+constexpr int kVecBytes = 64;
+constexpr int kMR = 12;
+#elif defined(GMFAST_ISA_AVX2)
+constexpr int kVecBytes = 32;
+constexpr int kMR = 6;
+#elif defined(__aarch64__)
+constexpr int kVecBytes = 16;
+constexpr int kMR = 12;
+#else
+constexpr int kVecBytes = 16;
+constexpr int kMR = 6;
+#endif
+constexpr int kNV = 2;  // vectors per tile row
+
+// The GEMM policy `auto` of this path (common.h: GemmPolicy), from the crossover tables measured
+// per path (benchmarks/RESULTS.md). The tied logits take MKL in large multithreaded blocks when
+// kAutoBlas (the portable path: MKL's own AVX2 code beats 128-bit vectors everywhere), else the
+// microkernel when K >= kMicroMinClasses or d <= kMicroMaxShortRow, else the portable
+// dot-product tiles of gemm.cpp (norm-fused, Z unpacked: best with few classes and long rows).
+// Other GEMMs (gemm_nt) take the tiles when the inner dimension is >= kPortableMinInner or the
+// output has fewer than kBlasMinCols columns (MKL's per-call cost dominates small outputs).
+// AVX2's tiles are 16 classes wide (AVX-512's 32), so fewer classes are padding: its
+// microkernel already wins at K = 48 (1.08x the floor vs 1.28x for the tiles, one thread).
+#if defined(GMFAST_ISA_AVX512)
+constexpr bool kAutoBlas = false;
+constexpr index_t kMicroMinClasses = 64;
+#elif defined(GMFAST_ISA_AVX2)
+constexpr bool kAutoBlas = false;
+constexpr index_t kMicroMinClasses = 48;
+#else
+constexpr bool kAutoBlas = true;
+constexpr index_t kMicroMinClasses = 64;
+#endif
+constexpr index_t kMicroMaxShortRow = 64, kPortableMinInner = 256, kBlasMinCols = 64;
+
+typedef float vfloat __attribute__((vector_size(kVecBytes)));
+typedef double vdouble __attribute__((vector_size(kVecBytes)));
 template <class T> struct VecOf;
 template <> struct VecOf<float> { using type = vfloat; };
 template <> struct VecOf<double> { using type = vdouble; };
 
-constexpr int kMR = 12;  // rows of Z per tile: 2 x 12 accumulators + 2 panel vectors fit 32 registers
-
 template <class T>
 constexpr int lanes() {
-  return static_cast<int>(64 / sizeof(T));
+  return static_cast<int>(kVecBytes / sizeof(T));
 }
-// Columns of a tile (rows of the packed operand per panel).
+// Columns of a tile.
+template <class T>
+constexpr index_t tile_width() {
+  return kNV * lanes<T>();
+}
+// Columns of a Cholesky panel: 128 bytes on every ISA (a multiple of every tile width), so
+// the packed tables built in Python do not depend on the path that runs.
 template <class T>
 constexpr index_t panel_width() {
-  return 2 * lanes<T>();
+  return static_cast<index_t>(128 / sizeof(T));
 }
+static_assert(128 % (kNV * kVecBytes) == 0, "a Cholesky panel must hold whole tiles");
 
 template <class V, class T>
 inline V vload(const T* p) {
@@ -44,19 +95,20 @@ inline V vload(const T* p) {
 
 template <class T>
 __attribute__((always_inline)) inline void tile_acc(const T* __restrict zp, const T* __restrict rp, index_t len,
-                                                    typename VecOf<T>::type (&c)[kMR][2]) {
+                                                    index_t ldb, typename VecOf<T>::type (&c)[kMR][kNV]) {
   using V = typename VecOf<T>::type;
   constexpr int L = lanes<T>();
 #pragma GCC unroll 12
-  for (int r = 0; r < kMR; ++r) c[r][0] = c[r][1] = V{};
+  for (int r = 0; r < kMR; ++r)
+    for (int v = 0; v < kNV; ++v) c[r][v] = V{};
   for (index_t t = 0; t < len; ++t) {
-    const V b0 = vload<V>(rp), b1 = vload<V>(rp + L);
-    rp += 2 * L;
+    V b[kNV];
+    for (int v = 0; v < kNV; ++v) b[v] = vload<V>(rp + v * L);
+    rp += ldb;
 #pragma GCC unroll 12
     for (int r = 0; r < kMR; ++r) {
       const T a = zp[r];
-      c[r][0] += a * b0;
-      c[r][1] += a * b1;
+      for (int v = 0; v < kNV; ++v) c[r][v] += a * b[v];
     }
     zp += kMR;
   }
@@ -70,7 +122,7 @@ inline void pack_strips(const T* Z, index_t rows, index_t d, index_t ldz, T* dst
   for (index_t s = 0; s < strips; ++s) {
     T* out = dst + s * kMR * d;
     const index_t live = std::min<index_t>(kMR, rows - s * kMR);
-    if (live == kMR) {  // t-outer: the writes are sequential, the 12 rows read as streams
+    if (live == kMR) {  // t-outer: the writes are sequential, the kMR rows read as streams
       const T* src = Z + s * kMR * ldz;
       for (index_t t = 0; t < d; ++t) {
 #pragma GCC unroll 12

@@ -82,8 +82,8 @@ void row_epilogue(const T* logits, index_t K, T ss, index_t d, const double* inv
 
 template <class T>
 void logits_block(const T* Zb, index_t rows, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
-                  T* L, T* ss) {
-  gemm_nt<T>(rows, K, d, Zb, ldz, A, d, L, K, false, ss);
+                  T* L, T* ss, bool prefer_blas = false) {
+  gemm_nt<T>(rows, K, d, Zb, ldz, A, d, L, K, prefer_blas, ss);
   for (index_t r = 0; r < rows; ++r) {
     T* l = L + r * K;
 #pragma omp simd
@@ -91,23 +91,23 @@ void logits_block(const T* Zb, index_t rows, index_t d, index_t ldz, const T* A,
   }
 }
 
-// Many classes: A packed once per call into panels of NR classes (t-major, zero past K); per
-// block of kMicroRows rows and chunk of kMicroKc features, Z is packed into kMR-row strips and
-// the register-blocked microkernel of microkernel.h accumulates the logit tiles into the
-// block's buffer (the chunks only reorder each dot product's sum, which the bound allows);
-// then + beta and the row epilogue while the block is in cache. ||z||^2 is summed in T while
-// packing, as the norm-fused portable GEMM does.
-constexpr index_t kMicroRows = 16 * kMR;
+// Many classes: A packed once per call into panels of NR = tile_width<T>() classes (t-major,
+// zero past K); per block of kMicroRows rows and chunk of kMicroKc features, Z is packed into
+// kMR-row strips and the register-blocked microkernel of microkernel.h (sized for the ISA of
+// this build) accumulates the logit tiles into the block's buffer (the chunks only reorder
+// each dot product's sum, which the bound allows); then + beta and the row epilogue while the
+// block is in cache. ||z||^2 is summed in T while packing, as the norm-fused portable GEMM does.
+// When it is used instead of the other GEMMs: kMicroMinClasses, kMicroMaxShortRow
+// (microkernel.h, measured per ISA).
+constexpr index_t kMicroRows = 192;  // a multiple of every kMR
 constexpr index_t kMicroKc = 256;
-// Measured crossover (benchmarks/RESULTS.md): with fewer classes the panel of 2L classes is
-// mostly padding and packing Z costs as much as the GEMM, except for short rows.
-constexpr index_t kMicroMinClasses = 64, kMicroMaxShortRow = 64;
+static_assert(kMicroRows % kMR == 0, "whole strips per block");
 
 template <class T>
 void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
                         const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius) {
   using V = typename VecOf<T>::type;
-  constexpr index_t NR = panel_width<T>();
+  constexpr index_t NR = tile_width<T>();
   constexpr int L = lanes<T>();
   const index_t np = (K + NR - 1) / NR, Kp = np * NR;
   std::vector<T> apack(static_cast<size_t>(np) * d * NR), bpad(Kp, T(0));
@@ -142,19 +142,17 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
         for (index_t p = 0; p < np; ++p) {
           const T* ap = apack.data() + (p * d + t0) * NR;
           for (index_t s = 0; s < ns; ++s) {
-            V c[kMR][2];
-            tile_acc<T>(zp.data() + s * kMR * kc, ap, kc, c);
+            V c[kMR][kNV];
+            tile_acc<T>(zp.data() + s * kMR * kc, ap, kc, NR, c);
             // every kMR row (Lg has room; rows past `rows` are ignored): a constant trip
             // count keeps the accumulators in registers
 #pragma GCC unroll 12
             for (int r = 0; r < kMR; ++r) {
               T* out = Lg.data() + (s * kMR + r) * Kp + p * NR;
-              if (t0 > 0) {
-                c[r][0] += vload<V>(out);
-                c[r][1] += vload<V>(out + L);
+              for (int v = 0; v < kNV; ++v) {
+                if (t0 > 0) c[r][v] += vload<V>(out + v * L);
+                std::memcpy(out + v * L, &c[r][v], sizeof(V));
               }
-              std::memcpy(out, &c[r][0], sizeof(V));
-              std::memcpy(out + L, &c[r][1], sizeof(V));
             }
           }
         }
@@ -175,7 +173,12 @@ template <class T>
 void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
                   const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius) {
   if (B == 0) return;
-  if (gemm_policy() == GemmPolicy::kMicro || (gemm_policy() == GemmPolicy::kAuto && (K >= kMicroMinClasses || d <= kMicroMaxShortRow))) {
+  const GemmPolicy policy = gemm_policy();
+  // Which GEMM (microkernel.h: the crossover of this ISA path). MKL is used only in large
+  // multithreaded blocks: many small per-thread calls cost up to 8x the floor (measured).
+  const bool blas_blocks = have_blas() && (policy == GemmPolicy::kBlas || (policy == GemmPolicy::kAuto && kAutoBlas));
+  if (!blas_blocks && (policy == GemmPolicy::kMicro ||
+                       (policy == GemmPolicy::kAuto && (K >= kMicroMinClasses || d <= kMicroMaxShortRow)))) {
     tied_certify_micro<T>(Z, B, d, ldz, A, beta, K, inv, alpha, eps, pred, radius);
     return;
   }
@@ -186,10 +189,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
   const index_t by_rows = (512 * 1024) / static_cast<index_t>(sizeof(T) * std::max<index_t>(d, 1));
   const index_t mb = std::clamp<index_t>(std::min(by_logits, by_rows), 16, 1024);
   const index_t nblocks = (B + mb - 1) / mb;
-  // Short rows with many classes go to MKL (the portable loop is slow for k < 256) in big
-  // blocks with its own threads (small sequential calls would repack A every time); every
-  // other shape runs whole blocks per thread with the portable, norm-fused GEMM.
-  const bool blas_blocks = have_blas() && gemm_policy() != GemmPolicy::kPortable && d < 256 && K >= 64;
+  // Otherwise whole blocks per thread with the portable, norm-fused GEMM.
   if (!blas_blocks) {
 #pragma omp parallel
     {
@@ -205,16 +205,25 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
     }
   } else {
     // One multithreaded GEMM per block shares A's packed panels between threads, then the
-    // epilogue runs in parallel over the block's rows.
-    const index_t mbig = std::max<index_t>(mb, 512);
-    std::vector<T> L(static_cast<size_t>(mbig * K)), ss(static_cast<size_t>(mbig));
-    T* ssp = alpha != nullptr ? ss.data() : nullptr;
+    // epilogue runs in parallel over the block's rows, with ||z||^2 summed there. Large
+    // blocks (Z and logits <= 32 MiB each): MKL repacks A on every call (8 MiB at K = 1000,
+    // d = 2048), and each block costs two fork/joins, which are slow on a shared machine.
+    const index_t s32 = (index_t{32} << 20) / static_cast<index_t>(sizeof(T));
+    const index_t mbig = std::clamp<index_t>(std::min(s32 / std::max<index_t>(d, 1), s32 / K), 512, 16384);
+    std::vector<T> L(static_cast<size_t>(mbig * K));
     for (index_t r0 = 0; r0 < B; r0 += mbig) {
       const index_t rows = std::min(mbig, B - r0);
-      logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data(), ssp);
+      logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data(), nullptr, /*prefer_blas=*/true);
 #pragma omp parallel for schedule(static)
-      for (index_t r = 0; r < rows; ++r)
-        row_epilogue<T>(L.data() + r * K, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+      for (index_t r = 0; r < rows; ++r) {
+        T ss = 0;
+        if (alpha != nullptr) {
+          const T* z = Z + (r0 + r) * ldz;
+#pragma omp simd reduction(+ : ss)
+          for (index_t t = 0; t < d; ++t) ss += z[t] * z[t];
+        }
+        row_epilogue<T>(L.data() + r * K, K, ss, d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+      }
     }
   }
 }

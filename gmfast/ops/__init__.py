@@ -124,3 +124,14 @@ def kernel_module(name: str):
     """The module implementing backend ``name``'s contracts (:data:`MODULES`)."""
     return importlib.import_module(MODULES[name])
 
+
+def cpu_info() -> dict:
+    """Which instruction-set path the compiled CPU kernels run, and why (detected or forced by
+    ``GMFAST_CPU_ISA``); see :func:`gmfast.ops._cpu.cpu_info`."""
+    return kernel_module("cpu").cpu_info()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force a CPU kernel path (``"auto"``, ``"avx512"``, ``"avx2"``, ``"portable"``, ...);
+    see :func:`gmfast.ops._cpu.set_cpu_isa`."""
+    kernel_module("cpu").set_cpu_isa(name)

@@ -29,6 +29,7 @@ def _load():
     if _C is None:
         from gmfast import _C as module
 
+        _apply_isa_env(module)
         _C = module
         _install_torch_blas()
     return _C
@@ -80,18 +81,74 @@ def _install_torch_blas() -> None:
 
 
 _POLICIES = {"auto": 0, "blas": 1, "portable": 2, "micro": 3}
+_state = {"policy": "auto", "isa_forced": None}
+ISA_ENV = "GMFAST_CPU_ISA"
 
 
 def set_gemm_policy(policy: str) -> None:
-    """Which GEMM the kernels use: ``"auto"`` (default: by shape, as measured in
-    ``benchmarks/RESULTS.md``), ``"blas"`` (torch's MKL), ``"portable"`` (the dot-product
-    tiles of ``csrc/cpu/gemm.cpp``) or ``"micro"`` (the packed register-blocked microkernel
-    of ``csrc/cpu/microkernel.h`` for the tied logits; the portable tiles for the GEMMs that
-    have no microkernel variant). The full-covariance margins always use the microkernel.
-    For benchmarks and tests; results are sound either way."""
+    """Which GEMM the kernels use: ``"auto"`` (default: by shape, with the crossover measured
+    for the ISA path that runs, ``csrc/cpu/microkernel.h`` and ``benchmarks/RESULTS.md``),
+    ``"blas"`` (torch's MKL), ``"portable"`` (the dot-product tiles of ``csrc/cpu/gemm.cpp``)
+    or ``"micro"`` (the packed register-blocked microkernel of ``csrc/cpu/microkernel.h`` for
+    the tied logits; the portable tiles for the GEMMs that have no microkernel variant). The
+    full-covariance margins always use the microkernel. For benchmarks and tests; results are
+    sound either way."""
     if policy not in _POLICIES:
         raise ValueError(f"policy must be one of {tuple(_POLICIES)}; got {policy!r}")
     _load().set_gemm_policy(_POLICIES[policy])
+    _state["policy"] = policy
+
+
+def _select_isa(C, name: str, source: str) -> None:
+    names = [n for n, _ in C.cpu_isas()]
+    if name == "auto":
+        C.set_cpu_isa(C.cpu_isa_best())
+        _state["isa_forced"] = None
+        return
+    if name not in names:
+        raise ValueError(f"{source}: expected 'auto' or one of {names}; got {name!r}")
+    try:
+        C.set_cpu_isa(name)
+    except ValueError as exc:
+        raise ValueError(f"{source}={name!r}: {exc}; choose one of "
+                         f"{[n for n, ok in C.cpu_isas() if ok]} or 'auto'") from None
+    _state["isa_forced"] = f"{source}={name}"
+
+
+def _apply_isa_env(C) -> None:
+    want = os.environ.get(ISA_ENV, "").strip()
+    if want:
+        _select_isa(C, want, ISA_ENV)
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force the instruction-set path of the CPU kernels: ``"auto"`` (the fastest one this
+    CPU supports, the default), or a compiled path such as ``"avx512"``, ``"avx2"``,
+    ``"portable"`` (x86-64 SSE2) or ``"neon"`` (aarch64); ``cpu_info()["paths"]`` lists them.
+    A path this CPU cannot run is refused with an error. The environment variable
+    ``GMFAST_CPU_ISA`` does the same when the kernels load. Every path gives sound radii
+    (the rounding bounds hold for any blocking, with or without FMA); for tests and
+    benchmarks."""
+    _select_isa(_load(), name, "set_cpu_isa")
+
+
+def cpu_info() -> dict:
+    """Which path the CPU kernels run and why.
+
+    Returns a dict: ``isa`` (the path that runs), ``reason`` (detected or forced, and how),
+    ``forced`` (bool), ``paths`` (each compiled path → ``"ok"`` or why it cannot run here),
+    ``cpu_features`` (what the CPU reports at run time), ``gemm_policy`` and ``blas`` (the
+    GEMM the kernels may call)."""
+    C = _load()
+    isa, best = C.cpu_isa(), C.cpu_isa_best()
+    paths = {n: "ok" if ok else "not supported by this CPU" for n, ok in C.cpu_isas()}
+    forced = _state["isa_forced"]
+    if forced:
+        reason = f"forced ({forced}); the CPU's own choice would be {best}"
+    else:
+        reason = f"detected: the fastest compiled path this CPU supports (features: {C.cpu_features()})"
+    return dict(isa=isa, reason=reason, forced=forced is not None, paths=paths, cpu_features=C.cpu_features(),
+                gemm_policy=_state["policy"], blas=_blas_state["reason"])
 
 
 def blas_info() -> str:

@@ -1,0 +1,165 @@
+"""Every instruction-set path of the CPU kernels this machine can run, forced in turn.
+
+The kernels are compiled once per ISA (``csrc/cpu/microkernel.h``, ``csrc/cpu/dispatch.cpp``)
+and the fastest path the CPU supports runs by default; ``set_cpu_isa`` / ``GMFAST_CPU_ISA``
+force another. Each path has its own register blocking (and FMA or not), so each is checked
+on its own against the reference: awkward shapes through every GEMM policy (the microkernel,
+the portable tiles, MKL), tied and per-class including the full-covariance Cholesky kernel,
+and the fp-soundness tests that put points within rounding distance of a decision boundary
+(from ``test_certify_tied.py`` and ``test_cholesky_form.py``, run here once per path).
+
+``test_no_wide_instructions_outside_the_isa_builds`` checks the built module itself: an
+AVX/AVX-512 instruction anywhere but in the functions of the ISA builds would make the module
+die with an illegal instruction on an older CPU.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import random_head
+from test_backends import assert_same, reference_as_cpu, sample
+from test_certify_tied import test_fp_sound_near_the_boundary as tied_near_boundary
+from test_cholesky_form import test_sound_within_rounding_of_the_boundary as chol_near_boundary
+
+import gmfast
+from gmfast.ops import _cpu
+
+C = _cpu._load()
+PATHS = [name for name, ok in C.cpu_isas() if ok]
+UNSUPPORTED = [name for name, ok in C.cpu_isas() if not ok]
+if UNSUPPORTED:
+    print(f"test_isa: compiled paths this CPU cannot run (not tested here): {UNSUPPORTED}")
+
+
+@pytest.fixture(params=PATHS)
+def isa(request):
+    """Runs the test with the CPU kernels forced onto one path, then restores ``auto``."""
+    _cpu.set_cpu_isa(request.param)
+    assert gmfast.ops.cpu_info()["isa"] == request.param
+    try:
+        yield request.param
+    finally:
+        _cpu.set_cpu_isa("auto")
+        _cpu.set_gemm_policy("auto")
+
+
+POLICIES = ("auto", "micro", "portable", "blas")
+# (B, d, K): B = 0 and 1, odd sizes that leave partial strips and panels, K = 2, d = 1, a
+# feature count past one k-chunk of the microkernel (256), many classes
+TIED_SHAPES = [(0, 5, 3), (1, 1, 2), (7, 3, 2), (13, 1, 67), (97, 64, 3), (97, 65, 2), (250, 513, 5),
+               (301, 33, 1001), (301, 300, 67)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tied_every_policy_equals_reference(isa, dtype):
+    for B, d, K in TIED_SHAPES:
+        head = random_head("tied", d, K, seed=B + d + K)
+        Z = sample(head, B, dtype, seed=1, noncontig=(B % 2 == 1))
+        ref_cert = {norm: head.certify(Z, norm=norm, backend="reference") for norm in (2, 1)}
+        for policy in POLICIES:
+            _cpu.set_gemm_policy(policy)
+            for norm, b in ref_cert.items():
+                a = head.certify(Z, norm=norm, backend="cpu")
+                assert_same(a, b, Z, head, dtype, f"{isa} policy={policy} {(B, d, K)} norm={norm}")
+        _cpu.set_gemm_policy("auto")
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "spherical"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_perclass_equals_reference(isa, kind, dtype):
+    # d = 1, odd d across a 128-byte panel boundary (33 floats / 17 doubles), d past 2 panels
+    for B, d, K in [(0, 4, 2), (1, 1, 2), (7, 3, 3), (97, 33, 2), (61, 17, 5), (130, 70, 4), (40, 9, 67)]:
+        head = random_head(kind, d, K, seed=B + d + K)
+        Z = sample(head, B, dtype, seed=2, noncontig=(B % 2 == 1))
+        assert_same(head.certify(Z, backend="cpu"), reference_as_cpu(head, Z), Z, head, dtype, f"{isa} {kind}")
+
+
+def test_paths_agree_with_each_other():
+    """The same inputs on every path: equal predictions and radii up to the rounding of
+    different summation orders (each is sound on its own, tested above)."""
+    head = random_head("full", 45, 9, seed=7)
+    tied = random_head("tied", 130, 70, seed=8)
+    out = {}
+    for path in PATHS:
+        _cpu.set_cpu_isa(path)
+        try:
+            for name, h in (("full", head), ("tied", tied)):
+                Z = sample(h, 301, torch.float32, seed=9)
+                out[path, name] = (Z, h.certify(Z, backend="cpu"))
+        finally:
+            _cpu.set_cpu_isa("auto")
+    for (path, name), (Z, cert) in out.items():
+        h = head if name == "full" else tied
+        assert_same(cert, out[PATHS[0], name][1], Z, h, torch.float32, f"{path} vs {PATHS[0]} ({name})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", [2, float("inf"), 1])
+def test_tied_sound_near_the_boundary(isa, dtype, norm):
+    tied_near_boundary("cpu", dtype, norm)
+
+
+def test_cholesky_sound_near_the_boundary(isa):
+    chol_near_boundary()
+
+
+def test_forcing_and_info():
+    info = gmfast.ops.cpu_info()
+    if not os.environ.get("GMFAST_CPU_ISA"):
+        assert info["isa"] == PATHS[0] and not info["forced"] and info["reason"].startswith("detected")
+    assert set(info["paths"]) == {n for n, _ in C.cpu_isas()}
+    with pytest.raises(ValueError, match=r"expected 'auto' or one of .*got 'sse9'"):
+        gmfast.ops.set_cpu_isa("sse9")
+    # the environment variable forces the path when the kernels load, and is checked too
+    code = "import gmfast.ops as o; i = o.cpu_info(); print(i['isa'], i['forced'])"
+    env = dict(os.environ, GMFAST_CPU_ISA=PATHS[-1])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [PATHS[-1], "True"]
+    env["GMFAST_CPU_ISA"] = "bogus"
+    code = "from gmfast.ops import _cpu; _cpu._load()"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    assert res.returncode != 0 and "GMFAST_CPU_ISA: expected 'auto' or one of" in res.stderr
+
+
+def test_unsupported_path_is_refused():
+    if not UNSUPPORTED:
+        pytest.skip("every compiled path runs on this CPU: there is no path to refuse here")
+    with pytest.raises(ValueError, match="cannot run on this CPU"):
+        gmfast.ops.set_cpu_isa(UNSUPPORTED[0])
+
+
+def test_no_wide_instructions_outside_the_isa_builds():
+    """Only the functions of the avx2/avx512 builds (their namespace is gmfast_avx2 /
+    gmfast_avx512, CMakeLists.txt) may contain VEX/EVEX instructions: anything else runs
+    before (or regardless of) the CPU check."""
+    if not re.match(r"x86_64|AMD64", os.uname().machine):
+        pytest.skip(f"checks x86-64 builds only; this is {os.uname().machine}")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed: cannot disassemble the module")
+    so = C.__file__
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", so], capture_output=True, text=True,
+                          check=True).stdout
+    func, bad, wide_in_isa = None, {}, 0
+    for line in text.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if m:
+            func = m.group(1)
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or func is None:
+            continue
+        insn = parts[1].strip()
+        if re.match(r"v[a-z]", insn) or re.search(r"%[yz]mm|%k[0-7]\b|%xmm(1[6-9]|2\d|3[01])\b", insn):
+            if "gmfast_avx2" in func or "gmfast_avx512" in func:
+                wide_in_isa += 1
+            else:
+                bad.setdefault(func, insn)
+    assert wide_in_isa > 1000, "the ISA builds contain no wide instructions: were they compiled for their ISA?"
+    assert not bad, f"{len(bad)} functions outside the ISA builds use AVX/AVX-512, e.g. {list(bad.items())[:5]}"
