@@ -44,7 +44,7 @@ def pgd_min_margin(encoder, head, x, c, eps, norm=2, *, domain=None, steps: int 
 
     def margin(xa):
         s = class_scores(encoder, head, xa)
-        return (s.gather(1, c[:, None]) - s.masked_fill(onehot, math.inf)).amin(1)
+        return s.gather(1, c[:, None])[:, 0] - s.masked_fill(onehot, -math.inf).amax(1)
 
     for r in range(restarts):
         if r == 0:

@@ -17,6 +17,9 @@ from gmfast.lipschitz.errors import UnsupportedOpError
 
 
 _METHODS = ("auto", "lipschitz", "margin", "local")
+#: method="auto" runs the local route only on encoders with at most this many activation
+#: units (its cost grows with them; the demo's CNN has 1,536): "affordable" by default
+AUTO_LOCAL_NEURONS = 8192
 
 
 def _input_norm(norm):
@@ -61,8 +64,8 @@ class Certifier:
       ReLU/LeakyReLU; anything else is refused (:class:`gmfast.lipschitz.UnsupportedOpError`);
     * ``"auto"`` (the default, unless ``lipschitz`` is given as a float: then
       ``"lipschitz"``): the per-input maximum of every route the encoder supports
-      (``"local"`` is skipped, silently, when it refuses an op; the reason is in
-      ``extra["skipped"]``).
+      (``"local"`` is skipped when it refuses an op or the encoder has more than
+      ``AUTO_LOCAL_NEURONS`` activation units; the reason is in ``extra["skipped"]``).
 
     Parameters
     ----------
@@ -85,7 +88,7 @@ class Certifier:
 
     def __init__(self, encoder: nn.Module, head: GaussianMixtureHead, lipschitz="auto", *, batch_size: int = 256,
                  device=None, encoder_error: float = 0.0, backend: str | None = None, method: str | None = None,
-                 domain=None, local_steps: int = 6):
+                 domain=None, local_steps: int = 4):
         if not isinstance(head, GaussianMixtureHead):
             raise TypeError(f"head must be a GaussianMixtureHead; got {type(head).__name__}")
         head.n_features_in_  # noqa: B018 - raises NotFittedError for an unfitted head
@@ -215,6 +218,9 @@ class Certifier:
     def _local_route(self, x, Z, pred, latent, p):
         """Local radii (B,) float64; chunks of at most 64 inputs bound the working memory."""
         lb = self._local_bounds(tuple(x.shape[1:]))
+        if self.method == "auto" and lb.n_neurons > AUTO_LOCAL_NEURONS:
+            raise UnsupportedOpError(f"{lb.n_neurons} activations exceed the local route's budget in method='auto' "
+                                     f"({AUTO_LOCAL_NEURONS}); pass method='local' to run it anyway")
         out = torch.zeros(x.shape[0], dtype=torch.float64)
         step = min(self.batch_size, 64)
         for i in range(0, x.shape[0], step):

@@ -161,14 +161,20 @@ def _attack_check(enc, head, X, norm, method, domain=None, n_restarts=4):
 @pytest.mark.parametrize("arch", ["mlp", "residual", "cnn"])
 @pytest.mark.parametrize("norm", [2, math.inf])
 def test_local_route_survives_pgd(arch, norm):
-    pairs = 0
+    pairs, flips = 0, 0
     for seed in range(3):
         enc = make_encoder(arch, seed)
         shape = input_shape(arch)
         head, X = fitted_head(enc, shape, K=3, seed=seed)
         cert, n = _attack_check(enc, head, X[:40], norm, "local", domain=(0.0, 1.0))
         pairs += n
+        # the attack is strong enough to matter: at 20x the certified radius it flips some
+        ok = cert.radius > 0
+        m, _ = pgd_min_margin(enc, head, X[:40][ok], cert.prediction[ok], 20 * cert.radius[ok], norm,
+                              domain=(0.0, 1.0) if norm == math.inf else None, steps=30)
+        flips += int((m < 0).sum())
     assert pairs >= 40  # the certificates are not vacuous
+    assert flips > 0
 
 
 def test_margin_route_survives_pgd_and_beats_global():

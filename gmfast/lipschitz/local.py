@@ -458,6 +458,8 @@ def _rowdot(lam: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         return (lf[0] @ vf.T).T
     if B == 1:
         return lf @ vf[0]
+    if R == 1:  # a ragged batch of one-row problems: a batched GEMM of 1x1 results is slow
+        return (lf[:, 0, :] * vf).sum(1, keepdim=True)
     return torch.bmm(lf, vf.unsqueeze(2)).squeeze(2)
 
 
@@ -469,6 +471,7 @@ class _Rows(dict):
         self["x"], self["eps"] = ctx["x"][bidx], ctx["eps"][bidx]
         self["M"] = _Index(ctx["M"], bidx, lambda t: t[bidx])
         self["relax"] = _Index(ctx["relax"], bidx, lambda t: tuple(v[bidx] for v in t))
+        self["V"] = _Index(ctx["V"], bidx, lambda t: t[bidx])
 
 
 class _Index(dict):
@@ -503,7 +506,15 @@ class LocalBounds:
         self.out_shape = tuple(shape_of(out)[1:])
         self.shapes = {n: tuple(shape_of(n)[1:]) for n in self.order}
         self.pre = [self.ops[n].src for n in self.order[1:] if self.ops[n].kind == "act"]
+        self.n_neurons = sum(math.prod(self.shapes[n]) for n in set(self.pre))
         self._tcache = {}
+        #: nodes that are affine functions of the input (no activation below them)
+        self.affine_only = {self.order[0]}
+        for n in self.order[1:]:
+            op = self.ops[n]
+            srcs = [op.a, op.b] if op.kind == "sum" else [op.src]
+            if op.kind != "act" and all(m in self.affine_only for m in srcs):
+                self.affine_only.add(n)
         #: (input, neuron) pairs refined per backward pass: bounds the working memory
         self.row_chunk = 4096
 
@@ -582,14 +593,12 @@ class LocalBounds:
                 return (lam, c, err, ctx) if raw else self._concretize(lam, c, err, ctx)
             Bl = lam.shape[0]
             if op.kind == "affine":
+                # one pass over |Λ| for every charged term of this step
+                err = err + _rowdot(lam.abs(), ctx["V"][n])
                 if op.bias is not None:
                     tb = _rowdot(lam, op.bias.unsqueeze(0))
-                    err = err + gamma(op.bias.numel() + 1, U64) * _rowdot(lam.abs(), op.bias.abs().unsqueeze(0))
                     err = err + U64 * (c.abs() + tb.abs())
                     c = c + tb
-                if op.bias_err is not None:
-                    err = err + _rowdot(lam.abs(), op.bias_err.unsqueeze(0))
-                err = err + gamma(op.n, U64) * _rowdot(lam.abs(), op.absfwd(M[op.src]))
                 shp = self.shapes[op.src]
                 # rows shared by the whole batch (no activation crossed yet) do not depend
                 # on the input: their transposes are computed once per start node
@@ -611,11 +620,11 @@ class LocalBounds:
                 err = err_ref[0]
             else:
                 alpha, s, t = relax[n]
-                lp, ln = lam.clamp(min=0), lam.clamp(max=0)
-                new = lp * alpha.unsqueeze(1) + ln * s.unsqueeze(1)
-                tt = _rowdot(ln, t)
+                neg = lam < 0
+                new = torch.where(neg, lam * s.unsqueeze(1), lam * alpha.unsqueeze(1))
+                tt = _rowdot(torch.where(neg, lam, 0.0), t)  # ≤ 0; Σ|Λ⁻|t = −tt
                 err = err + 2.0 * U64 * _rowdot(lam.abs(), M[op.src]) \
-                    + gamma(t[0].numel() + 1, U64) * _rowdot(ln.abs(), t) + U64 * (c.abs() + tt.abs())
+                    + (gamma(t[0].numel() + 1, U64) + U64) * tt.abs() + U64 * c.abs()
                 c = c + tt
                 err_ref = [err]
                 self._accumulate(lams, op.src, new, M, err_ref)
@@ -667,13 +676,15 @@ class LocalBounds:
 
     # -- public --------------------------------------------------------------------------
 
-    def prepare(self, x, eps, norm, domain=None):
+    def prepare(self, x, eps, norm, domain=None, prior=None):
         """Pre-activation bounds and relaxations for the balls of radius ``eps`` (B,)
         around ``x`` (B, *input_shape): the context :meth:`lower` uses.
 
         Every node gets a sound interval (interval arithmetic); each pre-activation's
         neurons that the interval leaves unstable are refined by CROWN (the intersection of
-        two sound bounds is sound), the rest keep the interval."""
+        two sound bounds is sound), the rest keep the interval. ``prior``: a context computed
+        for the same inputs; for each input whose ball lies inside its ball there, its
+        intervals are valid here too and are intersected in before refining (fewer rows)."""
         x = x.detach().cpu().to(_F64)
         B = x.shape[0]
         eps = torch.as_tensor(eps, dtype=_F64).reshape(-1).expand(B).clone()
@@ -683,18 +694,48 @@ class LocalBounds:
             lo, hi = lo.clamp(min=domain[0]), hi.clamp(max=domain[1])
         I = {self.order[0]: (lo, hi)}
         M = {self.order[0]: torch.maximum(lo.abs(), hi.abs())}
-        ctx = dict(x=x, eps=eps, norm=norm, domain=domain, M=M, I=I, relax={})
+        ctx = dict(x=x, eps=eps, norm=norm, domain=domain, M=M, I=I, relax={}, V={})
         pre = set(self.pre)
         for n in self.order[1:]:
             op = self.ops[n]
             if op.kind == "act":
                 l, u = I[op.src]
                 ctx["relax"][n] = self._relax(l, u, op.a)
+            elif op.kind == "affine":
+                ctx["V"][n] = self._charges(n, M)
             I[n] = self._intervals(n, ctx)
+            if prior is not None and n in pre:
+                inside = (eps <= prior["eps"]).reshape((B,) + (1,) * len(self.shapes[n]))
+                plo, phi = prior["I"][n]
+                I[n] = (torch.where(inside, torch.maximum(I[n][0], plo), I[n][0]),
+                        torch.where(inside, torch.minimum(I[n][1], phi), I[n][1]))
             if n in pre:
-                I[n] = self._refine(n, ctx)
+                I[n] = self._exact(n, ctx) if n in self.affine_only else self._refine(n, ctx)
             M[n] = torch.maximum(I[n][0].abs(), I[n][1].abs())
         return ctx
+
+    def _charges(self, n, M):
+        """Per input, what one unit of ``|Λ|`` at affine node ``n`` is charged (B, *shape):
+        ``γ_n|W|M + γ|b| + δb`` (see the module docstring)."""
+        op = self.ops[n]
+        V = gamma(op.n, U64) * op.absfwd(M[op.src])
+        if op.bias is not None:
+            V = V + gamma(op.bias.numel() + 1, U64) * op.bias.abs()
+        if op.bias_err is not None:
+            V = V + op.bias_err
+        return V
+
+    def _exact(self, n, ctx):
+        """Bounds of a node that is an affine function of the input (no activation below):
+        the backward rows are shared by the whole batch (cached), for every neuron."""
+        shape = self.shapes[n]
+        k = math.prod(shape)
+        B = ctx["x"].shape[0]
+        eye = torch.eye(k, dtype=_F64).reshape((1, k) + shape)
+        lo = self._backward(n, eye, ctx, key=(n, 1)).reshape((B,) + shape)
+        hi = -self._backward(n, -eye, ctx, key=(n, -1)).reshape((B,) + shape)
+        l0, h0 = ctx["I"][n]
+        return torch.maximum(lo, l0), torch.minimum(hi, h0)
 
     def _refine(self, n, ctx):
         """CROWN bounds on the neurons of ``n`` whose interval straddles 0."""
@@ -742,7 +783,7 @@ class LocalBounds:
             c = total
         return LinearBound(self, lam0, c, err, ctx)
 
-    def margin_radius(self, x, lam, c0, norm, domain=None, steps: int = 6, start=None, lam_err=None, c0_err=None):
+    def margin_radius(self, x, lam, c0, norm, domain=None, steps: int = 4, start=None, lam_err=None, c0_err=None):
         """Largest certified radius (B,) float64 for ``lam·f + c0 > 0`` (every row) per input.
 
         Each pass computes the relaxation for one ball ``ε_k`` and certifies the largest
@@ -757,14 +798,18 @@ class LocalBounds:
         fail = torch.full((B,), math.inf, dtype=_F64)
         if start is None:
             lin = self.linear_bound(lam, self.prepare(x, 0.0, norm, domain), c0, lam_err, c0_err)
-            eps = lin.estimate()
+            eps = 0.5 * lin.estimate()  # the linearisation overshoots: start inside it
         else:
             eps = torch.as_tensor(start, dtype=_F64).reshape(-1).expand(B).clone()
         if domain is not None and norm == math.inf:
             eps = eps.clamp(max=float(domain[1] - domain[0]))
+        prior = None
         for _ in range(steps):
             eps = torch.where(eps > 0, eps, torch.where(best > 0, 2 * best, torch.full_like(eps, 1e-6)))
-            lin = self.linear_bound(lam, self.prepare(x, eps, norm, domain), c0, lam_err, c0_err)
+            ctx = self.prepare(x, eps, norm, domain, prior)
+            if prior is None or bool((eps >= prior["eps"]).all()):
+                prior = ctx  # the largest balls so far: their bounds serve every smaller one
+            lin = self.linear_bound(lam, ctx, c0, lam_err, c0_err)
             got = lin.largest(eps)
             best = torch.maximum(best, got)
             fail = torch.where(got < eps, torch.minimum(fail, eps), fail)
