@@ -162,18 +162,19 @@ def _attack_check(enc, head, X, norm, method, domain=None, n_restarts=4):
 @pytest.mark.parametrize("norm", [2, math.inf])
 def test_local_route_survives_pgd(arch, norm):
     pairs, flips = 0, 0
-    for seed in range(3):
+    for seed in range(2):
         enc = make_encoder(arch, seed)
         shape = input_shape(arch)
         head, X = fitted_head(enc, shape, K=3, seed=seed)
-        cert, n = _attack_check(enc, head, X[:40], norm, "local", domain=(0.0, 1.0))
+        X = X[:16] if arch == "cnn" else X[:30]  # the CNN's relaxation is the costly one
+        cert, n = _attack_check(enc, head, X, norm, "local", domain=(0.0, 1.0), n_restarts=3)
         pairs += n
         # the attack is strong enough to matter: at 20x the certified radius it flips some
         ok = cert.radius > 0
-        m, _ = pgd_min_margin(enc, head, X[:40][ok], cert.prediction[ok], 20 * cert.radius[ok], norm,
-                              domain=(0.0, 1.0) if norm == math.inf else None, steps=30)
+        m, _ = pgd_min_margin(enc, head, X[ok], cert.prediction[ok], 20 * cert.radius[ok], norm,
+                              domain=(0.0, 1.0) if norm == math.inf else None, steps=20, restarts=1)
         flips += int((m < 0).sum())
-    assert pairs >= 40  # the certificates are not vacuous
+    assert pairs >= 16  # the certificates are not vacuous
     assert flips > 0
 
 
@@ -280,7 +281,7 @@ def test_pgd_sweep_ten_thousand_pairs():
     PGD with restarts never flips a prediction inside a certified radius."""
     total = 0
     for arch in ("mlp", "residual", "cnn"):
-        for seed in range(20, 34):
+        for seed in range(20, 38):
             enc = make_encoder(arch, seed)
             head, X = fitted_head(enc, input_shape(arch), K=4, seed=seed)
             for norm in (2, math.inf):
