@@ -459,7 +459,7 @@ def _rowdot(lam: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     if B == 1:
         return lf @ vf[0]
     if R == 1:  # a ragged batch of one-row problems: a batched GEMM of 1x1 results is slow
-        return (lf[:, 0, :] * vf).sum(1, keepdim=True)
+        return torch.linalg.vecdot(lf[:, 0, :], vf).unsqueeze(1)
     return torch.bmm(lf, vf.unsqueeze(2)).squeeze(2)
 
 
@@ -750,11 +750,15 @@ class LocalBounds:
             return ctx["I"][n]
         # each input's unstable neurons first (stable ones after them are padding)
         bidx, ridx = unstable.nonzero(as_tuple=True)
-        eye = torch.eye(k, dtype=_F64).reshape((1, k) + shape)
-        for i in range(0, bidx.numel(), self.row_chunk):
-            sel = (bidx[i:i + self.row_chunk], ridx[i:i + self.row_chunk])
-            lb = self._backward(n, eye, ctx, key=(n, 1), rows=sel)[:, 0]
-            ub = -self._backward(n, -eye, ctx, key=(n, -1), rows=sel)[:, 0]
+        # rows 0..k-1 bound the neurons from below, k..2k-1 (negated) from above: one pass
+        eye = torch.eye(k, dtype=_F64)
+        both = torch.cat([eye, -eye]).reshape((1, 2 * k) + shape)
+        half = self.row_chunk // 2
+        for i in range(0, bidx.numel(), half):
+            sel = (bidx[i:i + half], ridx[i:i + half])
+            m = sel[0].numel()
+            out = self._backward(n, both, ctx, key=(n, 0), rows=(sel[0].repeat(2), torch.cat([sel[1], sel[1] + k])))
+            lb, ub = out[:m, 0], -out[m:, 0]
             lo[sel] = torch.maximum(lo[sel], lb)
             hi[sel] = torch.minimum(hi[sel], ub)
         return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
