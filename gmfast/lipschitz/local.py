@@ -831,14 +831,14 @@ class LocalBounds:
         B = x.shape[0]
         best = torch.zeros(B, dtype=_F64)
         fail = torch.full((B,), math.inf, dtype=_F64)
-        eps = torch.full((B,), 1e-3, dtype=_F64) if start is None else \
+        eps = torch.full((B,), 1e-2, dtype=_F64) if start is None else \
             torch.as_tensor(start, dtype=_F64).reshape(-1).expand(B).clone().clamp_min(1e-6)
         for _ in range(steps):
             ctx = self.prepare(x, eps, norm, domain)
             ok = accept(*self.output_box(ctx))
             best = torch.where(ok, torch.maximum(best, eps), best)
             fail = torch.where(ok, fail, torch.minimum(fail, eps))
-            eps = torch.where(torch.isinf(fail), 2.0 * torch.maximum(best, eps),
+            eps = torch.where(torch.isinf(fail), 4.0 * torch.maximum(best, eps),
                               torch.where(best > 0, torch.sqrt(best * fail), fail / 4.0))
         return best
 
