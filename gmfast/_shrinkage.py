@@ -3,11 +3,11 @@
 Raw features are often rank-deficient: constant pixels (scikit-learn's digits), redundant
 columns (``make_classification(n_redundant > 0)``), more features than samples. The
 maximum-likelihood covariance is then singular and the Bayes rule is undefined. ``"auto"``
-resolves, at fit time, to
+(the default of the head, the estimator and ``gmfast fit``) is resolved by the head at fit
+time (:func:`gmfast.stats.finalize_params`):
 
-* ``"ledoit-wolf"`` for ``tied`` and ``full`` (Ledoit & Wolf 2004, computed by the head:
-  on the class-centred residuals for ``tied``, per class for ``full``);
-* for ``diag`` and ``spherical``, the float intensity Ledoit–Wolf picks for the pooled
+* Ledoit–Wolf (2004) for ``tied`` (on the class-centred residuals) and ``full`` (per class);
+* for ``diag`` and ``spherical``, the intensity Ledoit–Wolf picks for the pooled
   class-centred residuals (the ``tied`` estimate's intensity), applied to every class's
   variances, so a feature that is constant within a class gets a positive variance.
 
@@ -18,8 +18,8 @@ are the maximum-likelihood ones. How the shrinkage intensity was chosen, even fr
 training data, changes which classifier is certified, not whether its radii are lower
 bounds. Test points play no part in the choice.
 
-Used by :class:`gmfast.sklearn.GaussianMixtureClassifier` and ``gmfast fit``; kept free of
-scikit-learn so the command line does not need it.
+:func:`parse_shrinkage` reads the value from the command line and the estimator's
+parameters; it is kept free of scikit-learn so the command line does not need it.
 """
 
 from __future__ import annotations
@@ -40,23 +40,3 @@ def parse_shrinkage(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"shrinkage must be {SHRINKAGE_HELP}; got {value!r}")
     return float(value)
-
-
-def resolve_shrinkage(shrinkage, covariance_type: str, Z, y):
-    """The value to hand :class:`gmfast.GaussianMixtureHead` for ``shrinkage``.
-
-    ``Z`` (n, d) and ``y`` (n,) labels ``0..K-1`` are the training data; they are read
-    only when ``shrinkage == "auto"`` and the covariance type is ``diag``/``spherical``.
-    """
-    shrinkage = parse_shrinkage(shrinkage)
-    if shrinkage != "auto":
-        return shrinkage
-    if covariance_type in ("tied", "full"):
-        return "ledoit-wolf"
-    from gmfast.head import GaussianMixtureHead
-
-    try:
-        return GaussianMixtureHead("tied", shrinkage="ledoit-wolf").fit(Z, y).shrinkage_
-    except ValueError as exc:
-        raise ValueError(f"shrinkage='auto' could not estimate an intensity ({exc}); pass a float "
-                         "shrinkage in (0, 1]") from None

@@ -213,14 +213,13 @@ def cmd_demo(args) -> int:
 
 def cmd_fit(args) -> int:
     from gmfast import GaussianMixtureHead
-    from gmfast._shrinkage import parse_shrinkage, resolve_shrinkage
+    from gmfast._shrinkage import parse_shrinkage
 
-    parse_shrinkage(args.shrinkage)  # a typo fails before the file is read
+    shrink = parse_shrinkage(args.shrinkage)  # a typo fails before the file is read
     _check_output(args.out)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
     Z, y = read_latents(args.latents)
-    shrink = resolve_shrinkage(args.shrinkage, args.covariance_type, Z, y)
     head = GaussianMixtureHead(args.covariance_type, shrinkage=shrink, priors=args.priors)
     for i in range(0, Z.shape[0], args.batch_size):
         head.partial_fit(Z[i:i + args.batch_size], y[i:i + args.batch_size])

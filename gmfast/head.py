@@ -154,9 +154,14 @@ class GaussianMixtureHead(StatisticalHead):
     covariance_type : {"tied", "full", "diag", "spherical"}
         As in scikit-learn's ``GaussianMixture``: one pooled covariance (LDA), one full
         covariance per class (QDA), diagonal per class, or ``σ_k² I`` per class.
-    shrinkage : float in [0, 1] or "ledoit-wolf"
-        ``Σ ← (1−λ)Σ + λ (tr Σ/d) I``. ``"ledoit-wolf"`` picks ``λ`` by Ledoit & Wolf (2004)
-        (``tied``: on the class-centred residuals; ``full``: per class).
+    shrinkage : "auto" (default), "ledoit-wolf" or float in [0, 1]
+        ``Σ ← (1−λ)Σ + λ (tr Σ/d) I``. ``"auto"`` and ``"ledoit-wolf"`` pick ``λ`` by
+        Ledoit & Wolf (2004): ``tied`` on the class-centred residuals, ``full`` per class,
+        ``diag``/``spherical`` the pooled (``tied``) intensity for every class. So the first
+        fit works on rank-deficient data (constant pixels, redundant features); ``0.0`` is
+        the maximum-likelihood fit (LDA/QDA). Radii certify the stored classifier whatever
+        ``λ`` is (docs/DESIGN.md §1.1). Memory while fitting: ``K·d²`` for ``"auto"``
+        (the per-class scatter and fourth moments), ``d²`` or ``K·d`` for a float.
     priors : {"empirical", "uniform"}
     num_classes : int, optional
         Number of classes ``K`` (labels are ``0..K-1``). Inferred from the labels if omitted.
@@ -176,21 +181,17 @@ class GaussianMixtureHead(StatisticalHead):
 
     _how_to_fit = "call fit(Z, y) or partial_fit(...) then finalize()"
 
-    def __init__(self, covariance_type: str = "tied", shrinkage=0.0, priors: str = "empirical", *,
+    def __init__(self, covariance_type: str = "tied", shrinkage="auto", priors: str = "empirical", *,
                  num_classes: int | None = None, backend: str = "auto"):
         super().__init__()
         check_choice("covariance_type", covariance_type, COVARIANCE_TYPES)
         check_choice("priors", priors, PRIORS)
         check_choice("backend", backend, BACKENDS)
         if isinstance(shrinkage, str):
-            check_choice("shrinkage", shrinkage, ("ledoit-wolf",))
-            if covariance_type not in ("tied", "full"):
-                raise ValueError(
-                    f"shrinkage='ledoit-wolf' needs a full covariance estimate; covariance_type="
-                    f"{covariance_type!r} takes a float shrinkage in [0, 1]"
-                )
-        elif not (isinstance(shrinkage, (int, float)) and 0.0 <= float(shrinkage) <= 1.0):
-            raise ValueError(f"shrinkage must be a float in [0, 1] or 'ledoit-wolf'; got {shrinkage!r}")
+            check_choice("shrinkage", shrinkage, ("auto", "ledoit-wolf"))
+        elif isinstance(shrinkage, bool) or not (isinstance(shrinkage, (int, float))
+                                                  and 0.0 <= float(shrinkage) <= 1.0):
+            raise ValueError(f"shrinkage must be 'auto', 'ledoit-wolf' or a float in [0, 1]; got {shrinkage!r}")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
         self.covariance_type = covariance_type
@@ -204,10 +205,10 @@ class GaussianMixtureHead(StatisticalHead):
     # ------------------------------------------------------------------ fitting
 
     def _new_stats(self, d: int) -> SufficientStats:
-        lw = self.shrinkage == "ledoit-wolf"
+        lw = self.shrinkage in ("auto", "ledoit-wolf")
         if self.covariance_type == "tied" and not lw:
             kind = "pooled"
-        elif self.covariance_type in ("diag", "spherical"):
+        elif self.covariance_type in ("diag", "spherical") and not lw:
             kind = "diag"
         else:
             kind = "per_class"

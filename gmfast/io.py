@@ -95,9 +95,9 @@ def read_head_file(path) -> tuple[dict, dict]:
         raise invalid_file(path, f"covariance_type must be one of {COVARIANCE_TYPES}, got {kind!r}")
     if priors not in PRIORS:
         raise invalid_file(path, f"priors must be one of {PRIORS}, got {priors!r}")
-    if not (shrink == "ledoit-wolf" or (isinstance(shrink, (int, float)) and not isinstance(shrink, bool)
+    if not (shrink in ("auto", "ledoit-wolf") or (isinstance(shrink, (int, float)) and not isinstance(shrink, bool)
                                         and 0.0 <= shrink <= 1.0)):
-        raise invalid_file(path, f"shrinkage must be in [0, 1] or 'ledoit-wolf', got {shrink!r}")
+        raise invalid_file(path, f"shrinkage must be in [0, 1], 'auto' or 'ledoit-wolf', got {shrink!r}")
     for name, v in (("n_classes", K), ("n_features", d)):
         if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name == "n_classes" else 1):
             raise invalid_file(path, f"{name} must be a positive integer, got {v!r}")

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
     def _validate_data(estimator, *args, **kwargs):
         return estimator._validate_data(*args, **kwargs)
 
-from gmfast._shrinkage import resolve_shrinkage
+from gmfast._shrinkage import parse_shrinkage
 from gmfast._validate import NonFiniteWarning
 
 __all__ = ["GaussianMixtureClassifier"]
@@ -102,8 +102,7 @@ class GaussianMixtureClassifier(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError(f"a classifier needs at least 2 classes; y has only one: {self.classes_[0]!r}")
         codes = codes.reshape(-1).astype(np.int64)
-        shrinkage = resolve_shrinkage(self.shrinkage, self.covariance_type, X, codes)
-        self.head_ = GaussianMixtureHead(self.covariance_type, shrinkage=shrinkage, priors=self.priors,
+        self.head_ = GaussianMixtureHead(self.covariance_type, shrinkage=parse_shrinkage(self.shrinkage), priors=self.priors,
                                          num_classes=len(self.classes_), backend=self.backend).fit(X, codes)
         lam = self.head_.shrinkage_
         self.shrinkage_ = lam if isinstance(lam, float) else lam.numpy().copy()

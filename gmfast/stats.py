@@ -295,7 +295,7 @@ def finalize_params(stats: SufficientStats, covariance_type: str, shrinkage, pri
     elif n <= K:
         raise ValueError(f"covariance_type='tied' needs more samples than classes; got {int(n)} for {K} classes")
 
-    lw = shrinkage == "ledoit-wolf"
+    lw = shrinkage in ("auto", "ledoit-wolf")
     if covariance_type == "tied":
         if lw:
             # Ledoit–Wolf on the class-centred residuals, pooled over classes.
@@ -312,9 +312,16 @@ def finalize_params(stats: SufficientStats, covariance_type: str, shrinkage, pri
             lam = torch.full((K,), float(shrinkage), dtype=torch.float64)
         cov = _shrink(scatter / count[:, None, None], lam)
         check_positive_definite(cov, "covariance")
+    elif lw:
+        # diag/spherical: the intensity Ledoit–Wolf picks for the pooled class-centred
+        # residuals (that of ``tied``), applied to every class's variances, so a feature
+        # constant within a class still gets a positive variance
+        var = torch.diagonal(scatter, dim1=1, dim2=2) / count[:, None]
+        lam = ledoit_wolf_intensity(scatter.sum(0), cpu(stats.s4).sum(), n).expand(K).clone()
     else:
         var = scatter / count[:, None]
         lam = torch.full((K,), float(shrinkage), dtype=torch.float64)
+    if covariance_type in ("diag", "spherical"):
         var = (1 - lam)[:, None] * var + (lam * var.mean(1))[:, None]
         cov = var if covariance_type == "diag" else var.mean(1)
         low = (cov <= 0).reshape(K, -1).any(1) | ~torch.isfinite(cov).reshape(K, -1).all(1)

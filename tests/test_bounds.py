@@ -83,7 +83,7 @@ def test_closed_form_k2_equals_the_hand_derived_formula():
 def test_closed_form_k2_matches_monte_carlo_unequal_priors():
     Z, y = blobs(400, 2, 3, sep=1.0, seed=100)
     y[:60] = 0  # unequal priors
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     assert abs(head.priors_[0].item() - 0.5) > 0.04
     ca = certified_accuracy_gmm(head, RADII)
     mc, se, _, _ = independent_mc(head, RADII, 200_000, 0)
@@ -95,7 +95,7 @@ def test_closed_form_k2_matches_monte_carlo_unequal_priors():
 @pytest.mark.parametrize("norm", [2, math.inf, "mahalanobis"])
 def test_k4_genz_and_qmc_match_monte_carlo(norm):
     Z, y = blobs(800, 4, 3, sep=1.5, seed=101)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     genz = certified_accuracy_gmm(head, RADII, norm=norm)
     qmc = certified_accuracy_gmm(head, RADII, norm=norm, method="qmc", n_samples=2**15)
     mc, se, Zq, yq = independent_mc(head, RADII, 100_000, 1, norm)
@@ -116,7 +116,7 @@ def test_genz_tail_probabilities_agree_with_scipy():
     """Per-class orthant probabilities far in the tail, where an indicator sees nothing: against
     scipy's independent implementation of Genz's algorithm (Fortran MVNDST)."""
     Z, y = blobs(1500, 6, 8, sep=1.0, seed=7)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     from gmfast.distributional import _orthant_genz
 
     for eps in (0.0, 0.4):
@@ -132,7 +132,7 @@ def test_genz_tail_probabilities_agree_with_scipy():
 def test_singular_margins_use_the_indicator_with_an_honest_bound():
     """K − 1 > d: the margins' covariance is singular (no Cholesky, no Genz)."""
     Z, y = blobs(1200, 6, 2, sep=2.0, seed=102)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     assert certified_accuracy_gmm(head, RADII, n_samples=20_000).method.startswith("Monte Carlo")  # auto
     qmc = certified_accuracy_gmm(head, RADII, method="qmc", n_samples=2**15)
     forced = certified_accuracy_gmm(head, RADII, method="genz", n_samples=2**15)
@@ -149,7 +149,7 @@ def test_singular_margins_use_the_indicator_with_an_honest_bound():
 
 def test_per_class_types_use_the_kernel():
     Z, y = blobs(600, 3, 3, sep=1.5, seed=103, per_class_cov=True)
-    head = Head("full").fit(Z, y)
+    head = Head("full", shrinkage=0.0).fit(Z, y)
     ca = certified_accuracy_gmm(head, RADII, n_samples=40_000)
     assert ca.method.startswith("Monte Carlo") and (ca.stderr > 0).any()
     # independent: numpy draws from the fitted Gaussians, the DESIGN 1.4 radius in numpy
@@ -175,7 +175,7 @@ def test_per_class_types_use_the_kernel():
 def test_sample_mixture_moments():
     Z, y = blobs(900, 3, 3, sep=2.0, seed=104, per_class_cov=True)
     for kind in ("full", "diag", "spherical", "tied"):
-        head = Head(kind).fit(Z, y)
+        head = Head(kind, shrinkage=0.0).fit(Z, y)
         z, yy = sample_mixture(head, 60_000, seed=1)
         counts = torch.bincount(yy, minlength=3)
         assert (counts - head.priors_ * 60_000).abs().max() <= 1  # stratified
@@ -220,7 +220,7 @@ def test_lower_bound_holds_on_a_mixture_with_shifted_means():
     """P = the fitted mixture with every class mean shifted by δ_k: with equal weights and
     covariance, KL(P‖Q) ≤ Σ π_k ½ δ_kᵀΣ⁻¹δ_k (joint convexity); the bound holds on P."""
     Z, y = blobs(1000, 3, 4, sep=2.0, seed=105)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     rng = np.random.default_rng(5)
     mu, S, pri = head.means_.numpy(), head.covariance_.numpy(), head.priors_.numpy()
     delta = rng.normal(size=(3, 4)) * 0.15
@@ -241,7 +241,7 @@ def test_lower_bound_holds_on_a_mixture_with_scaled_covariance():
     """P: covariances s²Σ. Per class KL(N(μ, s²Σ)‖N(μ, Σ)) = d/2 (s² − 1 − log s²), the same for
     every class, so KL(P‖Q) ≤ that (joint convexity)."""
     Z, y = blobs(1000, 4, 3, sep=2.5, seed=106)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     s2, d = 1.3, 3
     kl = d / 2 * (s2 - 1 - math.log(s2))
     lb = certified_accuracy_lower_bound(head, RADII, kl, n_samples=2**13)
@@ -280,16 +280,16 @@ def test_gaussianity_and_loglik_diagnostics(tmp_path):
     rng = np.random.default_rng(8)
     Zg = rng.normal(size=(2000, 3)) + np.repeat(np.eye(3) * 4, [700, 700, 600], axis=0)
     yg = np.repeat([0, 1, 2], [700, 700, 600])
-    head = Head("full").fit(Zg, yg)
+    head = Head("full", shrinkage=0.0).fit(Zg, yg)
     ks = mahalanobis_gaussianity(head, Zg, yg)
     assert set(ks) == {0, 1, 2} and min(p for _, _, p in ks.values()) > 1e-3
     Zt = Zg.copy()
     Zt[yg == 1] = 4 * np.eye(3)[1] + rng.standard_t(2, size=(700, 3))  # heavy tails
-    head_t = Head("full").fit(Zt, yg)
+    head_t = Head("full", shrinkage=0.0).fit(Zt, yg)
     ks_t = mahalanobis_gaussianity(head_t, Zt, yg)
     assert ks_t[1][2] < 1e-6 and ks_t[0][2] > 1e-3 and ks_t[2][2] > 1e-3
     for kind in ("tied", "diag", "spherical"):
-        assert min(p for _, _, p in mahalanobis_gaussianity(Head(kind).fit(Zg, yg), Zg, yg).values()) > 1e-3
+        assert min(p for _, _, p in mahalanobis_gaussianity(Head(kind, shrinkage=0.0).fit(Zg, yg), Zg, yg).values()) > 1e-3
     # log-likelihood: against scipy's densities
     pri, mu, cov = head.priors_.numpy(), head.means_.numpy(), head.covariances_.numpy()
     lj = np.stack([np.log(pri[k]) + stats.multivariate_normal(mu[k], cov[k]).logpdf(Zg) for k in range(3)], 1)
@@ -307,7 +307,7 @@ def test_gaussianity_and_loglik_diagnostics(tmp_path):
 
 def test_report(tmp_path):
     Z, y = blobs(900, 3, 4, sep=2.0, seed=109)
-    head = Head("tied").fit(Z[:600], y[:600])
+    head = Head("tied", shrinkage=0.0).fit(Z[:600], y[:600])
     res = report(head, Z[600:], y[600:], RADII, out_dir=tmp_path, n_samples=2**13)
     text = format_report(res)
     assert "k-NN estimate (not a guarantee)" in text and "ESTIMATE" in text and "lower bound" in text

@@ -66,7 +66,7 @@ def test_attack_never_beats_the_radius(fitted, backend, dtype):
 
 def test_equal_covariances_match_tied():
     Z, y = blobs(800, 4, 5, seed=61)
-    tied = Head("tied").fit(Z, y)
+    tied = Head("tied", shrinkage=0.0).fit(Z, y)
     K = 4
     S = tied.covariance_
     full = Head.from_params(tied.means_, S.expand(K, -1, -1).clone(), tied.priors_, "full")
@@ -86,7 +86,7 @@ def test_equal_covariances_match_tied():
 
 def test_curvature_modes():
     Z, y = blobs(1000, 4, 6, seed=62, per_class_cov=True)
-    head = Head("full").fit(Z, y)
+    head = Head("full", shrinkage=0.0).fit(Z, y)
     from gmfast.params import curvature_table
 
     lam_e, up_e, m_e = curvature_table(head.classifier_params, "exact")
@@ -109,7 +109,7 @@ def test_fp_sound_near_the_boundary(kind, backend):
     """Points within float32 rounding of a decision boundary: the returned radius is never
     above the bound evaluated in 50-digit arithmetic at the exact input point."""
     Z, y = blobs(600, 3, 4, sep=1.5, seed=63, per_class_cov=True)
-    head = Head(kind).fit(Z, y)
+    head = Head(kind, shrinkage=0.0).fit(Z, y)
     mu, P, kappa = dense_params(head)
     K = len(mu)
     lam = np.array([[0.0 if c == j else max(0.0, np.linalg.eigvalsh(P[c] - P[j])[-1]) for j in range(K)]

@@ -18,7 +18,7 @@ NORMS = [2, math.inf, 1, "mahalanobis"]
 @pytest.fixture(scope="module")
 def fitted():
     Z, y = blobs(2000, 6, 5, sep=1.5, seed=21)
-    return Z, y, Head("tied").fit(Z, y)
+    return Z, y, Head("tied", shrinkage=0.0).fit(Z, y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,7 +115,7 @@ def test_fp_sound_near_the_boundary(backend, dtype, norm):
     """Points within rounding distance of a decision boundary: the returned radius is never
     above the exact radius of the float64 classifier at the exact input point."""
     Z, y = blobs(400, 4, 6, sep=2.0, seed=31)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     A = head.classifier_params.A.numpy()
     b = head.classifier_params.beta.numpy()
     rng = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def test_norm_errors(fitted):
     Z, y, head = fitted
     with pytest.raises(ValueError, match="norm must be one of"):
         head.certify(Z[:2], norm=3)
-    full = Head("full").fit(Z, y)
+    full = Head("full", shrinkage=0.0).fit(Z, y)
     with pytest.raises(ValueError, match="certifies norm=2 only"):
         full.certify(Z[:2], norm=math.inf)
 

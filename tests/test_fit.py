@@ -20,7 +20,7 @@ from gmfast import GaussianMixtureHead as Head
 @pytest.mark.parametrize("K,d", [(2, 3), (5, 8), (10, 1)])
 def test_tied_matches_lda(K, d):
     Z, y = blobs(600, K, d, seed=K * 10 + d)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     lda = LDA(store_covariance=True).fit(Z, y)
     np.testing.assert_allclose(head.means_.numpy(), lda.means_, rtol=0, atol=1e-12)
     np.testing.assert_allclose(head.covariance_.numpy(), lda.covariance_, rtol=1e-10, atol=1e-12)
@@ -55,7 +55,7 @@ def test_tied_ledoit_wolf_is_lw_of_class_centred_residuals():
 
 def test_full_matches_qda():
     Z, y = blobs(3000, 3, 4, seed=5, per_class_cov=True)
-    head = Head("full").fit(Z, y)
+    head = Head("full", shrinkage=0.0).fit(Z, y)
     qda = QDA(store_covariance=True).fit(Z, y)
     for k in range(3):
         # gmfast is the maximum-likelihood estimate (divide by n_k); scikit-learn's QDA has
@@ -88,7 +88,7 @@ def test_full_ledoit_wolf_per_class():
 @pytest.mark.parametrize("kind", ["diag", "spherical"])
 def test_diag_spherical_log_joint_bruteforce(kind):
     Z, y = blobs(500, 3, 5, seed=7, per_class_cov=True)
-    head = Head(kind, priors="uniform").fit(Z, y)
+    head = Head(kind, priors="uniform", shrinkage=0.0).fit(Z, y)
     logp = np.zeros((len(Z), 3))
     for k in range(3):
         Xk = Z[y == k]
@@ -102,7 +102,7 @@ def test_diag_spherical_log_joint_bruteforce(kind):
 
 def test_tied_log_joint_is_gaussian_log_density():
     Z, y = blobs(300, 3, 4, seed=8)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     logp = np.stack([np.log(head.priors_[k].item()) + multivariate_normal(head.means_[k].numpy(),
                      head.covariance_.numpy()).logpdf(Z) for k in range(3)], 1)
     np.testing.assert_allclose(head(torch.tensor(Z)).numpy(), logp, rtol=1e-10, atol=1e-9)
@@ -112,8 +112,8 @@ def test_tied_log_joint_is_gaussian_log_density():
 def test_streaming_equals_one_shot(kind):
     Z, y = blobs(1000, 4, 6, seed=9, per_class_cov=True)
     Z = Z + 1e4  # a large offset: raw-moment formulas would lose ~8 digits here
-    one = Head(kind).fit(Z, y)
-    stream = Head(kind)
+    one = Head(kind, shrinkage=0.0).fit(Z, y)
+    stream = Head(kind, shrinkage=0.0)
     rng = np.random.default_rng(0)
     cuts = np.sort(rng.choice(np.arange(1, 1000), 12, replace=False))
     for part in np.split(np.arange(1000), cuts):
@@ -148,8 +148,8 @@ def test_streaming_property(K, d, nbatch, seed, lw):
 
 def test_float32_input_and_numpy_and_uniform_priors():
     Z, y = blobs(200, 3, 4, seed=10)
-    h64 = Head("tied", priors="uniform").fit(Z, y)
-    h32 = Head("tied", priors="uniform").fit(torch.tensor(Z, dtype=torch.float32), torch.tensor(y))
+    h64 = Head("tied", priors="uniform", shrinkage=0.0).fit(Z, y)
+    h32 = Head("tied", priors="uniform", shrinkage=0.0).fit(torch.tensor(Z, dtype=torch.float32), torch.tensor(y))
     np.testing.assert_allclose(h32.priors_.numpy(), np.full(3, 1 / 3))
     # statistics are float64 whatever the input dtype: only the input rounding differs
     np.testing.assert_allclose(h32.means_.numpy(), h64.means_.numpy(), rtol=1e-6, atol=1e-6)
@@ -161,10 +161,11 @@ def test_float32_input_and_numpy_and_uniform_priors():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: Head("nope"), "covariance_type must be one of"),
+        (lambda: Head("nope", shrinkage=0.0), "covariance_type must be one of"),
         (lambda: Head(priors="flat"), "priors must be one of"),
-        (lambda: Head(shrinkage=1.5), "shrinkage must be a float in"),
-        (lambda: Head("diag", shrinkage="ledoit-wolf"), "needs a full covariance"),
+        (lambda: Head(shrinkage=1.5), "shrinkage must be 'auto', 'ledoit-wolf' or a float in"),
+        (lambda: Head(shrinkage=True), "shrinkage must be 'auto', 'ledoit-wolf' or a float in"),
+        (lambda: Head("diag", shrinkage="lw"), "shrinkage must be one of"),
         (lambda: Head(backend="gpu"), "backend must be one of"),
     ],
 )
@@ -191,10 +192,10 @@ def test_fit_errors_name_the_problem():
         Head().fit(bad, y)
     few = np.concatenate([np.nonzero(y == k)[0][:3] for k in range(3)])
     with pytest.raises(ValueError, match="use shrinkage"):
-        Head("full").fit(Z[few], y[few])  # 3 samples per class in 4 dimensions: singular
+        Head("full", shrinkage=0.0).fit(Z[few], y[few])  # 3 samples per class in 4 dimensions: singular
     Head("full", shrinkage=0.1).fit(Z[few], y[few])  # ... which shrinkage fixes
     with pytest.raises(ValueError, match="at least 2 samples per class"):
-        Head("diag").fit(Z[:4], np.array([0, 1, 2, 2]))
+        Head("diag", shrinkage=0.0).fit(Z[:4], np.array([0, 1, 2, 2]))
     with pytest.raises(gmfast.NotFittedError, match="not fitted"):
         Head().predict(Z)
     with pytest.raises(gmfast.NotFittedError, match="not fitted"):
@@ -205,7 +206,7 @@ def test_fit_errors_name_the_problem():
     with pytest.raises(ValueError, match="has 5 features"):
         head.partial_fit(np.zeros((2, 5)), np.zeros(2, dtype=int))
     with pytest.raises(AttributeError, match="use covariances_"):
-        Head("full").fit(Z, y).covariance_
+        Head("full", shrinkage=0.0).fit(Z, y).covariance_
 
 
 def test_shared_loader_helpers_and_unfitted_certifier():
@@ -220,4 +221,36 @@ def test_shared_loader_helpers_and_unfitted_certifier():
     assert device_of(torch.nn.ReLU()) == torch.device("cpu")  # no parameters: the CPU
     assert device_of(torch.nn.ReLU(), "meta") == torch.device("meta")
     with pytest.raises(gmfast.NotFittedError, match="GaussianMixtureHead is not fitted yet"):
-        gmfast.Certifier(torch.nn.Linear(2, 2), Head("tied"), lipschitz=1.0)
+        gmfast.Certifier(torch.nn.Linear(2, 2), Head("tied", shrinkage=0.0), lipschitz=1.0)
+
+
+@pytest.mark.parametrize("kind", ["tied", "full", "diag", "spherical"])
+def test_default_shrinkage_fits_rank_deficient_pixels_soundly(kind):
+    """The head's first call works where the maximum-likelihood covariance is singular (raw
+    digits pixels: constant pixels), and the radii stay sound for the classifier it stores."""
+    from helpers import bound_reference, dense_params, linear_radius_bruteforce
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:500], y[:500]
+    if kind != "spherical":  # (a spherical variance averages over pixels: never zero here)
+        with pytest.raises(ValueError, match="zero variance|singular"):
+            Head(kind, shrinkage=0.0).fit(X, y)
+    head = Head(kind).fit(X, y)
+    lam = torch.as_tensor(head.shrinkage_)
+    assert bool(((lam > 0) & (lam < 1)).all())
+    if kind == "tied":  # the intensity is sklearn's Ledoit-Wolf on the class-centred residuals
+        R = X - head.means_.numpy()[y]
+        np.testing.assert_allclose(float(lam), ledoit_wolf(R, assume_centered=True)[1], rtol=1e-6)
+    elif kind in ("diag", "spherical"):  # the pooled (tied) intensity, for every class
+        np.testing.assert_allclose(lam.numpy(), float(Head("tied").fit(X, y).shrinkage_), rtol=1e-12)
+    assert float((head.predict(X) == torch.as_tensor(y)).double().mean()) > 0.8
+    cert = head.certify(X[:80])
+    if kind == "tied":
+        p = head.classifier_params
+        ref_pred, ref_r = linear_radius_bruteforce(X[:80], p.A.numpy(), p.beta.numpy(), 2)[:2]
+    else:
+        ref_pred, ref_r = bound_reference(X[:80], *dense_params(head))
+    r = cert.radius.double().numpy()
+    assert (r <= ref_r * (1 + 1e-9)).all() and (r > 0).mean() > 0.5
+    np.testing.assert_array_equal(cert.prediction.numpy()[r > 0], ref_pred[r > 0])

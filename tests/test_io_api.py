@@ -59,7 +59,7 @@ def test_save_load_bit_exact(tmp_path, kind, shrinkage):
 def _saved(tmp_path):
     Z, y = blobs(200, 3, 4, seed=72)
     path = tmp_path / "h.safetensors"
-    Head("tied").fit(Z, y).save(path)
+    Head("tied", shrinkage=0.0).fit(Z, y).save(path)
     return path
 
 
@@ -89,7 +89,7 @@ def _write(tmp_path, tensors, meta):
 
 def test_load_validates_every_field(tmp_path):
     Z, y = blobs(200, 3, 4, seed=73)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     base = {k: head._fitted()[k].clone() for k in gmfast.io.TENSORS}
     meta = {"format": "gmfast.GaussianMixtureHead", "version": 1, "covariance_type": "tied", "shrinkage": 0.0,
             "priors": "empirical", "n_classes": 3, "n_features": 4, "gmfast_version": "0"}
@@ -122,7 +122,7 @@ def test_load_validates_every_field(tmp_path):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_nonfinite_rows_abstain_or_raise(kind, backend):
     Z, y = blobs(300, 3, 4, seed=74, per_class_cov=True)
-    head = Head(kind).fit(Z, y)
+    head = Head(kind, shrinkage=0.0).fit(Z, y)
     X = torch.tensor(Z[:6], dtype=torch.float32)
     X[1, 2] = math.nan
     X[4, 0] = math.inf
@@ -160,7 +160,7 @@ def test_nonfinite_rows_abstain_or_raise(kind, backend):
 def test_forward_is_differentiable_and_matches_predict():
     Z, y = blobs(200, 3, 4, seed=75, per_class_cov=True)
     for kind in KINDS:
-        head = Head(kind).fit(Z, y)
+        head = Head(kind, shrinkage=0.0).fit(Z, y)
         X = torch.tensor(Z[:20], requires_grad=True)
         out = head(X)
         out.logsumexp(1).sum().backward()
@@ -183,7 +183,7 @@ def test_certified_accuracy():
 
 def test_noncontiguous_and_numpy_inputs():
     Z, y = blobs(300, 4, 6, seed=76)
-    head = Head("tied").fit(Z, y)
+    head = Head("tied", shrinkage=0.0).fit(Z, y)
     big = torch.tensor(np.concatenate([Z, Z], 1))[:, ::2]  # strided view
     assert not big.is_contiguous()
     a = head.certify(big, backend="cpu")
