@@ -58,6 +58,7 @@ LAYERS = [
     ("workflows: fitting on an encoder, input-space certification, scikit-learn, report, plots", [
         "gmfast.fit",
         "gmfast.certifier",
+        "gmfast.attack",  # PGD attacks on certificates (tests, benchmarks)
         "gmfast.sklearn",
         "gmfast.report",
         "gmfast.plot",
