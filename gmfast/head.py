@@ -99,19 +99,30 @@ class StatisticalHead(nn.Module):
         """The classifier in ``dtype`` on ``device`` (heads whose kernels take more override)."""
         return self._state["classifier"].to(device, dtype)
 
-    def _prepare(self, Z):
-        """Validate ``Z``; return (Z in its working dtype, working copy, Z's own dtype)."""
-        self._fitted()
-        Z = as_float_matrix(Z, "Z", n_features=self.n_features_in_)
-        T = working_dtype(Z)
-        key = (Z.device, T)
+    def _cached_copy(self, device: torch.device, dtype: torch.dtype):
+        key = (device, dtype)
         work = self._work.get(key)
         if work is None:
             with self._lock:
                 work = self._work.get(key)
                 if work is None:
-                    work = self._working_copy(Z.device, T)
+                    work = self._working_copy(device, dtype)
                     self._work[key] = work
+        return work
+
+    def _prepare(self, Z):
+        """Validate ``Z``; return (Z in its working dtype, working copy, Z's own dtype).
+
+        A float32 copy whose parameters do not round to float32 with a relative error
+        (subnormal or overflowing values: ``cast_ok`` false, docs/DESIGN.md §1.5.3) defines a
+        different classifier, so such heads work in float64 (the input is exact there)."""
+        self._fitted()
+        Z = as_float_matrix(Z, "Z", n_features=self.n_features_in_)
+        T = working_dtype(Z)
+        work = self._cached_copy(Z.device, T)
+        if T != torch.float64 and not getattr(work, "cast_ok", True):
+            T = torch.float64
+            work = self._cached_copy(Z.device, T)
         return Z.to(T), work, Z.dtype
 
     # ------------------------------------------------------------------ attributes

@@ -246,6 +246,21 @@ def test_spherical_subnormal_precisions(backend):
     assert (cert.radius > 0).any()
 
 
+def test_forward_and_probabilities_use_the_stored_classifier_when_float32_cannot_hold_it():
+    """``predict_proba``/``forward`` on float32 inputs of a head whose float32 copy would be
+    subnormal agree with the float64 evaluation (and with ``predict``), not with a different
+    classifier."""
+    means = torch.tensor([[0.0, 0.0, 0.0], [3e22, 1e22, -2e22]], dtype=torch.float64)
+    cov = torch.tensor([2.0**148, 2.0**147.3], dtype=torch.float64)
+    head = Head.from_params(means, cov, torch.tensor([0.5, 0.5], dtype=torch.float64), "spherical")
+    g = torch.Generator().manual_seed(1)
+    Z = (torch.rand(64, 1, generator=g, dtype=torch.float64) * means[1]).float()
+    p32, p64 = head.predict_proba(Z), head.predict_proba(Z.double())
+    torch.testing.assert_close(p32.double(), p64, rtol=1e-12, atol=1e-12)
+    assert torch.equal(p32.argmax(1), head.predict(Z))
+    torch.testing.assert_close(head(Z).double(), head(Z.double()), rtol=1e-12, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_tied_subnormal_parameters_huge_inputs(backend):
     """Tied head whose A rounds to float32 subnormals, float32 inputs near 3e38."""
