@@ -61,8 +61,9 @@ def key_table(C, _cpu, isa, reps, only=""):
     load = os.getloadavg()[0]
     print(f"## path {isa} (load average {load:.2f}; peak: the path's register-only FMA loop, timed "
           f"interleaved with the cases)", flush=True)
-    print("| case | floor ms | cpu ms | cpu x floor | cpu GFLOP/s | peak GFLOP/s | % of peak | torch ms | torch / cpu |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| case | floor ms | cpu ms | cpu x floor | cpu GFLOP/s | peak GFLOP/s | % of peak | torch ms | torch / cpu "
+          "| peak MB cpu / torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     # one head per case for all its variants and paths (its tables, e.g. the curvature's
     # eigenvalues, take longer to build than the runs being timed; none depends on the path)
@@ -85,8 +86,12 @@ def key_table(C, _cpu, isa, reps, only=""):
         probe_flops = []
         fns["peak"] = lambda: probe_flops.append(C.fma_probe(isa, iters)[0])
         times = {v: [] for v in fns}
-        for f in fns.values():
+        grow = {}
+        for v, f in fns.items():  # warm-up, and the peak resident-set growth of the first call
+            reset = bench._reset_peak()
+            base, _ = bench._rss_kb()
             f()
+            grow[v] = (bench._rss_kb()[1] - base) / 1024.0 if reset else float("nan")
         for _ in range(reps):
             for v, f in fns.items():
                 t = time.perf_counter()
@@ -101,11 +106,12 @@ def key_table(C, _cpu, isa, reps, only=""):
             gf_note = f"{gf:.0f}"
         torch_ms = f"{1e3 * best['torch']:.1f}" if "torch" in best else "–"
         torch_x = f"{best['torch'] / best['cpu']:.2f}" if "torch" in best else "–"
+        mem = f"{grow['cpu']:.1f} / {grow['torch']:.0f}" if "torch" in grow else f"{grow['cpu']:.1f} / –"
         print(f"| {case['name']} | {1e3 * best['floor']:.1f} | {1e3 * best['cpu']:.1f} | "
               f"{best['cpu'] / best['floor']:.2f} | {gf_note} | {peak:.0f} | {100 * gf / peak:.0f}% | {torch_ms} | "
-              f"{torch_x} |",
+              f"{torch_x} | {mem} |",
               flush=True)
-        rows.append(dict(isa=isa, peak_gflops=peak, case=case["name"], seconds=best,
+        rows.append(dict(isa=isa, peak_gflops=peak, case=case["name"], seconds=best, peak_growth_mb=grow,
                          median_seconds={v: statistics.median(ts) for v, ts in times.items()}, load=load))
         del fns
     bench._head = make_head

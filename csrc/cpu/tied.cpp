@@ -25,21 +25,23 @@ namespace {
 template <class T>
 void row_epilogue(const T* logits, index_t K, T ss, index_t d, const double* inv, const double* alpha,
                   const double* eps, int64_t* pred, double* radius) {
-  // argmax in two vectorisable passes: the max (and whether any logit is NaN/Inf: x - x is
-  // NaN exactly for those), then the first index attaining it (lowest index wins ties, as
-  // torch.argmax).
-  T best = logits[0];
-  bool bad = false;
-#pragma omp simd reduction(max : best) reduction(| : bad)
+  // argmax in two vectorised passes (a scalar pass here cost as much as a d = 128 GEMM): the
+  // max and whether any logit is NaN/Inf (x - x is 0 for finite x, NaN otherwise, and a sum
+  // of them is NaN iff one is, in any order), then the first index attaining the max (lowest
+  // index wins ties, as torch.argmax) as a min-reduction.
+  T best = logits[0], probe = 0;
+#pragma omp simd reduction(max : best) reduction(+ : probe)
   for (index_t k = 0; k < K; ++k) {
     const T v = logits[k];
-    best = std::max(best, v);
-    bad |= (v - v) != (v - v);
+    best = v > best ? v : best;
+    probe += v - v;
   }
-  const bool finite = !bad;
-  index_t c = 0;
-  if (finite)
-    while (logits[c] != best) ++c;
+  const bool finite = probe == probe;
+  index_t c = K;
+  if (finite) {
+#pragma omp simd reduction(min : c)
+    for (index_t k = 0; k < K; ++k) c = std::min(c, logits[k] == best ? k : K);
+  }
   if (!finite) {
     *pred = -1;
     if (inv != nullptr) *radius = 0.0;
