@@ -210,9 +210,7 @@ class Certifier:
         from gmfast.lipschitz.local import LocalBounds
 
         if shape not in self._local:
-            if self.lipschitz == "auto":
-                self.lipschitz_bound(shape)  # the graph's trust checks (hooks, train mode, ...)
-            self._local[shape] = LocalBounds(self.encoder, shape)
+            self._local[shape] = LocalBounds(self.encoder, shape)  # traced with the graph's trust checks
         return self._local[shape]
 
     def _local_route(self, x, Z, pred, latent, p):

@@ -296,3 +296,17 @@ def test_scores_helper_matches_head_prediction():
     with torch.no_grad():
         s = class_scores(enc, head, X[:50])
         assert torch.equal(s.argmax(1), head.predict(enc(X[:50])))
+
+
+def test_local_bounds_refuse_train_mode_and_hooks():
+    enc = make_encoder("cnn", 17)
+    enc.train()
+    with pytest.raises(ValueError, match="train mode"):
+        LocalBounds(enc, (1, 8, 8))
+    enc.eval()
+    handle = enc[2].register_forward_hook(lambda m, i, o: o * 2)
+    try:
+        with pytest.raises(UnsupportedOpError):
+            LocalBounds(enc, (1, 8, 8))
+    finally:
+        handle.remove()

@@ -494,7 +494,11 @@ class LocalBounds:
 
     def __init__(self, encoder, input_shape):
         input_shape = tuple(input_shape)
-        tg = trace(encoder, input_shape)
+        for name, m in encoder.named_modules():
+            if m.training:
+                raise ValueError(f"module {name or type(m).__name__!r} is in train mode; call .eval() first (batch "
+                                 "norm and dropout compute a different function in training)")
+        tg = trace(encoder, input_shape)  # with the trust checks (hooks, overrides, casts, batch coupling)
         b = _Builder(tg)
         out = b.run()
         check_same_function(tg, encoder, input_shape)
