@@ -34,6 +34,7 @@ def test_run_py_smoke(tmp_path):
     assert progress[0].startswith("[1/") and "tied-257x33x5 / floor,torch,reference,cpu" in progress[0]
 
 
+@pytest.mark.slow  # > 10 s: run by .ci/run (pytest -m slow), not by the default pytest
 def test_run_py_isa_is_forced_and_checked(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--only", "tied",

@@ -42,9 +42,11 @@ def main():
         print(f"not the sanitized build: {gmfast.__file__}, {_cpu._load().__file__}", flush=True)
         return 2
     bad = 0
-    for kind, (B, d, K), dt, policy in itertools.product(
-            ("tied", "full", "diag", "spherical"), [(0, 3, 2), (1, 1, 2), (5, 7, 3), (67, 5, 13), (130, 33, 2)],
-            (torch.float32, torch.float64), ("portable", "blas")):
+    isas = [name for name, ok in _cpu._load().cpu_isas() if ok]  # every ISA path this CPU runs
+    for isa, kind, (B, d, K), dt, policy in itertools.product(
+            isas, ("tied", "full", "diag", "spherical"), [(0, 3, 2), (1, 1, 2), (5, 7, 3), (67, 5, 13), (130, 33, 2)],
+            (torch.float32, torch.float64), ("portable", "blas", "micro")):
+        _cpu.set_cpu_isa(isa)
         _cpu.set_gemm_policy(policy)
         h = head(kind, d, K, seed=B + d)
         wide = torch.randn(B, 2 * d + 1, dtype=dt)
@@ -57,10 +59,11 @@ def main():
             close = ((a.radius.double() - b.radius.double()).abs() <= tol * (1 + b.radius.double().abs()))
             if not bool((same & close).float().mean() >= 0.99) if B else False:
                 bad += 1
-                print(f"MISMATCH {kind} B={B} d={d} K={K} {dt} {policy} norm={norm}", flush=True)
+                print(f"MISMATCH {isa} {kind} B={B} d={d} K={K} {dt} {policy} norm={norm}", flush=True)
         h.predict(Z, backend="cpu")
     _cpu.set_gemm_policy("auto")
-    print(f"kernels exercised; mismatches: {bad}", flush=True)
+    _cpu.set_cpu_isa("auto")
+    print(f"kernels exercised on {isas}; mismatches: {bad}", flush=True)
     return 1 if bad else 0
 
 
