@@ -121,6 +121,11 @@ def test_forcing_and_info():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [PATHS[-1], "True"]
+    env["GMFAST_GEMM"] = "micro"
+    code2 = "import gmfast.ops as o; print(o.cpu_info()['gemm_policy'])"
+    res = subprocess.run([sys.executable, "-c", code2], env=env, capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0 and res.stdout.split() == ["micro"], res.stderr
+    del env["GMFAST_GEMM"]
     env["GMFAST_CPU_ISA"] = "bogus"
     code = "from gmfast.ops import _cpu; _cpu._load()"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")

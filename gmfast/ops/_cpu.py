@@ -91,8 +91,8 @@ def set_gemm_policy(policy: str) -> None:
     ``"blas"`` (torch's MKL), ``"portable"`` (the dot-product tiles of ``csrc/cpu/gemm.cpp``)
     or ``"micro"`` (the packed register-blocked microkernel of ``csrc/cpu/microkernel.h`` for
     the tied logits; the portable tiles for the GEMMs that have no microkernel variant). The
-    full-covariance margins always use the microkernel. For benchmarks and tests; results are
-    sound either way."""
+    full-covariance margins always use the microkernel. ``GMFAST_GEMM`` sets it when the kernels
+    load. For benchmarks and tests; results are sound either way."""
     if policy not in _POLICIES:
         raise ValueError(f"policy must be one of {tuple(_POLICIES)}; got {policy!r}")
     _load().set_gemm_policy(_POLICIES[policy])
@@ -115,10 +115,21 @@ def _select_isa(C, name: str, source: str) -> None:
     _state["isa_forced"] = f"{source}={name}"
 
 
+GEMM_ENV = "GMFAST_GEMM"
+
+
 def _apply_isa_env(C) -> None:
+    """The environment's forcing, when the kernels load: GMFAST_CPU_ISA (the path) and
+    GMFAST_GEMM (the GEMM policy, as :func:`set_gemm_policy`)."""
     want = os.environ.get(ISA_ENV, "").strip()
     if want:
         _select_isa(C, want, ISA_ENV)
+    policy = os.environ.get(GEMM_ENV, "").strip()
+    if policy:
+        if policy not in _POLICIES:
+            raise ValueError(f"{GEMM_ENV}: expected one of {tuple(_POLICIES)}; got {policy!r}")
+        C.set_gemm_policy(_POLICIES[policy])
+        _state["policy"] = policy
 
 
 def set_cpu_isa(name: str) -> None:
