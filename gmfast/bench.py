@@ -295,7 +295,7 @@ def fma_peak_gflops(isa: str, seconds: float = 0.3) -> float:
     """The register-only FMA loop of that kernel path on all threads, GFLOP/s (best of 3)."""
     from gmfast.ops import _cpu
 
-    C = _cpu._load()
+    C = _cpu.extension()
     flops, t = C.fma_probe(isa, 100_000)
     iters = max(100_000, int(100_000 * seconds / max(t, 1e-6)))
     return max(f / t for f, t in (C.fma_probe(isa, iters) for _ in range(3))) / 1e9

@@ -35,6 +35,14 @@ def _load():
     return _C
 
 
+def extension():
+    """The compiled CPU extension ``gmfast._C``, loaded on first use (``GMFAST_CPU_ISA`` and
+    ``GMFAST_GEMM`` applied, torch's BLAS hook installed): for tools outside ``gmfast.ops``
+    that call its entry points directly (the benchmark's FMA probe). Raises ImportError when
+    it is not built."""
+    return _load()
+
+
 def available():
     try:
         _load()
