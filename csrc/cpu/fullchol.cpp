@@ -1,4 +1,4 @@
-// Full-covariance certify in the Cholesky form (gmfast._reference._perclass_certify_cholesky
+// Full-covariance certify in the Cholesky form (gmfast.ops._reference._perclass_certify_cholesky
 // is the same computation without the pruning, and has the error analysis).
 //
 // Phase 1, the margins: D_k = ||R_k z - b_k||^2 for every row and class, R_k = chol(P_k)^T upper

@@ -1,4 +1,4 @@
-// CPU kernel contracts (see gmfast/ops/certify.py and gmfast/_reference.py for the math).
+// CPU kernel contracts (see gmfast/ops/certify.py, gmfast/ops/_reference.py and docs/DESIGN.md for the math).
 #pragma once
 
 #include "common.h"

@@ -2,13 +2,13 @@
 // O(K) epilogue per row: argmax, margins to every class, the fp-sound correction and the
 // min over all classes of margin / denominator. Nothing of size B x K is kept.
 //
-// Soundness (gmfast._reference.tied_certify has the full argument): the computed logit
+// Soundness (gmfast.ops._reference.tied_certify and docs/DESIGN.md §1.5.1 have the full argument): the computed logit
 // l^_k differs from the exact l_k = a_k^T z + beta_k by at most e_k = alpha_k ||z|| + eps_k
 // (alpha_k = gamma_{d+2} ||a_k||, eps_k = gamma_{d+2} |beta_k|, Higham's inner-product bound,
 // valid for any summation order). The margin to j is lowered by (e_c + e_j)(1 + 8u) +
 // 2u|m^| (the float64 operations here) and multiplied by inv[c, j] <= 1/||a_c - a_j||_q (a
 // rounded-down reciprocal of the upper-bound table; +inf where the classes share a_k); the
-// product is deflated by (1 - 8u). Exactly the formula of gmfast._reference.tied_epilogue.
+// product is deflated by (1 - 8u). Exactly the formula of gmfast.ops._reference.tied_epilogue.
 #include <algorithm>
 #include <cstring>
 #include <vector>

@@ -1,4 +1,4 @@
-// CUDA kernel contracts of gmfast._C_cuda (the math: gmfast/_reference.py; the contract:
+// CUDA kernel contracts of gmfast._C_cuda (the math: gmfast/ops/_reference.py, docs/DESIGN.md §1.3–1.5; the contract:
 // gmfast/ops/certify.py). Host functions take device pointers, shapes and the stream to
 // launch on; they only enqueue work (no synchronisation) and check every launch.
 #pragma once
