@@ -99,7 +99,7 @@ def fit_head(encoder: nn.Module, loader, covariance_type: str = "tied", *, shrin
             x, y = split_batch(batch, "loader")
             head.partial_fit(encode(encoder, x, dev, autocast), torch.as_tensor(y))
     if world > 1:
-        if head._stats is None:
+        if head.statistics is None:
             raise ValueError(f"rank {rank} received no data; every rank needs a non-empty shard")
-        head._stats.allreduce_()
+        head.statistics.allreduce_()
     return head.finalize()

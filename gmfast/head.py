@@ -125,6 +125,18 @@ class StatisticalHead(nn.Module):
             work = self._cached_copy(Z.device, T)
         return Z.to(T), work, Z.dtype
 
+    def prepared(self, Z):
+        """``Z`` as the head's kernels take it: ``(Z_work, work, in_dtype)``.
+
+        ``Z`` (n, d) is validated (a floating matrix with ``n_features_in_`` columns) and cast
+        to the working dtype (float64 for float64 input, or where the float32 copy of the
+        parameters would define a different classifier, docs/DESIGN.md §1.5.3); ``work`` is
+        the cached working copy of the classifier in that dtype on ``Z``'s device (for a tied
+        head its ``A`` (K, d) and ``beta`` (K,)), and ``in_dtype`` is ``Z``'s own dtype. For
+        code that runs its own kernel on the head's classifier (randomized smoothing's fused
+        counting) exactly as :meth:`forward` would."""
+        return self._prepare(Z)
+
     # ------------------------------------------------------------------ attributes
 
     @property
@@ -256,6 +268,14 @@ class GaussianMixtureHead(StatisticalHead):
         """Fit on latents ``Z`` (n, d) and labels ``y`` (n,) in ``0..K-1``; returns self."""
         self._stats = None
         return self.partial_fit(Z, y).finalize()
+
+    @property
+    def statistics(self) -> SufficientStats | None:
+        """The float64 sufficient statistics accumulated by :meth:`partial_fit` (``None``
+        before the first batch). :meth:`finalize` turns them into the fitted classifier; in
+        distributed fitting each rank merges them across ranks first
+        (``statistics.allreduce_()``, see :func:`gmfast.fit.fit_head`)."""
+        return self._stats
 
     @classmethod
     def from_params(cls, means, covariance, priors, covariance_type: str = "tied", *,

@@ -1,0 +1,379 @@
+"""The linearisation of a traced encoder for the local bounds (:mod:`gmfast.lipschitz.local`).
+
+:class:`_Builder` walks the traced graph (the same walk and op vocabulary as the global
+bound) and turns every input-dependent node into one of three linearised ops: an affine op
+``v = W u + b`` (:class:`_Affine`: its transpose ``T``, an upper bound ``absfwd`` on
+``|W| M`` and the γ index of ``T``), a sum of two input-dependent nodes (:class:`_Sum`), or
+a piecewise-linear convex activation ``max(z, a z)`` (:class:`_Act`); anything else is
+refused with :class:`UnsupportedOpError`. Why each op's transpose, ``|W|`` bound and error
+allowances are what the backward pass needs is in the docstring of
+:mod:`gmfast.lipschitz.local` ("The relaxation", "Floating point").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from gmfast._fp import U64, gamma
+from gmfast.lipschitz.errors import UnsupportedOpError
+from gmfast.lipschitz.graph import TracedGraph
+from gmfast.lipschitz import activations
+from gmfast.lipschitz.ops import CONVS, FUNCTION_NAMES, arg, shape_of
+from gmfast.lipschitz.walk import Analysis
+
+_F64 = torch.float64
+#: per-product underflow allowance, generous (see the module docstring)
+_TINY = 2.0**-960
+_LOCAL_ADVICE = ("the local route supports Linear, ConvNd (zero padding), BatchNorm (eval), average pooling, "
+                 "reshapes, residual adds, scaling by constants and ReLU/LeakyReLU; use method='lipschitz' "
+                 "or 'margin' for this encoder")
+
+
+def _down(t: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(t, torch.full_like(t, -math.inf))
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(t, torch.full_like(t, math.inf))
+
+
+# ----------------------------------------------------------------------------- linearised ops
+
+
+class _Affine:
+    """``v = W u + b``. ``T(lam)``: ``Wᵀ`` on rows ``lam`` (M, *out) → (M, *in), computed;
+    ``absfwd(M)``: an upper bound on ``|W| M`` (B, *in) → (B, *out); ``n``: the γ index of
+    ``T`` (terms per entry plus roundings of inexact parameters); ``bias`` (*out) or None,
+    ``bias_err`` (*out) bound on ``|b̂ − b|`` or None."""
+
+    kind = "affine"
+
+    def __init__(self, src, T, absfwd, n, bias=None, bias_err=None, fwd=None):
+        self.src, self.T, self.absfwd, self.n = src, T, absfwd, n
+        self.bias, self.bias_err, self.fwd = bias, bias_err, fwd
+
+
+class _Act:
+    """``σ(z) = max(z, a z)``, ``0 ≤ a ≤ 1``."""
+
+    kind = "act"
+
+    def __init__(self, src, a: float):
+        self.src, self.a = src, float(a)
+
+
+class _Sum:
+    """``v = a + α b`` of two input-dependent nodes."""
+
+    kind = "sum"
+
+    def __init__(self, a, b, alpha: float):
+        self.a, self.b, self.alpha = a, b, float(alpha)
+
+
+def _inflate(t: torch.Tensor, n: int) -> torch.Tensor:
+    """An upper bound on the exact value of a computed nonnegative sum of ``n`` products."""
+    return t * (1.0 + 2.0 * gamma(n + 2, U64)) + _TINY
+
+
+class _Builder(Analysis):
+    """Turns the traced graph into the linearised ops above (refusing anything else)."""
+
+    def __init__(self, tg: TracedGraph):
+        super().__init__(tg)
+        self.order = []
+
+    def input(self, node):
+        self.order.append(node)
+        return None
+
+    def output(self, node):
+        out = node.args[0]
+        if not self.is_dep(out):
+            self.fail("output", "the output must be one input-dependent tensor")
+        return out
+
+    def fail(self, what: str, why: str = ""):
+        name = self.tg.display_name(self.node)
+        detail = f": {why}" if why else ""
+        raise UnsupportedOpError(f"node {name!r} ({what}{detail}): no linear relaxation; {_LOCAL_ADVICE}")
+
+    def add(self, op):
+        self.order.append(self.node)
+        return op
+
+    def single(self):
+        x = self.node.args[0] if self.node.args else None
+        if not self.is_dep(x) or len(self.deps()) != 1:
+            self.fail(self.op_name(), "the input-dependent tensor must be the first and only such operand")
+        return x
+
+    def structural(self, x, run, n: int = 1, has_bias: bool = False):
+        """A linear op given by ``run`` (data movement, pooling): transpose by the
+        vector–Jacobian product, ``|W| = W`` (nonnegative weights)."""
+        in_shape = shape_of(x)
+        if in_shape is None:
+            self.fail(self.op_name(), "input shape unknown")
+        in_shape = in_shape[1:]
+        zero = torch.zeros((1,) + tuple(in_shape), dtype=_F64)
+        with torch.no_grad():
+            b0 = run(zero)[0]
+        bias = b0 if has_bias and bool((b0 != 0).any()) else None
+        if not has_bias and bool((b0 != 0).any()):
+            self.fail(self.op_name(), "not linear (nonzero at 0)")
+
+        def T(lam):
+            u = torch.zeros((lam.shape[0],) + tuple(in_shape), dtype=_F64, requires_grad=True)
+            with torch.enable_grad():
+                y = run(u)
+                (g,) = torch.autograd.grad(y, u, lam.reshape(y.shape))
+            return g
+
+        def absfwd(M):
+            with torch.no_grad():
+                y = run(M)
+            if bias is not None:
+                y = y - bias
+            return _inflate(y, n)
+
+        def fwd(t):
+            with torch.no_grad():
+                y = run(t)
+            return y - bias if bias is not None else y
+
+        return self.add(_Affine(x, T, absfwd, n, bias, fwd=fwd))
+
+    # -- modules -------------------------------------------------------------------------
+
+    def module_identity(self, node, mod):
+        x = self.single()
+        return self.structural(x, lambda t: mod(t), 1, has_bias=True)
+
+    def module_activation(self, node, mod):
+        t = type(mod)
+        cls = t.__bases__[0] if t not in activations.MODULES else t
+        name, params = activations.module_params(mod, cls)
+        return self.activation(name, params)
+
+    def activation(self, name, params):
+        x = self.single()
+        if name == "relu":
+            return self.add(_Act(x, 0.0))
+        if name == "leaky_relu":
+            a = params["negative_slope"]
+            a = a.item() if isinstance(a, torch.Tensor) and a.numel() == 1 else a
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
+                self.fail(f"leaky_relu({a!r})", "the negative slope must be a number in [0, 1] (convex)")
+            return self.add(_Act(x, float(a)))
+        if name in ("pos", "positive"):
+            return self.structural(x, lambda t: t, 1)
+        if name in ("neg", "negative"):
+            return self.add(_Affine(x, lambda lam: -lam, lambda M: M, 1, fwd=lambda t: -t))
+        self.fail(name, "no sound linear relaxation implemented for this activation yet")
+
+    def module_linear(self, node, mod):
+        x = self.single()
+        return self.linear(x, mod.weight, mod.bias)
+
+    def module_conv(self, node, mod):
+        x = self.single()
+        if mod.padding_mode != "zeros":
+            self.fail(type(mod).__name__, f"padding_mode={mod.padding_mode!r}")
+        nd = CONVS[type(mod).__bases__[0] if type(mod) not in CONVS else type(mod)]
+        rp = mod._reversed_padding_repeated_twice
+        pad = tuple(rp[2 * (nd - 1 - d)] for d in range(nd))
+        if any(rp[2 * i] != rp[2 * i + 1] for i in range(nd)):
+            self.fail(type(mod).__name__, "asymmetric padding")
+        return self.conv(x, mod.weight, mod.bias, mod.stride, pad, mod.dilation, mod.groups, nd)
+
+    def module_batch_norm(self, node, mod):
+        x = self.single()
+        if mod.running_var is None:
+            self.fail(type(mod).__name__, "track_running_stats=False")
+        return self.batch_norm(x, mod.running_mean, mod.running_var, mod.weight, mod.bias, mod.eps)
+
+    def module_avg_pool(self, node, mod):
+        x = self.single()
+        shape = shape_of(x)
+        return self.structural(x, lambda t: mod(t), math.prod(shape[1:]) + 2)
+
+    # -- functions -----------------------------------------------------------------------
+
+    def rule_activation(self, node):
+        name = node.target if isinstance(node.target, str) else FUNCTION_NAMES[node.target]
+        name = name.rstrip("_")
+        x = node.args[0] if node.args else arg(node, 0, "input")
+        args, kwargs = self.resolve((tuple(node.args[1:]), dict(node.kwargs)), x, None)
+        try:
+            name, params = activations.call_params(name, args, kwargs)
+        except activations.Refusal as e:
+            self.fail(name, str(e))
+        return self.activation(name, params)
+
+    def rule_dropout(self, node):
+        if arg(node, 2, "training", True) is not False:
+            self.fail(self.op_name(), "training=True")
+        x = self.single()
+        return self.structural(x, lambda t: t, 1)
+
+    def rule_reshape(self, node):
+        x = self.single()
+        if node.target == "view" and any(isinstance(a, torch.dtype) for a in node.args[1:]):
+            self.fail("view(dtype)", "reinterprets bits")
+        args, kwargs = self.resolve((tuple(node.args[1:]), dict(node.kwargs)), x, None)
+        if node.op == "call_method":
+            if node.target in ("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"):
+                return self.structural(x, lambda t: t, 1)
+            return self.structural(x, lambda t: getattr(t, node.target)(*args, **kwargs), 1)
+        return self.structural(x, lambda t: node.target(t, *args, **kwargs), 1)
+
+    def rule_linear(self, node):
+        x = self.single()
+        w = self.const_value(arg(node, 1, "weight"), "linear")
+        b = arg(node, 2, "bias")
+        return self.linear(x, w, None if b is None else self.const_value(b, "linear"))
+
+    def rule_add(self, node):
+        return self.add_sub(node, 1.0)
+
+    def rule_sub(self, node):
+        return self.add_sub(node, -1.0)
+
+    def add_sub(self, node, sign):
+        a, b = arg(node, 0, "input"), arg(node, 1, "other")
+        alpha = arg(node, 2, "alpha", 1)
+        if isinstance(alpha, torch.fx.Node):
+            self.fail(self.op_name(), "alpha is not a python number")
+        alpha = sign * float(alpha)
+        out = shape_of(node)
+        if self.is_dep(a) and self.is_dep(b):
+            if shape_of(a) != out or shape_of(b) != out:
+                self.fail(self.op_name(), "broadcasting between input-dependent tensors")
+            return self.add(_Sum(a, b, alpha))
+        if self.is_dep(a):
+            if shape_of(a) != out:
+                self.fail(self.op_name(), "the input-dependent operand is broadcast")
+            c = self.const_value(b, self.op_name()) * alpha
+            return self.shift(a, c, exact=alpha in (1.0, -1.0))
+        if shape_of(b) != out:
+            self.fail(self.op_name(), "the input-dependent operand is broadcast")
+        if alpha not in (1.0, -1.0):
+            self.fail(self.op_name(), "alpha scaling of the input-dependent operand")
+        c = self.const_value(a, self.op_name())
+        # c + alpha·x: a scale by ±1 (exact) then a shift
+        shape = out[1:]
+
+        def T(lam):
+            return lam * alpha
+
+        def absfwd(M):
+            return M
+
+        scaled = _Affine(b, T, absfwd, 1, torch.broadcast_to(c, shape).clone(), fwd=T)
+        return self.add(scaled)
+
+    def shift(self, x, c, exact: bool):
+        shape = shape_of(self.node)[1:]
+        bias = torch.broadcast_to(c, shape).clone()
+        err = None if exact else bias.abs() * U64
+        return self.add(_Affine(x, lambda lam: lam, lambda M: M, 1, bias, err, fwd=lambda t: t))
+
+    def rule_mul(self, node):
+        a, b = arg(node, 0, "input"), arg(node, 1, "other")
+        if self.is_dep(a) and self.is_dep(b):
+            self.fail(self.op_name(), "product of two input-dependent tensors")
+        x, c = (a, b) if self.is_dep(a) else (b, a)
+        return self.scale(x, self.const_value(c, self.op_name()), 1)
+
+    def rule_div(self, node):
+        a, b = arg(node, 0, "input"), arg(node, 1, "other")
+        if arg(node, 2, "rounding_mode") is not None or not self.is_dep(a) or self.is_dep(b):
+            self.fail(self.op_name(), "only division of the input-dependent tensor by a constant")
+        c = self.const_value(b, self.op_name())
+        if not bool((c != 0).all()):
+            self.fail(self.op_name(), "division by zero")
+        # 1/c is not exact: one more rounding per entry
+        return self.scale(a, 1.0 / c, 2)
+
+    def scale(self, x, c, n):
+        out = shape_of(self.node)
+        if shape_of(x) != out:
+            self.fail(self.op_name(), "the input-dependent operand is broadcast")
+        c = torch.broadcast_to(c, out[1:]).clone()
+        ca = _inflate(c.abs(), n)
+        return self.add(_Affine(x, lambda lam: lam * c, lambda M: M * ca, n, fwd=lambda t: t * c))
+
+    # -- the affine pieces ---------------------------------------------------------------
+
+    def linear(self, x, weight, bias):
+        W = weight.detach().cpu().to(_F64)
+        Wa = W.abs()
+        out_f, in_f = W.shape
+        b = None if bias is None else bias.detach().cpu().to(_F64)
+
+        def T(lam):
+            return lam @ W
+
+        def absfwd(M):
+            return _inflate(M @ Wa.T, in_f)
+
+        return self.add(_Affine(x, T, absfwd, out_f, b, fwd=lambda t: t @ W.T))
+
+    def conv(self, x, weight, bias, stride, pad, dilation, groups, nd):
+        shape = shape_of(x)
+        if shape is None:
+            self.fail(self.op_name(), "input shape unknown")
+        in_shape = tuple(shape[1:])
+        W = weight.detach().cpu().to(_F64)
+        Wa = W.abs()
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        convT = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+        out_shape = tuple(shape_of(self.node)[1:])
+        st = stride if isinstance(stride, tuple) else (stride,) * nd
+        dl = dilation if isinstance(dilation, tuple) else (dilation,) * nd
+        k = W.shape[2:]
+        # output_padding so the transpose returns the input's spatial size
+        opad = tuple(in_shape[1 + d] - ((out_shape[1 + d] - 1) * st[d] - 2 * pad[d] + dl[d] * (k[d] - 1) + 1)
+                     for d in range(nd))
+        if any(p < 0 or p >= max(st[d], dl[d]) for d, p in enumerate(opad)):
+            self.fail(self.op_name(), "cannot form the transposed convolution")
+        n_in_terms = (W.shape[1]) * math.prod(k)
+        n_T = W.shape[0] * math.prod(k)
+        b = None if bias is None else bias.detach().cpu().to(_F64)
+        bias_full = None if b is None else b.reshape((-1,) + (1,) * nd).expand(out_shape).clone()
+
+        def T(lam):
+            return convT(lam, W, None, st, pad, opad, groups, dl)
+
+        def absfwd(M):
+            return _inflate(conv(M, Wa, None, st, pad, dl, groups), n_in_terms)
+
+        return self.add(_Affine(x, T, absfwd, n_T, bias_full, fwd=lambda t: conv(t, W, None, st, pad, dl, groups)))
+
+    def batch_norm(self, x, mean, var, weight, bias, eps):
+        shape = shape_of(x)[1:]
+        nd = len(shape) - 1
+        s = 1.0 / torch.sqrt(var.detach().cpu().to(_F64) + float(eps))
+        if weight is not None:
+            s = s * weight.detach().cpu().to(_F64)
+        mu = mean.detach().cpu().to(_F64)
+        beta = torch.zeros_like(mu) if bias is None else bias.detach().cpu().to(_F64)
+        shift = beta - mu * s
+        # ŝ within γ_4 of s (add, sqrt, divide, multiply); shift: two more roundings
+        g4 = gamma(4, U64)
+        shift_err = gamma(6, U64) * (beta.abs() + mu.abs() * s.abs()) * (1 + 2 * g4) + _TINY
+        view = (-1,) + (1,) * nd
+        s_b = s.reshape(view)
+        sa = _inflate(s.abs(), 5).reshape(view)
+
+        def T(lam):
+            return lam * s_b
+
+        def absfwd(M):
+            return M * sa
+
+        return self.add(_Affine(x, T, absfwd, 5, shift.reshape(view).expand(shape).clone(),
+                                shift_err.reshape(view).expand(shape).clone(), fwd=T))
