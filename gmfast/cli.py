@@ -1,4 +1,4 @@
-"""The ``gmfast`` command line: demo, fit, certify, smooth, analyze, bench, report.
+"""The ``gmfast`` command line: demo, fit, certify, smooth, analyze, bench, report, train.
 
     gmfast demo                               # the main job: digits, two encoders, table + plot
     gmfast fit --latents train.npz --out head.safetensors
@@ -7,6 +7,7 @@
     gmfast analyze results.tsv [--radii 0,0.25,0.5]    # Cohen et al.'s analyze: certified accuracy
     gmfast bench [--smoke]                    # the CPU benchmark table
     gmfast report --head head.safetensors --latents test.safetensors [--kl 0.1]
+    gmfast train --data digits|mnist --out DIR    # certified training (gmfast.train)
 
 Latent files, by extension (see :func:`read_latents`): ``.safetensors`` and ``.npz`` (no
 pickle) with ``latents`` (n, d) and optionally ``labels`` (n,); ``.npy`` (latents only);
