@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "constants.h"
+#include "interface.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
@@ -230,18 +231,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "kernel_interface",
       []() {
-        py::dict out;
-        py::list tied, perclass;
-        for (std::size_t i = 0; i < gmfast::kTiedConstsCount; ++i) tied.append(gmfast::tied_consts_names()[i]);
-        for (std::size_t i = 0; i < gmfast::kPerClassConstsCount; ++i)
-          perclass.append(gmfast::perclass_consts_names()[i]);
-        out["tied_fields"] = tied;
-        out["perclass_fields"] = perclass;
-        py::dict kinds;
-        kinds["full"] = static_cast<int>(gmfast::PerClassKind::kFull);
-        kinds["diag"] = static_cast<int>(gmfast::PerClassKind::kDiag);
-        kinds["spherical"] = static_cast<int>(gmfast::PerClassKind::kSpherical);
-        out["kinds"] = kinds;
+        py::dict out = gmfast::kernel_interface_dict();
         out["unit_roundoff_f32"] = gmfast::unit_roundoff<float>();
         out["unit_roundoff_f64"] = gmfast::unit_roundoff<double>();
         out["underflow_unit_f32"] = gmfast::underflow_unit<float>();

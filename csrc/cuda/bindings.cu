@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/kernels.h"
+#include "interface.h"
 
 namespace py = pybind11;
 using gmfast::cuda::index_t;
@@ -121,21 +122,7 @@ PYBIND11_MODULE(_C_cuda, m) {
 
   m.def(
       "kernel_interface",
-      [] {
-        py::dict out;
-        py::list tied, perclass;
-        for (std::size_t i = 0; i < gmfast::kTiedConstsCount; ++i) tied.append(gmfast::tied_consts_names()[i]);
-        for (std::size_t i = 0; i < gmfast::kPerClassConstsCount; ++i)
-          perclass.append(gmfast::perclass_consts_names()[i]);
-        out["tied_fields"] = tied;
-        out["perclass_fields"] = perclass;
-        py::dict kinds;
-        kinds["full"] = static_cast<int>(gmfast::PerClassKind::kFull);
-        kinds["diag"] = static_cast<int>(gmfast::PerClassKind::kDiag);
-        kinds["spherical"] = static_cast<int>(gmfast::PerClassKind::kSpherical);
-        out["kinds"] = kinds;
-        return out;
-      },
+      [] { return gmfast::kernel_interface_dict(); },
       "The constants' field order and the kind codes, as compiled (for tests).");
 
   m.def("tied_certify_f32", &tied<float>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"), py::arg("ldz"),
