@@ -15,7 +15,9 @@ import torch
 def class_scores(encoder, head, x: torch.Tensor) -> torch.Tensor:
     """Differentiable head scores (B, K) in float64 of ``encoder(x)`` (flattened latents)."""
     z = encoder(x).reshape(x.shape[0], -1).double()
-    return head(z) if head.covariance_type != "tied" else head._scores(z)
+    # tied: the log-posteriors (its linear logits up to a per-row constant, so the same
+    # margins) avoid the log-joint's large common quadratic term
+    return head(z) if head.covariance_type != "tied" else head.predict_log_proba(z)
 
 
 def _project(delta, eps, norm):

@@ -177,7 +177,7 @@ def _setup(case, variant):
     head = _head(case)
     Z = torch.randn(B, d, generator=g)
     head.certify(Z[:2])  # tables, curvature and the working copy, outside the timing
-    work = head._work[(Z.device, torch.float32)]
+    work = head.prepared(Z)[1]
     if case["kind"] == "tied":
         A, beta = work.A, work.beta
         if variant == "floor":
