@@ -47,7 +47,7 @@ from gmfast.smoothing import Smooth
 from gmfast.train import certify, fit_tied_head, recipe, save, train
 from gmfast.train.attack import pgd_flips
 from gmfast.train.data import load_split
-from gmfast.tsv import write_certification_tsv
+from gmfast.tsv import read_certification_tsv, write_certification_tsv
 
 SIGMAS = (0.25, 0.5, 1.0)
 ALPHA = 0.001
@@ -81,7 +81,33 @@ def max_radius(sigma, n, alpha=ALPHA):
     return sigma * norm.ppf(alpha ** (1.0 / n))
 
 
-def run_data(data: str, out: Path, quick: bool, log) -> dict:
+def select(data: str, grid: list[dict], out: Path, log) -> dict:
+    """Recipe selection on the validation split carved from the training split
+    (:func:`gmfast.train.data.validation_split`; the held-out split is not read): per setting
+    of ``grid`` (overrides of :func:`gmfast.train.recipe`), train on the rest of the training
+    split, refit the head, certify the validation images; writes ``select_<data>.json``."""
+    from gmfast.train.data import validation_split
+
+    Xfit, yfit, Xval, yval = validation_split(data)
+    radii = RADII[data]
+    rows = []
+    for overrides in grid:
+        r = recipe(data, **overrides)
+        t = time.perf_counter()
+        enc, _, hist = train(r, Xfit, yfit, progress=False)
+        head = fit_tied_head(enc, Xfit, yfit, r.shrinkage)
+        cert, _ = certify(enc, head, Xval)
+        ca = gmfast.certified_accuracy(cert, yval, radii)
+        rows.append(dict(overrides=overrides, accuracy=ca.tolist(), seconds=time.perf_counter() - t,
+                         epochs=hist["epochs"]))
+        log(f"{data} validation ({len(yval)} images, trained on {len(yfit)}): {overrides}: CA {fmt(ca)} "
+            f"({rows[-1]['seconds']:.0f} s)")
+    res = dict(data=data, radii=radii, n_fit=len(yfit), n_validation=len(yval), rows=rows, machine=machine())
+    (out / f"select_{data}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    return res
+
+
+def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = False) -> dict:
     Xtr, ytr, Xte, yte = load_split(data)
     radii = RADII[data]
     r = recipe(data)
@@ -132,7 +158,28 @@ def run_data(data: str, out: Path, quick: bool, log) -> dict:
     sigmas, n, per_class = smoothing_plan(data, quick)
     sub = subset(yte, per_class)
     res["smoothing_subset"] = dict(per_class=per_class, size=len(sub), n=n, n0=N0, alpha=ALPHA)
+    previous = {}
+    if reuse_smoothing:
+        path = out / f"results_{data}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--reuse-smoothing: no {path} from an earlier run")
+        previous = json.loads(path.read_text())["data"][data]
+        if previous.get("smoothing_subset") != res["smoothing_subset"]:
+            raise ValueError(f"--reuse-smoothing: {path} was run with {previous.get('smoothing_subset')}; "
+                             f"expected {res['smoothing_subset']}")
     for sigma in sigmas:
+        if reuse_smoothing:
+            name = f"smoothing σ={sigma}"
+            tsv = read_certification_tsv(out / f"{data}_smoothing_sigma{sigma}.tsv")
+            if not (np.array_equal(tsv["idx"], sub.numpy()) and np.array_equal(tsv["label"], yte[sub].numpy())):
+                raise ValueError(f"--reuse-smoothing: {data}_smoothing_sigma{sigma}.tsv is not on the held-out "
+                                 f"images {len(sub)} of this run")
+            ca = gmfast.certified_accuracy((torch.from_numpy(tsv["predict"]), torch.from_numpy(tsv["radius"])),
+                                           yte[sub], radii)
+            res["methods"][name] = previous["methods"][name] | dict(accuracy_subset=ca.tolist(), reused=True)
+            marks[f"{name}, n={n} ({len(sub)} inputs)"] = (np.array(radii), ca)
+            log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs (reused from the earlier run's TSV)")
+            continue
         t = time.perf_counter()
         rs = r.replace(loss="ce", noise=sigma)
         enc_s, proto, _ = train(rs, Xtr, ytr, progress=False)
@@ -228,15 +275,26 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--digits-per-class", type=int, default=None, help="smoothing subset on digits (default: all)")
     ap.add_argument("--mnist-per-class", type=int, default=20, help="smoothing subset on MNIST")
+    ap.add_argument("--reuse-smoothing", action="store_true",
+                    help="read the smoothing certificates from the TSVs (and timings from results_<data>.json) "
+                         "of an earlier run in --out instead of re-running smoothing")
+    ap.add_argument("--select", default=None,
+                    help="instead of the benchmark: recipe selection on the validation split, a JSON list of "
+                         "recipe overrides, e.g. '[{\"target\": 0.4}, {\"target\": 0.6}]'")
     args = ap.parse_args(argv)
     PER_CLASS.update(digits=args.digits_per_class, mnist=args.mnist_per_class)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.select is not None:
+        for data in args.data.split(","):
+            select(data, json.loads(args.select), out, lambda s: print(s, flush=True))
+        return 0
     t0 = time.perf_counter()
     results = dict(machine_before=machine(), quick=args.quick, data={})
     for data in args.data.split(","):
-        results["data"][data] = run_data(data, out, args.quick, lambda s: print(s, flush=True))
+        results["data"][data] = run_data(data, out, args.quick, lambda s: print(s, flush=True),
+                                           reuse_smoothing=args.reuse_smoothing)
     results["seconds"] = time.perf_counter() - t0
     results["machine_after"] = machine()
     (out / f"results_{'_'.join(results['data'])}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")

