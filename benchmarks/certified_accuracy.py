@@ -1,13 +1,19 @@
 """Certified accuracy on real images: gmfast's closed form on a certifiably trained encoder
 against randomized smoothing, on the same held-out images (issue 17).
 
-    python benchmarks/certified_accuracy.py [--data digits,mnist] [--out DIR] [--quick]
+    python benchmarks/certified_accuracy.py [--data digits,mnist] [--out DIR] [--quick] [--reuse-smoothing]
+    python benchmarks/certified_accuracy.py --data mnist --select '[{"target": 1.0}, ...]'
+
+``--select``: recipe selection only, on the validation split carved from the training split
+(:func:`gmfast.train.data.validation_split`; the held-out split is not read), written to
+``select_<data>.json``. ``--reuse-smoothing``: the smoothing rows are read from an earlier
+run's TSVs in ``--out`` (checked to be on the same held-out images) instead of re-run.
 
 Per data set (splits: :mod:`gmfast.train.data`):
 
 * **gmfast**: the ``gmfast train`` recipe (:func:`gmfast.train.recipe`: AOL + MaxMin
   1-Lipschitz MLP, tied head, offset loss on the normalised margin; digits 64-128-128-32,
-  300 epochs; MNIST 784-256-256-256-64, 100 epochs), head refitted with ``fit_head``
+  300 epochs; MNIST 784-256-256-256-64, 200 epochs), head refitted with ``fit_head``
   (isotropic), the held-out split certified in input space by :class:`gmfast.Certifier`, one
   forward pass per input, by each route that accepts the encoder: ``"lipschitz"`` (global),
   ``"margin"``, ``"local"`` (CROWN; it refuses MaxMin today, which is reported);

@@ -86,7 +86,7 @@ def recipe(data: str, **overrides) -> Recipe:
                       target=0.5, temperature=8.0, epochs=300, batch_size=64, lr=3e-3)
     elif data == "mnist":
         base = Recipe(architecture=mlp_architecture(784, [256, 256, 256], 64), input_shape=(1, 28, 28), latent=64,
-                      target=1.0, temperature=4.0, epochs=200, batch_size=250, lr=2e-3)
+                      target=1.0, temperature=4.0, epochs=200, batch_size=125, lr=2e-3)
     else:
         from gmfast.train.data import DATASETS
 
