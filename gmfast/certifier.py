@@ -60,8 +60,9 @@ class Certifier:
       (:mod:`gmfast.lipschitz.local`): a lower bound on every margin over the whole ball
       (tied heads), or a box around the reachable latents that must stay inside the head's
       latent certified ball (per-class heads); the largest ball proved by a few passes.
-      Supports Linear, ConvNd, BatchNorm (eval), average pooling, reshapes, residual adds and
-      ReLU/LeakyReLU; anything else is refused (:class:`gmfast.lipschitz.UnsupportedOpError`);
+      Supports Linear, ConvNd (AOL layers included), BatchNorm (eval), average pooling,
+      reshapes, residual adds, ReLU/LeakyReLU and MaxMin; anything else is refused
+      (:class:`gmfast.lipschitz.UnsupportedOpError`);
     * ``"auto"`` (the default, unless ``lipschitz`` is given as a float: then
       ``"lipschitz"``): the per-input maximum of every route the encoder supports
       (``"local"`` is skipped when it refuses an op or the encoder has more than

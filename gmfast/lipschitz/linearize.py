@@ -1,7 +1,8 @@
 """The linearisation of a traced encoder for the local bounds (:mod:`gmfast.lipschitz.local`).
 
 :class:`_Builder` walks the traced graph (the same walk and op vocabulary as the global
-bound) and turns every input-dependent node into one of three linearised ops: an affine op
+bound) and turns every input-dependent node into one of three linearised ops (or, for MaxMin,
+a few of them: :meth:`_Builder.module_group_sort`): an affine op
 ``v = W u + b`` (:class:`_Affine`: its transpose ``T``, an upper bound ``absfwd`` on
 ``|W| M`` and the γ index of ``T``), a sum of two input-dependent nodes (:class:`_Sum`), or
 a piecewise-linear convex activation ``max(z, a z)`` (:class:`_Act`); anything else is
@@ -20,6 +21,7 @@ from torch.nn import functional as F
 from gmfast._fp import U64, gamma
 from gmfast.lipschitz.errors import UnsupportedOpError
 from gmfast.lipschitz.graph import TracedGraph
+from gmfast.lipschitz.lipnet_rules import GroupSort
 from gmfast.lipschitz import activations
 from gmfast.lipschitz.ops import CONVS, FUNCTION_NAMES, arg, shape_of
 from gmfast.lipschitz.walk import Analysis
@@ -27,9 +29,9 @@ from gmfast.lipschitz.walk import Analysis
 _F64 = torch.float64
 #: per-product underflow allowance, generous (see the module docstring)
 _TINY = 2.0**-960
-_LOCAL_ADVICE = ("the local route supports Linear, ConvNd (zero padding), BatchNorm (eval), average pooling, "
-                 "reshapes, residual adds, scaling by constants and ReLU/LeakyReLU; use method='lipschitz' "
-                 "or 'margin' for this encoder")
+_LOCAL_ADVICE = ("the local route supports Linear, ConvNd (zero padding; also functional with constant weights, "
+                 "e.g. AOL layers), BatchNorm (eval), average pooling, reshapes, residual adds, scaling by "
+                 "constants, ReLU/LeakyReLU and MaxMin; use method='lipschitz' or 'margin' for this encoder")
 
 
 def _down(t: torch.Tensor) -> torch.Tensor:
@@ -79,16 +81,45 @@ def _inflate(t: torch.Tensor, n: int) -> torch.Tensor:
     return t * (1.0 + 2.0 * gamma(n + 2, U64)) + _TINY
 
 
+class _Step:
+    """A node of the linearisation that the trace does not have: one step inside an op that
+    is linearised as several (MaxMin), named after the traced node it belongs to."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
 class _Builder(Analysis):
-    """Turns the traced graph into the linearised ops above (refusing anything else)."""
+    """Turns the traced graph into the linearised ops above (refusing anything else).
+
+    ``order``: every node of the linearisation in topological order, the input first
+    (traced nodes, and :class:`_Step` nodes for the steps inside a traced op); ``ops`` and
+    ``shapes`` (without the batch dim) for each."""
 
     def __init__(self, tg: TracedGraph):
         super().__init__(tg)
         self.order = []
+        self.ops = {}
+        self.shapes = {}
 
     def input(self, node):
         self.order.append(node)
+        self.shapes[node] = tuple(shape_of(node)[1:])
         return None
+
+    def shape(self, x) -> tuple:
+        """The shape of node ``x`` without the batch dim."""
+        if x in self.shapes:
+            return self.shapes[x]
+        s = shape_of(x)
+        if s is None:
+            self.fail(self.op_name(), "input shape unknown")
+        return tuple(s[1:])
 
     def output(self, node):
         out = node.args[0]
@@ -102,8 +133,19 @@ class _Builder(Analysis):
         raise UnsupportedOpError(f"node {name!r} ({what}{detail}): no linear relaxation; {_LOCAL_ADVICE}")
 
     def add(self, op):
+        """``op`` computes the current traced node."""
         self.order.append(self.node)
+        self.ops[self.node] = op
+        self.shapes[self.node] = tuple(shape_of(self.node)[1:])
         return op
+
+    def step(self, op, shape, what: str):
+        """``op`` computes a new :class:`_Step` node of ``shape`` inside the current traced node."""
+        key = _Step(f"{self.tg.display_name(self.node)}/{what}")
+        self.order.append(key)
+        self.ops[key] = op
+        self.shapes[key] = tuple(shape)
+        return key
 
     def single(self):
         x = self.node.args[0] if self.node.args else None
@@ -114,10 +156,11 @@ class _Builder(Analysis):
     def structural(self, x, run, n: int = 1, has_bias: bool = False):
         """A linear op given by ``run`` (data movement, pooling): transpose by the
         vector–Jacobian product, ``|W| = W`` (nonnegative weights)."""
-        in_shape = shape_of(x)
-        if in_shape is None:
-            self.fail(self.op_name(), "input shape unknown")
-        in_shape = in_shape[1:]
+        return self.add(self.structural_op(x, run, n, has_bias))
+
+    def structural_op(self, x, run, n: int = 1, has_bias: bool = False):
+        """The :class:`_Affine` of :meth:`structural`, not yet placed."""
+        in_shape = self.shape(x)
         zero = torch.zeros((1,) + tuple(in_shape), dtype=_F64)
         with torch.no_grad():
             b0 = run(zero)[0]
@@ -144,7 +187,7 @@ class _Builder(Analysis):
                 y = run(t)
             return y - bias if bias is not None else y
 
-        return self.add(_Affine(x, T, absfwd, n, bias, fwd=fwd))
+        return _Affine(x, T, absfwd, n, bias, fwd=fwd)
 
     # -- modules -------------------------------------------------------------------------
 
@@ -188,6 +231,54 @@ class _Builder(Analysis):
         if any(rp[2 * i] != rp[2 * i + 1] for i in range(nd)):
             self.fail(type(mod).__name__, "asymmetric padding")
         return self.conv(x, mod.weight, mod.bias, mod.stride, pad, mod.dilation, mod.groups, nd)
+
+    def module_group_sort(self, node, mod):
+        """MaxMin, ``(a, b) ↦ (max(a, b), min(a, b)) = (b + r, a − r)`` with
+        ``r = relu(a − b)``: an exact identity, linearised as the steps ``swap`` (``(b, a)``,
+        a permutation), ``diff`` (``a − b``), its ReLU, ``spread`` (``(r, −r)``) and the sum
+        ``swap + spread``. Larger groups are refused (sorting ``g`` entries needs
+        ``g(g − 1)/2`` such comparisons)."""
+        x = self.single()
+        if type(mod).forward is not GroupSort.forward:
+            self.fail(type(mod).__name__, "overrides GroupSort.forward")
+        if mod.group_size != 2:
+            self.fail(f"GroupSort({mod.group_size})", "only MaxMin (group_size=2) is linearised; a larger group "
+                      "sorts by a network of pairwise comparisons that is not implemented")
+        shape = self.shape(x)
+        if len(shape) < 1 or shape[0] % 2:
+            self.fail("MaxMin", f"expects (N, C, ...) with C even; got {shape}")
+        half = (shape[0] // 2, 2) + shape[1:]
+        hshape = (shape[0] // 2,) + shape[1:]
+
+        def pairs(t):
+            return t.reshape((t.shape[0],) + half)
+
+        def diff_fwd(t):
+            p = pairs(t)
+            return p[:, :, 0] - p[:, :, 1]
+
+        def diff_T(lam):  # (λ, −λ) interleaved: exact
+            return torch.stack([lam, -lam], 2).reshape((lam.shape[0],) + shape)
+
+        def diff_abs(M):
+            p = pairs(M)
+            return _inflate(p[:, :, 0] + p[:, :, 1], 2)
+
+        def spread_fwd(t):
+            return torch.stack([t, -t], 2).reshape((t.shape[0],) + shape)
+
+        def spread_T(lam):  # λ_max − λ_min: one rounding per entry
+            p = pairs(lam)
+            return p[:, :, 0] - p[:, :, 1]
+
+        def spread_abs(M):
+            return torch.stack([M, M], 2).reshape((M.shape[0],) + shape)
+
+        swap = self.step(self.structural_op(x, lambda t: pairs(t).flip(2).reshape(t.shape)), shape, "swap")
+        d = self.step(_Affine(x, diff_T, diff_abs, 1, fwd=diff_fwd), hshape, "diff")
+        r = self.step(_Act(d, 0.0), hshape, "relu")
+        spread = self.step(_Affine(r, spread_T, spread_abs, 2, fwd=spread_fwd), shape, "spread")
+        return self.add(_Sum(swap, spread, 1.0))
 
     def module_batch_norm(self, node, mod):
         x = self.single()
@@ -235,6 +326,29 @@ class _Builder(Analysis):
         w = self.const_value(arg(node, 1, "weight"), "linear")
         b = arg(node, 2, "bias")
         return self.linear(x, w, None if b is None else self.const_value(b, "linear"))
+
+    def rule_conv(self, node):
+        """``F.convNd`` with constant weight and bias (e.g. an AOL layer's effective weight,
+        a constant node of the trace whose recorded value is the weight the forward uses)."""
+        x = self.single()
+        nd = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[node.target]
+        W = self.const_value(arg(node, 1, "weight"), "conv")
+        b = arg(node, 2, "bias")
+        b = None if b is None else self.const_value(b, "conv")
+
+        def tup(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+        stride, padding = tup(arg(node, 3, "stride", 1)), arg(node, 4, "padding", 0)
+        dilation, groups = tup(arg(node, 5, "dilation", 1)), arg(node, 6, "groups", 1)
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            tot = [dilation[d] * (W.shape[2 + d] - 1) for d in range(nd)]
+            if any(t % 2 for t in tot):
+                self.fail(self.op_name(), "padding='same' with an even kernel pads asymmetrically")
+            padding = tuple(t // 2 for t in tot)
+        return self.conv(x, W, b, stride, tup(padding), dilation, groups, nd)
 
     def rule_add(self, node):
         return self.add_sub(node, 1.0)

@@ -12,7 +12,12 @@ global bound): every input-dependent node is an *affine* op ``v = W u + b`` (Lin
 with zero padding, BatchNorm in eval, average pooling, reshapes, dropout in eval,
 multiplication/division by constants, adding a constant), a *sum* ``v = a + α·b`` of two
 input-dependent nodes (residual connections), or a *piecewise-linear convex activation*
-``σ(z) = max(z, a·z)`` with ``0 ≤ a ≤ 1`` (ReLU ``a = 0``, LeakyReLU). A backward pass
+``σ(z) = max(z, a·z)`` with ``0 ≤ a ≤ 1`` (ReLU ``a = 0``, LeakyReLU). MaxMin is the exact
+identity ``(a, b) ↦ (b + r, a − r)``, ``r = relu(a − b)``: a permutation, a difference, a ReLU,
+the map ``r ↦ (r, −r)`` and a sum (steps that the trace does not have; the transposes of the
+permutation and the difference are exact, that of ``(r, −r)`` rounds once per entry). An AOL
+layer is ``F.linear``/``F.conv2d`` with a constant effective weight: the trace records the
+weight its forward computes, and that matrix is the affine op's ``W``. A backward pass
 carries a linear lower bound ``m(x') ≥ Λ_vᵀ v(x') + c`` from the start node down to the
 input:
 
@@ -85,7 +90,6 @@ import torch
 from gmfast._fp import U64, gamma, norm_upper
 from gmfast.lipschitz.graph import check_same_function, trace
 from gmfast.lipschitz.linearize import _F64, _TINY, _Builder, _down, _up
-from gmfast.lipschitz.ops import shape_of
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -145,13 +149,13 @@ class LocalBounds:
         b = _Builder(tg)
         out = b.run()
         check_same_function(tg, encoder, input_shape)
-        self.ops = dict(zip(b.order, [None] + [b.out[n] for n in b.order[1:]]))
-        self.order = b.order  # topological, the input first
+        self.ops = {b.order[0]: None} | b.ops
+        self.order = b.order  # topological, the input first (traced nodes and steps inside them)
         self.out_node = out
         self.input_shape = input_shape
         self.n_in = math.prod(input_shape)
-        self.out_shape = tuple(shape_of(out)[1:])
-        self.shapes = {n: tuple(shape_of(n)[1:]) for n in self.order}
+        self.out_shape = b.shapes[out]
+        self.shapes = b.shapes
         self.pre = [self.ops[n].src for n in self.order[1:] if self.ops[n].kind == "act"]
         self.n_neurons = sum(math.prod(self.shapes[n]) for n in set(self.pre))
         self._tcache = {}
