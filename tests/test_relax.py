@@ -254,3 +254,24 @@ def test_refusals_and_bad_input():
         relax.get("exp").range(torch.zeros(2, dtype=F64), torch.zeros(3, dtype=F64))
     with pytest.raises(ValueError, match="l > 0"):
         relax.get("rsqrt").range(torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64))
+
+
+def test_floor_intersects_the_domain():
+    """With ``floor`` the relaxation holds on ``[max(l, floor), max(u, floor)]``: for inputs the
+    caller knows are ``≥ floor`` (a var + eps, a softmax denominator), any ``l`` is accepted."""
+    R = relax.get("rsqrt", {"floor": 1e-5})
+    l, u = torch.tensor([-0.3, 0.5, -1.0], dtype=F64), torch.tensor([2.0, 0.7, 1e-6], dtype=F64)
+    al, bl, au, bu = R.lines(l, u)
+    lo, hi = R.range(l, u)
+    for i in range(3):
+        a, b = max(l[i].item(), 1e-5), max(u[i].item(), 1e-5)
+        for z in torch.linspace(a, b, 50, dtype=F64).tolist():
+            fz = 1 / mpmath.sqrt(mpmath.mpf(z))
+            assert mpmath.mpf(al[i].item()) * z + mpmath.mpf(bl[i].item()) <= fz <= \
+                mpmath.mpf(au[i].item()) * z + mpmath.mpf(bu[i].item())
+            assert lo[i].item() <= fz <= hi[i].item()
+    Rr = relax.get("reciprocal", {"floor": 1.0})
+    lo, hi = Rr.range(torch.tensor([-5.0], dtype=F64), torch.tensor([4.0], dtype=F64))
+    assert 0.25 * (1 - 1e-9) <= lo.item() <= 0.25 and 1.0 <= hi.item() <= 1.0 + 1e-9
+    with pytest.raises(UnsupportedOpError, match="floor"):
+        relax.get("exp", {"floor": 1.0})

@@ -294,8 +294,8 @@ def _piece_bound(piece, a, p, q, lower):
 class Relaxation:
     """Sound lines and ranges of one elementwise function (see the module docstring)."""
 
-    def __init__(self, name, pieces, domain=None):
-        self.name, self.pieces, self.domain = name, pieces, domain
+    def __init__(self, name, pieces, domain=None, floor=None):
+        self.name, self.pieces, self.domain, self.floor = name, pieces, domain, floor
 
     def _check(self, l, u):
         if not (isinstance(l, torch.Tensor) and isinstance(u, torch.Tensor)) or l.shape != u.shape:
@@ -304,6 +304,8 @@ class Relaxation:
         l, u = l.to(_F64), u.to(_F64)
         if not bool((l <= u).all()) or not bool(torch.isfinite(l).all() & torch.isfinite(u).all()):
             raise ValueError(f"{self.name}: expected finite bounds with l <= u")
+        if self.floor is not None:  # the caller knows z >= floor: [l, u] ∩ [floor, ∞) ⊂ [l', u']
+            l, u = torch.clamp(l, min=self.floor), torch.clamp(u, min=self.floor)
         if self.domain is not None and not bool(self.domain(l, u).all()):
             raise ValueError(f"{self.name}: an interval outside the function's domain ({self.domain.__doc__})")
         return l, u
@@ -460,8 +462,19 @@ def _no_zero(l, u):
 def get(name: str, params: dict | None = None) -> Relaxation:
     """The relaxation of ``name`` with ``params`` (an activation's as
     :mod:`gmfast.lipschitz.activations` describes them, or none for a primitive);
-    :class:`UnsupportedOpError` when there is none."""
-    params = params or {}
+    :class:`UnsupportedOpError` when there is none. ``params["floor"] > 0`` (sqrt, rsqrt,
+    reciprocal): the caller knows every input is ``≥ floor`` (LayerNorm's ``var + eps ≥ eps``,
+    softmax's ``Σ_j e^{x_j − x_i} ≥ 1``), so intervals are first intersected with
+    ``[floor, ∞)`` — sound for those inputs, and it keeps the domain."""
+    params = dict(params or {})
+    floor = params.pop("floor", None)
+    if floor is not None:
+        floor = _real({"floor": floor}, "floor")
+        if name not in ("sqrt", "rsqrt", "reciprocal") or not floor > 0:
+            raise UnsupportedOpError(f"{name}: floor={floor!r} (a floor > 0 is for sqrt, rsqrt, reciprocal)")
+        R = get(name, params)
+        R.floor = floor
+        return R
     z = _ident
     if name == "exp":
         return Relaxation(name, [_Piece(-_INF, _INF, "convex", _exp, _exp, torch.log)])
