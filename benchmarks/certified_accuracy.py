@@ -66,13 +66,15 @@ ANCHORS_MNIST_158 = {"nearest-prototype certificates (published)": 0.73, "GloRo 
 
 #: Held-out images per class that smoothing certifies (None: all), set from the command line.
 PER_CLASS = {"digits": None, "mnist": 20}
+#: Monte Carlo samples of smoothing's CERTIFY (the issue's n = 10⁵), set from the command line.
+SMOOTHING_N = {"digits": 100_000, "mnist": 100_000}
 
 
 def smoothing_plan(data: str, quick: bool):
     """``(sigmas, n, held-out images per class (None: all))``."""
     if data == "digits":
-        return (0.25,), (10_000 if quick else 100_000), PER_CLASS["digits"]
-    return SIGMAS, (1_000 if quick else 10_000), (5 if quick else PER_CLASS["mnist"])
+        return (0.25,), (10_000 if quick else SMOOTHING_N["digits"]), PER_CLASS["digits"]
+    return SIGMAS, (1_000 if quick else SMOOTHING_N["mnist"]), (5 if quick else PER_CLASS["mnist"])
 
 
 def subset(yte, per_class):
@@ -113,7 +115,8 @@ def select(data: str, grid: list[dict], out: Path, log) -> dict:
     return res
 
 
-def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = False) -> dict:
+def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = False,
+             methods=("gmfast", "smoothing")) -> dict:
     Xtr, ytr, Xte, yte = load_split(data)
     radii = RADII[data]
     r = recipe(data)
@@ -123,6 +126,16 @@ def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = Fal
     curves, marks = {}, {}
 
     # -- gmfast ---------------------------------------------------------------------------
+    if "gmfast" in methods:
+        gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves)
+    if "smoothing" in methods:
+        smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reuse_smoothing)
+    res["plot"] = str(plot(data, curves, marks, out / f"{data}_certified_accuracy.png"))
+    return res
+
+
+def gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves):
+    radii = RADII[data]
     t = time.perf_counter()
     enc, _, hist = train(r, Xtr, ytr, progress=False)
     head = fit_tied_head(enc, Xtr, ytr, r.shrinkage)
@@ -160,7 +173,9 @@ def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = Fal
         log(f"{data}: {name}: L <= {L:.4f}, CA {fmt(ca)}, {1e3 * sec:.3f} ms/input, PGD flips "
             f"{int(flips.sum())} / {int((cert.radius > 0).sum())} attacked")
 
-    # -- randomized smoothing ---------------------------------------------------------------
+
+def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reuse_smoothing):
+    radii = RADII[data]
     sigmas, n, per_class = smoothing_plan(data, quick)
     sub = subset(yte, per_class)
     res["smoothing_subset"] = dict(per_class=per_class, size=len(sub), n=n, n0=N0, alpha=ALPHA)
@@ -180,6 +195,10 @@ def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = Fal
             if not (np.array_equal(tsv["idx"], sub.numpy()) and np.array_equal(tsv["label"], yte[sub].numpy())):
                 raise ValueError(f"--reuse-smoothing: {data}_smoothing_sigma{sigma}.tsv is not on the held-out "
                                  f"images {len(sub)} of this run")
+            budget = {k: previous["methods"][name].get(k) for k in ("epochs", "batch_size")}
+            if budget != dict(epochs=r.epochs, batch_size=r.batch_size):
+                raise ValueError(f"--reuse-smoothing: {name}'s base model was trained with {budget}; the recipe "
+                                 f"trains {r.epochs} epochs at batch {r.batch_size} (same budget required)")
             ca = gmfast.certified_accuracy((torch.from_numpy(tsv["predict"]), torch.from_numpy(tsv["radius"])),
                                            yte[sub], radii)
             res["methods"][name] = previous["methods"][name] | dict(accuracy_subset=ca.tolist(), reused=True)
@@ -203,13 +222,11 @@ def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = Fal
         write_certification_tsv(out / f"{data}_smoothing_sigma{sigma}.tsv", sc, yte[sub], idx=sub, seconds=sec)
         res["methods"][name] = dict(accuracy_subset=ca.tolist(), seconds_per_input=sec, evaluations=N0 + n,
                                     max_radius=max_radius(sigma, n), train_seconds=train_s,
-                                    base_clean_accuracy=clean)
+                                    base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size)
         marks[f"{name}, n={n} ({len(sub)} inputs)"] = (np.array(radii), ca)
         log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs, {1e3 * sec:.1f} ms/input, max radius "
-            f"{max_radius(sigma, n):.3f}, base clean accuracy {100 * clean:.1f}%")
-
-    res["plot"] = str(plot(data, curves, marks, out / f"{data}_certified_accuracy.png"))
-    return res
+            f"{max_radius(sigma, n):.3f}, base clean accuracy {100 * clean:.1f}% ({rs.epochs} epochs, batch "
+            f"{rs.batch_size}, {train_s:.0f} s)")
 
 
 def plot(data, curves, marks, path):
@@ -254,7 +271,7 @@ def table(res: dict) -> str:
                 if "max_radius" in m else f"L ≤ {m['lipschitz']:.4f}; PGD flips {m['pgd_flips']}/{m['certified']}")
         lines.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in acc)
                      + f" | {1e3 * m['seconds_per_input']:.3g} | {m['evaluations']:,} | {note} |")
-        if "smoothing" not in name and res["smoothing_subset"]["per_class"] is not None:
+        if "smoothing" not in name and res.get("smoothing_subset", {}).get("per_class") is not None:
             lines.append(f"| {name}, smoothing's subset | " + " | ".join(f"{100 * a:.1f}" for a in m["accuracy_subset"])
                          + " | | 1 | same images as smoothing |")
     if res["data"] == "mnist":
@@ -281,6 +298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--digits-per-class", type=int, default=None, help="smoothing subset on digits (default: all)")
     ap.add_argument("--mnist-per-class", type=int, default=20, help="smoothing subset on MNIST")
+    ap.add_argument("--smoothing-n", type=int, default=100_000, help="smoothing's Monte Carlo samples n")
+    ap.add_argument("--methods", default="gmfast,smoothing", help="which of gmfast,smoothing to run")
     ap.add_argument("--reuse-smoothing", action="store_true",
                     help="read the smoothing certificates from the TSVs (and timings from results_<data>.json) "
                          "of an earlier run in --out instead of re-running smoothing")
@@ -289,6 +308,10 @@ def main(argv=None) -> int:
                          "recipe overrides, e.g. '[{\"target\": 0.4}, {\"target\": 0.6}]'")
     args = ap.parse_args(argv)
     PER_CLASS.update(digits=args.digits_per_class, mnist=args.mnist_per_class)
+    SMOOTHING_N.update(digits=args.smoothing_n, mnist=args.smoothing_n)
+    methods = tuple(args.methods.split(","))
+    if not methods or not set(methods) <= {"gmfast", "smoothing"}:
+        raise ValueError(f"--methods: expected a comma-separated subset of gmfast,smoothing; got {args.methods!r}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +323,7 @@ def main(argv=None) -> int:
     results = dict(machine_before=machine(), quick=args.quick, data={})
     for data in args.data.split(","):
         results["data"][data] = run_data(data, out, args.quick, lambda s: print(s, flush=True),
-                                           reuse_smoothing=args.reuse_smoothing)
+                                           reuse_smoothing=args.reuse_smoothing, methods=methods)
     results["seconds"] = time.perf_counter() - t0
     results["machine_after"] = machine()
     (out / f"results_{'_'.join(results['data'])}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")

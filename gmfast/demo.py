@@ -3,27 +3,34 @@
 Data: scikit-learn's bundled handwritten digits (1,797 images, 8×8, 10 classes; no
 download), pixels scaled to [0, 1], a stratified 75/25 split.
 
-Two encoders are trained (15 and 80 epochs, one thread) with a prototype loss
+Three encoders are trained (one thread each). Two with a prototype loss
 ``logits_k = −s‖z − m_k‖²``, which shapes the latents into clusters, the structure a
 Gaussian-mixture head models:
 
-* ``cnn``: a standard small CNN (conv–BatchNorm–ReLU ×2, linear). Accurate, but its
-  Lipschitz bound is large, so its input-space radii are small;
+* ``cnn``: a standard small CNN (conv–BatchNorm–ReLU ×2, linear), 15 epochs. Accurate, but
+  its Lipschitz bound is large, so its global-route radii are small;
 * ``lipschitz``: an MLP of spectrally normalised linear layers and ReLUs (Lipschitz
-  constant near 1), trained with Gaussian input noise (σ = 0.25, as randomized-smoothing
-  bases are) and a hinge on each sample's distance to the nearest prototype bisector (a
-  Lipschitz-margin term, Tsuzuku et al. 2018), so latent radii carry over to the input.
+  constant near 1), 80 epochs with Gaussian input noise (σ = 0.25) and a hinge on each
+  sample's distance to the nearest prototype bisector (a Lipschitz-margin term, Tsuzuku et
+  al. 2018), so latent radii carry over to the input;
+
+and the certified-training recipe of :mod:`gmfast.train` (``recipe("digits")``: an AOL/MaxMin
+1-Lipschitz MLP and a tied head trained on the head's normalised margin; 300 epochs or
+:data:`RECIPE_BUDGET` seconds).
 
 For each, a tied ``GaussianMixtureHead`` is fitted on the training latents
 (:func:`gmfast.fit_head`) and the test split is certified in input space through a sound
-Lipschitz bound (:class:`gmfast.Certifier`). For the Lipschitz encoder two heads are shown:
-Ledoit–Wolf shrinkage, and full shrinkage (``shrinkage=1``, an isotropic covariance). Its
-latents have a few nearly collapsed directions, which a fitted covariance amplifies
-(``Σ⁻¹``): the LDA boundaries tilt toward the data and the *exact* ℓ2 radius shrinks.
-Randomized smoothing (Cohen et al. 2019) runs on the same encoder + isotropic head. The
-table gives clean accuracy, certified accuracy at several ℓ2 radii (pixel units), time
-per input, and the Lipschitz bound beside its power-iteration estimate; the curves are
-written as a PNG.
+Lipschitz bound (:class:`gmfast.Certifier`, ``method="lipschitz"``). For the spectrally
+normalised encoder two heads are shown: Ledoit–Wolf shrinkage, and full shrinkage
+(``shrinkage=1``, an isotropic covariance). Its latents have a few nearly collapsed
+directions, which a fitted covariance amplifies (``Σ⁻¹``): the LDA boundaries tilt toward
+the data and the *exact* ℓ2 radius shrinks. Randomized smoothing (Cohen et al. 2019) runs on
+a base classifier of the recipe's architecture trained with Gaussian noise for the same
+epochs, and the recipe is shown on the same inputs. The table gives clean accuracy,
+certified accuracy at several ℓ2 radii (pixel units), time per input, and the Lipschitz
+bound beside its power-iteration estimate; a second table gives every input-space route
+(global, margin, local, auto) of three encoders on smoothing's inputs within a time budget;
+the curves are written as a PNG.
 """
 
 from __future__ import annotations
@@ -36,19 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from gmfast.train.data import load_digits_split  # the split gmfast.train's digits recipe uses
+
 RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
-
-
-def load_digits_split(seed: int = 0):
-    """Train/test tensors: X (n, 1, 8, 8) float32 in [0, 1], y (n,) int64."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    X = (X / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, stratify=y, random_state=seed)
-    t = torch.from_numpy
-    return t(Xtr), t(ytr).long(), t(Xte), t(yte).long()
 
 
 def cnn_encoder(latent: int = 32) -> nn.Module:
@@ -100,16 +97,23 @@ def train_encoder(encoder: nn.Module, X, y, *, epochs: int, latent: int, scale: 
     opt = torch.optim.Adam(list(encoder.parameters()) + list(proto.parameters()), lr=lr)
     g = torch.Generator().manual_seed(seed)
     encoder.train()
-    # batches of 64 through a tiny network: one thread is faster than several (their
-    # synchronisation costs more than the work; 4x on a loaded 2-core machine)
+    with one_thread():
+        _train_epochs(encoder, proto, opt, X, y, g, epochs, K, scale, noise, margin, margin_weight, progress)
+    _settle_spectral_norms(encoder)
+    return encoder.eval()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread inside the block: these networks are tiny and their batches small,
+    so several threads' synchronisation costs more than the work (4x when training, 7x for
+    the local route, on a loaded 2-core machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train_epochs(encoder, proto, opt, X, y, g, epochs, K, scale, noise, margin, margin_weight, progress)
+        yield
     finally:
         torch.set_num_threads(threads)
-    _settle_spectral_norms(encoder)
-    return encoder.eval()
 
 
 def _train_epochs(encoder, proto, opt, X, y, g, epochs, K, scale, noise, margin, margin_weight, progress):
@@ -207,6 +211,18 @@ SMOOTHING_QUICK = dict(sigma=0.25, n0=100, n=1_000, alpha=0.001, inputs=60)
 #: Lipschitz bound leaves no input-space certificate), and it costs ~10x the MLP per epoch.
 EPOCHS = dict(cnn=15, lipschitz=80)
 EPOCHS_QUICK = dict(cnn=3, lipschitz=8)
+#: Seconds of training for the certified-training recipe (:func:`gmfast.train.recipe`
+#: ``("digits")``: AOL/MaxMin MLP, loss on the normalised margin; its 300 epochs take ~14 s on
+#: a quiet core, fewer are trained when they do not fit). Smoothing's base classifier, the
+#: same architecture trained with Gaussian noise, gets the same number of epochs.
+RECIPE_BUDGET = 20.0
+RECIPE_BUDGET_QUICK = 2.0
+#: Input-space routes (``Certifier(method="auto")``, whose local route dominates the cost) are
+#: run on smoothing's inputs in chunks of ``ROUTE_CHUNK`` until this many seconds per encoder
+#: are spent (at least one chunk).
+ROUTE_BUDGET = 15.0
+ROUTE_BUDGET_QUICK = 4.0
+ROUTE_CHUNK = 20
 
 
 def smoothing_max_radius(sigma: float, n: int, alpha: float) -> float:
@@ -241,10 +257,20 @@ def run_demo(*, quick: bool = False, out="gmfast_demo.png", seed: int = 0, smoot
         enc_lip = train_encoder(lipschitz_encoder(), Xtr, ytr, epochs=epochs["lipschitz"], latent=32, scale=1.0,
                                 noise=sigma, margin=1.0, margin_weight=3.0, seed=seed,
                                 progress=_epoch_progress(log, "lipschitz"))
+    from gmfast.train.recipe import recipe, train
+
+    budget = RECIPE_BUDGET_QUICK if quick else RECIPE_BUDGET
+    rec = recipe("digits", seed=seed)
+    with stage(f"train certified recipe (AOL/MaxMin MLP, {rec.epochs} epochs or {budget:g} s)"):
+        with one_thread():
+            enc_rec, _, hist = train(rec, Xtr, ytr, time_budget=budget, progress=False, log=lambda m: log("    " + m))
+    log(f"    recipe: {hist['epochs']} epochs in {hist['seconds']:.1f} s, train accuracy "
+        f"{100 * hist['train_accuracy'][-1]:.1f}%")
     setups = {  # name -> (encoder, shrinkage)
         "cnn encoder, LW": (enc_cnn, "ledoit-wolf"),
         "lipschitz enc., LW": (enc_lip, "ledoit-wolf"),
         "lipschitz enc., isotropic": (enc_lip, 1.0),
+        "trained AOL/MaxMin, iso.": (enc_rec, rec.shrinkage),
     }
     rows, curves, vlines = [], {}, {}
     certs = {}
@@ -263,36 +289,118 @@ def run_demo(*, quick: bool = False, out="gmfast_demo.png", seed: int = 0, smoot
             curves[f"gmfast ({name})"] = certified_accuracy_curve(cert, yte, max_radius=max(RADII) * 1.2)
             certs[name] = (enc, head, cert)
     smooth_info = None
+    n_eval = sm_cfg["inputs"]
+    idx = torch.arange(0, len(Xte), max(1, len(Xte) // n_eval))[:n_eval]  # smoothing's (and the routes') inputs
     if smoothing:
         from gmfast.smoothing import Smooth
 
-        enc, head, _ = certs["lipschitz enc., isotropic"]
-        n0, n, alpha, n_eval = sm_cfg["n0"], sm_cfg["n"], sm_cfg["alpha"], sm_cfg["inputs"]
-        idx = torch.arange(0, len(Xte), max(1, len(Xte) // n_eval))[:n_eval]
+        n0, n, alpha = sm_cfg["n0"], sm_cfg["n"], sm_cfg["alpha"]
+        base_recipe = rec.replace(loss="ce", noise=sigma, epochs=hist["epochs"])
+        with stage(f"train smoothing base (AOL/MaxMin MLP, Gaussian noise σ={sigma}, {hist['epochs']} epochs)"):
+            with one_thread():
+                enc_sm, proto_sm, _ = train(base_recipe, Xtr, ytr, progress=False)
+            base = nn.Sequential(enc_sm, proto_sm).eval()
         with stage(f"randomized smoothing ({len(idx)} inputs x {n0 + n} samples)"):
-            sm = Smooth((enc, head), num_classes=10, sigma=sigma, seed=seed)
+            sm = Smooth(base, num_classes=10, sigma=sigma, seed=seed)
             t = time.perf_counter()
-            sc = sm.certify_batch(Xte[idx], n0=n0, n=n, alpha=alpha, batch_size=10_000)
+            with torch.no_grad():
+                sc = sm.certify_batch(Xte[idx], n0=n0, n=n, alpha=alpha, batch_size=10_000)
             t_sm = (time.perf_counter() - t) / len(idx)
         ca = gmfast.certified_accuracy(sc, yte[idx], RADII)
         r_max = smoothing_max_radius(sigma, n, alpha)
         abstained = float((sc.prediction < 0).double().mean())
-        rows.append(dict(method=f"smoothing σ={sigma}, same enc.+head ({len(idx)} in.)", L=None, L_est=None,
+        _, _, cert_rec = certs["trained AOL/MaxMin, iso."]
+        rec_row = next(r for r in rows if r["method"] == "gmfast, trained AOL/MaxMin, iso.")
+        rows.append(rec_row | dict(method=f"gmfast, trained AOL/MaxMin, iso. (same {len(idx)} in.)", ms_encoder=None,
+                                   accuracy=gmfast.certified_accuracy((cert_rec.prediction[idx],
+                                                                       cert_rec.radius[idx]), yte[idx], RADII)))
+        rows.append(dict(method=f"smoothing σ={sigma}, AOL/MaxMin base ({len(idx)} in.)", L=None, L_est=None,
                          accuracy=ca, ms=1e3 * t_sm, ms_encoder=None, samples=n0 + n, abstained=abstained))
         label = f"randomized smoothing (σ={sigma}, n={n}, α={alpha:g}; {len(idx)} inputs)"
         curves[label] = certified_accuracy_curve(sc, yte[idx], max_radius=max(RADII) * 1.2)
         vlines[f"largest radius smoothing can certify with n={n}, α={alpha:g}: σΦ⁻¹(α^(1/n)) = {r_max:.3f}"] = r_max
-        smooth_info = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, inputs=len(idx), r_max=r_max, abstained=abstained)
+        smooth_info = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, inputs=len(idx), r_max=r_max, abstained=abstained,
+                           epochs=hist["epochs"])
+    route_setups = {name: certs[name][:2] for name in ("cnn encoder, LW", "lipschitz enc., isotropic",
+                                                      "trained AOL/MaxMin, iso.")}
+    route_budget = ROUTE_BUDGET_QUICK if quick else ROUTE_BUDGET
+    with stage(f"input-space routes ({len(idx)} inputs, {route_budget:g} s per encoder)"):
+        with one_thread():
+            routes = route_table(route_setups, Xte[idx], yte[idx], budget=route_budget)
     with stage("plot"):
         path = plot_certified_accuracy(curves, out, vlines=vlines, xlabel="ℓ2 input radius (pixels in [0, 1])",
                                        title="digits: certified accuracy under ℓ2 input perturbations")
     _print_table(rows, log, smooth_info)
+    _print_routes(routes, log, route_budget)
     with stage("distributional section"):
         dist = _distributional_section(certs["lipschitz enc., LW"], loader, Xte, yte, quick, log)
     log("")
     log(stage.summary())
     log(f"plot: {path}")
-    return dict(rows=rows, plot=str(path), distributional=dist, stages=stage.costs, smoothing=smooth_info)
+    return dict(rows=rows, plot=str(path), distributional=dist, stages=stage.costs, smoothing=smooth_info,
+                routes=routes, recipe_epochs=hist["epochs"])
+
+
+def route_table(setups: dict, X, y, *, budget: float, chunk: int = ROUTE_CHUNK) -> list[dict]:
+    """Certified accuracy per input-space route of :class:`gmfast.Certifier` on the first
+    inputs of ``X``.
+
+    ``setups``: ``{name: (encoder, head)}``. For each, ``Certifier(method="auto")`` certifies
+    ``X`` in chunks of ``chunk`` inputs until ``budget`` seconds are spent (at least one
+    chunk; the per-model work, bounds and trace, is done before the clock starts). Its
+    certificate carries every route's radii (``extra["routes"]``) and takes their per-input
+    maximum, so each route gets a row on the same inputs, then ``auto``; the global and
+    margin routes are also timed alone (they cost microseconds; ``auto``'s time is the
+    local route's). Returns rows ``dict(encoder, route, inputs, accuracy, ms, skipped)``.
+    """
+    import gmfast
+
+    rows = []
+    for name, (enc, head) in setups.items():
+        certifier = gmfast.Certifier(enc, head, method="auto")
+        certifier.certify(X[:1])
+        preds, radii, per_route, done = [], [], {}, 0
+        t = time.perf_counter()
+        while done < len(X) and (done == 0 or time.perf_counter() - t < budget):
+            cert = certifier.certify(X[done:done + chunk])
+            preds.append(cert.prediction)
+            radii.append(cert.radius)
+            for route, r in cert.extra["routes"].items():
+                per_route.setdefault(route, []).append(r)
+            done += len(cert.prediction)
+        ms = 1e3 * (time.perf_counter() - t) / done
+        pred, yd = torch.cat(preds), y[:done]
+        for route, r in per_route.items():
+            alone = None
+            if route in ("lipschitz", "margin"):
+                c = gmfast.Certifier(enc, head, method=route)
+                alone = 1e3 * _time_per_input(lambda: c.certify(X[:done]), done)
+            rows.append(dict(encoder=name, route=route, inputs=done, ms=alone, skipped=None,
+                             accuracy=gmfast.certified_accuracy((pred, torch.cat(r)), yd, RADII)))
+        rows.append(dict(encoder=name, route="auto", inputs=done, ms=ms, skipped=cert.extra["skipped"],
+                         accuracy=gmfast.certified_accuracy((pred, torch.cat(radii)), yd, RADII)))
+    return rows
+
+
+def _print_routes(rows, log, budget) -> None:
+    labels = [f"{r['encoder']}: {r['route']}" for r in rows]
+    width = max(len(s) for s in labels) + 1
+    hdr = (f"{'encoder: route':<{width}} {'inputs':>6} " + " ".join(f"{'r=' + format(r, 'g'):>7}" for r in RADII)
+           + f" {'ms/input':>9}")
+    log("")
+    log("input-space routes of gmfast.Certifier, certified accuracy (%) on smoothing's inputs (the first that "
+        f"method='auto' certifies in {budget:g} s per encoder):")
+    log(hdr)
+    log("-" * len(hdr))
+    for label, r in zip(labels, rows):
+        ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
+        log(f"{label:<{width}} {r['inputs']:>6} " + " ".join(f"{100 * a:>7.1f}" for a in r["accuracy"]) + f" {ms:>9}")
+    log("  lipschitz: latent radius / global Lipschitz bound; margin: each margin over its own Lipschitz constant; "
+        "local: linear bound propagation (CROWN) over the input ball; auto: the per-input maximum (the default "
+        "route; its ms/input is all routes together, the local route's cost).")
+    for r in rows:
+        for route, why in (r["skipped"] or {}).items():
+            log(f"  {r['encoder']}: {route} route skipped: {' '.join(why.split())[:160]}")
 
 
 def _distributional_section(setup, loader, Xte, yte, quick, log) -> dict:

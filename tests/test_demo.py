@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from gmfast.demo import RADII, _print_table, smoothing_max_radius
+import gmfast
+from gmfast.demo import RADII, _print_routes, _print_table, route_table, smoothing_max_radius
 from gmfast.plot import certified_accuracy_curve
 from gmfast.smoothing import Smooth
 
@@ -25,18 +26,86 @@ def test_demo_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     for needle in ("certified accuracy (%)", "gmfast, cnn encoder", "gmfast, lipschitz enc., isotropic",
-                   "smoothing σ=0.25", "distributional guarantee", "does a closer fit pay?",
+                   "gmfast, trained AOL/MaxMin, iso.", "gmfast, trained AOL/MaxMin, iso. (same 60 in.)",
+                   "smoothing σ=0.25, AOL/MaxMin base (60 in.)", "distributional guarantee", "does a closer fit pay?",
                    "n0=100", "α=0.001", "L est.:", "LW: Ledoit-Wolf", "r=0 for smoothing",
-                   "cnn: epoch 3/3", "time per stage"):
+                   "cnn: epoch 3/3", "time per stage", "input-space routes of gmfast.Certifier"):
         assert needle in text, needle
     # each stage reports its cost
-    for stage in ("load digits", "train cnn encoder", "train lipschitz encoder", "randomized smoothing", "plot"):
+    for stage in ("load digits", "train cnn encoder", "train lipschitz encoder", "train certified recipe",
+                  "train smoothing base", "randomized smoothing", "input-space routes", "plot"):
         assert re.search(rf"{stage}[^|\n]*: \d+\.\d s", text), stage
+    # the routes table: every route of an encoder on the same inputs, and auto (the per-input
+    # maximum) never below any of them; the CNN's local route certifies what its global route cannot
+    routes = {}
+    for line in text.splitlines():
+        m = re.match(r"^(cnn encoder, LW|lipschitz enc., isotropic|trained AOL/MaxMin, iso.): (\w+) +(\d+) (.*)$", line)
+        if m:
+            vals = m.group(4).split()
+            routes.setdefault(m.group(1), {})[m.group(2)] = (int(m.group(3)), [float(v) for v in vals[:len(RADII)]])
+    assert set(routes) == {"cnn encoder, LW", "lipschitz enc., isotropic", "trained AOL/MaxMin, iso."}, routes
+    for enc, rs in routes.items():
+        assert {"lipschitz", "margin", "auto"} <= set(rs), (enc, rs)
+        assert len({n for n, _ in rs.values()}) == 1 and 1 <= rs["auto"][0] <= 60, (enc, rs)
+        for route, (_, acc) in rs.items():
+            assert all(a <= b for a, b in zip(acc, rs["auto"][1])), (enc, route, rs)
+    assert "local" in routes["cnn encoder, LW"] and "local" in routes["lipschitz enc., isotropic"]
     assert out.exists() and out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the Lipschitz encoder's bound is computed, close to 1, and above its estimate
     row = next(line for line in text.splitlines() if line.startswith("gmfast, lipschitz enc., isotropic"))
     bound, est = (float(v) for v in row.split()[4:6])
     assert 0.9 < bound < 1.5 and est <= bound
+    # the trained recipe's encoder is 1-Lipschitz by construction: its sound bound is at most ~1
+    row = next(line for line in text.splitlines() if line.startswith("gmfast, trained AOL/MaxMin, iso. "))
+    bound, est = (float(v) for v in row.split()[4:6])
+    assert bound <= 1.0 + 1e-3 and est <= bound
+
+
+def _tiny_setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(40, 1, 2, 2, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(seed)
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).eval()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16)
+    head = gmfast.fit_head(enc, loader, covariance_type="tied", shrinkage=1.0, progress=False)
+    return enc, head, X, y
+
+
+def test_route_table_rows_match_each_route_run_alone_and_auto_is_their_maximum():
+    enc, head, X, y = _tiny_setup()
+    rows = route_table({"tiny": (enc, head)}, X, y, budget=0.0, chunk=7)  # budget 0: exactly one chunk
+    assert [r["route"] for r in rows] == ["lipschitz", "margin", "local", "auto"]
+    assert all(r["inputs"] == 7 for r in rows)
+    by_route = {}
+    for route in ("lipschitz", "margin", "local"):  # each route run alone, on the same 7 inputs
+        cert = gmfast.Certifier(enc, head, method=route).certify(X[:7])
+        by_route[route] = cert.radius
+        acc = gmfast.certified_accuracy(cert, y[:7], RADII)
+        np.testing.assert_array_equal(next(r for r in rows if r["route"] == route)["accuracy"], acc)
+    best = torch.stack(list(by_route.values())).amax(0)
+    acc = gmfast.certified_accuracy((cert.prediction, best), y[:7], RADII)
+    np.testing.assert_array_equal(rows[-1]["accuracy"], acc)
+    assert rows[-1]["ms"] > 0 and rows[0]["ms"] > 0 and rows[2]["ms"] is None
+    # an unlimited budget certifies every input, in chunks
+    assert {r["inputs"] for r in route_table({"tiny": (enc, head)}, X, y, budget=1e9, chunk=7)} == {40}
+
+
+def test_routes_table_lines_up_and_reports_skipped_routes():
+    acc = np.linspace(1, 0, len(RADII))
+    rows = [dict(encoder="enc", route="lipschitz", inputs=20, accuracy=acc, ms=0.01, skipped=None),
+            dict(encoder="enc", route="auto", inputs=20, accuracy=acc, ms=12.5,
+                 skipped={"local": "node 'x' (module Foo): no linear relaxation"})]
+    lines = []
+    _print_routes(rows, lines.append, 15.0)
+    header = next(ln for ln in lines if ln.startswith("encoder: route"))
+    ends = [m.end() for m in re.finditer(r"\S+", header)]
+    for ln in lines:
+        if ln.startswith("enc: "):
+            assert [m.end() for m in re.finditer(r"\S+", ln)][-(len(RADII) + 2):] == ends[-(len(RADII) + 2):], ln
+    text = "\n".join(lines)
+    assert "in 15 s per encoder" in text and "12.500" in text
+    assert "enc: local route skipped: node 'x' (module Foo): no linear relaxation" in text
 
 
 def test_table_columns_line_up_and_footnotes_explain():

