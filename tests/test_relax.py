@@ -245,15 +245,24 @@ def test_refusals_and_bad_input():
         relax.get("mish", {})
     with pytest.raises(UnsupportedOpError, match="alpha"):
         relax.get("celu", {"alpha": -1.0})
-    R = relax.get("reciprocal")
-    with pytest.raises(ValueError, match="l > 0 or u < 0"):
-        R.lines(torch.tensor([-1.0], dtype=F64), torch.tensor([1.0], dtype=F64))
+    # outside the domain: no finite line exists, the trivial bounds come back (never NaN)
+    for name, l0 in (("reciprocal", -1.0), ("rsqrt", 0.0), ("sqrt", -1e-3)):
+        R = relax.get(name)
+        l, u = torch.tensor([l0, 0.5], dtype=F64), torch.tensor([1.0, 2.0], dtype=F64)
+        al, bl, au, bu = R.lines(l, u)
+        lo, hi = R.range(l, u)
+        assert al[0] == 0 and au[0] == 0 and bl[0] == -math.inf and bu[0] == math.inf
+        assert lo[0] == -math.inf and hi[0] == math.inf and bool(torch.isfinite(torch.stack([bl, bu, lo, hi])[:, 1]).all())
+        assert R.offset(torch.ones_like(l), l, u, True)[0] == -math.inf
     with pytest.raises(ValueError, match="l <= u"):
         relax.get("exp").lines(torch.tensor([1.0], dtype=F64), torch.tensor([0.0], dtype=F64))
     with pytest.raises(ValueError, match="same shape"):
         relax.get("exp").range(torch.zeros(2, dtype=F64), torch.zeros(3, dtype=F64))
-    with pytest.raises(ValueError, match="l > 0"):
-        relax.get("rsqrt").range(torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64))
+    # the reflected Softplus (beta < 0): offset agrees with lines
+    R = relax.get("softplus", {"beta": -1.5, "threshold": 3.0})
+    l, u = torch.tensor([-1.0, 0.5], dtype=F64), torch.tensor([0.5, 4.0], dtype=F64)
+    al, bl, au, bu = R.lines(l, u)
+    assert bool((R.offset(al, l, u, True) >= bl - 1e-12).all()) and bool((R.offset(au, l, u, False) <= bu + 1e-12).all())
 
 
 def test_floor_intersects_the_domain():

@@ -293,7 +293,8 @@ def check_casts(tg: TracedGraph) -> None:
 # ----------------------------------------------------------------------------- batch coupling
 
 #: Kinds whose op acts on each position of its operands separately (broadcasting aside).
-_ELEMENTWISE = {"activation", "prelu", "clamp", "dropout", "add", "sub", "mul", "div"}
+_ELEMENTWISE = {"activation", "prelu", "clamp", "dropout", "add", "sub", "mul", "div", "exp", "sqrt", "rsqrt",
+                "reciprocal", "square", "pow"}
 #: Kinds that only move, copy or drop entries (or add constants): checked with index probes.
 _MOVES = {"reshape", "copy", "getitem", "getattr", "pad", "copy_pad", "identity"}
 #: Kinds that treat dim 0 as the batch and need a batched input (spatial dims from the name).
@@ -339,7 +340,9 @@ def check_batch(tg: TracedGraph, dtype, device, input_shape: tuple) -> None:
     flip, roll, indexing, padding, ...) are run on two *index probes* (each entry holds its
     sample's number, plus an offset the second time, so moved entries and constants are told
     apart) and every moved entry must land in its own sample's slice; reductions must not
-    reduce the batch axis; Linear/matmul must not contract it; convolutions, pooling, batch
+    reduce the batch axis (nor may softmax or LayerNorm normalise over it); Linear/matmul must
+    not contract it, and a product of two input-dependent tensors needs it as the same leading
+    dimension of both; convolutions, pooling, batch
     norm and interpolation need it first in a batched input; other ops (vouched modules)
     need it first in and out; every output needs it first.
     """
@@ -418,6 +421,29 @@ def _check_op(tg, node, axes, r3, fail):
         dims = dims if isinstance(dims, (tuple, list, range)) else (dims,)
         if axes[x] in {int(d) % rank for d in dims}:
             fail(node, f"a {kind} over the batch dimension")
+        return
+    if kind in ("softmax", "layer_norm"):
+        rank = len(r3.shapes[x])
+        if kind == "softmax":
+            dim = mod.dim if mod is not None else node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if not isinstance(dim, int):
+                fail(node, f"softmax needs an explicit integer dim; got {dim!r}")
+            dims = {dim % rank}
+        else:
+            ns = mod.normalized_shape if mod is not None else \
+                node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else ())
+            ns = r3.values.get(ns, ns) if isinstance(ns, torch.fx.Node) else ns
+            k = len(ns) if isinstance(ns, (tuple, list, torch.Size)) else 1
+            dims = set(range(rank - k, rank))
+        if axes[x] in dims or out != axes[x]:
+            fail(node, f"a {kind} over the batch dimension")
+        return
+    if kind == "matmul" and len(deps) == 2:  # x @ y, both input-dependent: batch dims must line up
+        a, b = node.args[0], node.args[1]
+        ra, rb, ro = len(r3.shapes[a]), len(r3.shapes[b]), len(r3.shapes[node])
+        if not (axes[a] < ra - 2 and axes[b] < rb - 2 and axes[a] - ra == axes[b] - rb == out - ro):
+            fail(node, "a product of two input-dependent tensors whose batch dimensions are not the same leading "
+                       "dimension of both")
         return
     if kind in ("linear", "matmul"):
         rank = len(r3.shapes[x] if isinstance(x, torch.fx.Node) else ())

@@ -77,6 +77,11 @@ FUNCTION_NAMES = {
     F.pixel_unshuffle: "reshape", torch.narrow: "copy", torch.select: "copy", torch.split: "copy",
     torch.chunk: "copy", torch.unbind: "copy", torch.tensor_split: "copy", torch.broadcast_to: "copy",
     torch.tile: "copy",
+    # transformer ops: no global rule (refused there); the local route relaxes them
+    torch.bmm: "matmul", F.layer_norm: "layer_norm", F.softmax: "softmax", torch.softmax: "softmax",
+    torch.exp: "exp", torch.sqrt: "sqrt", torch.rsqrt: "rsqrt", torch.reciprocal: "reciprocal",
+    torch.square: "square", torch.pow: "pow", operator.pow: "pow",
+    F.scaled_dot_product_attention: "attention",
 }
 #: Tensor methods that only reshape/permute (factor 1); the value is a bijection of entries.
 RESHAPE_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
@@ -88,7 +93,8 @@ COPY_METHODS = {"narrow", "select", "split", "chunk", "unbind", "tensor_split", 
                  "tile", "broadcast_to"}
 ARITH_METHODS = {"add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "matmul", "mm",
                   "mean", "sum", "amax", "clamp", "clip", "clamp_min", "clamp_max", "abs", "neg", "negative",
-                  "relu", "sigmoid", "tanh"}
+                  "relu", "sigmoid", "tanh", "bmm", "softmax", "exp", "sqrt", "rsqrt", "reciprocal", "square",
+                  "pow"}
 #: Results that depend on the input's shape/dtype/device only, not on its values.
 META_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point",
                  "is_contiguous", "is_complex", "element_size", "stride", "new_zeros", "new_ones", "new_full"}
@@ -121,7 +127,7 @@ def arg(node, i: int, key: str, default=None):
 
 #: Names that are synonyms of one rule.
 _SYNONYMS = {"subtract": "sub", "multiply": "mul", "divide": "div", "true_divide": "div", "negative": "neg",
-             "clip": "clamp", "clamp_min": "clamp", "clamp_max": "clamp", "mm": "matmul"}
+             "clip": "clamp", "clamp_min": "clamp", "clamp_max": "clamp", "mm": "matmul", "bmm": "matmul"}
 
 
 def function_kind(node):
@@ -166,7 +172,8 @@ def module_kind(mod: nn.Module):
     if t in activations.MODULES:
         return "activation"
     kinds = {nn.PReLU: "prelu", nn.Linear: "linear", nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm",
-             nn.BatchNorm3d: "batch_norm", nn.Upsample: "upsample"}
+             nn.BatchNorm3d: "batch_norm", nn.Upsample: "upsample", nn.LayerNorm: "layer_norm",
+             nn.Softmax: "softmax"}
     if t in kinds:
         return kinds[t]
     if t in IDENTITY_MODULES or isinstance(mod, CONSTANT_PADS):

@@ -68,7 +68,9 @@ The function certified is the exact-arithmetic one (as for the whole local route
 there differs from the identity by at most ``log(1 + e^{−threshold})/β``, and the pieces
 overlap at the switch; ``β < 0`` is reflected: ``softplus_β(x) = −softplus_{−β}(−x)``).
 Bounds of a function whose value exceeds the float64 range on ``[l, u]`` may be infinite
-(``exp`` of a huge number); they are never NaN.
+(``exp`` of a huge number), and so are they (with zero slopes) where ``[l, u]`` leaves the
+function's domain (``reciprocal`` across 0, ``rsqrt`` at ``l ≤ 0``: no finite line exists);
+they are never NaN.
 """
 
 from __future__ import annotations
@@ -304,15 +306,37 @@ class Relaxation:
         l, u = l.to(_F64), u.to(_F64)
         if not bool((l <= u).all()) or not bool(torch.isfinite(l).all() & torch.isfinite(u).all()):
             raise ValueError(f"{self.name}: expected finite bounds with l <= u")
+        return self._sanitize(l, u)
+
+    def _sanitize(self, l, u):
+        """``(l, u, bad)``: intervals leaving the domain (``bad``) are replaced by ``[1, 1]``;
+        their results become the trivial bounds ``∓∞`` (:meth:`_unbounded`)."""
         if self.floor is not None:  # the caller knows z >= floor: [l, u] ∩ [floor, ∞) ⊂ [l', u']
             l, u = torch.clamp(l, min=self.floor), torch.clamp(u, min=self.floor)
-        if self.domain is not None and not bool(self.domain(l, u).all()):
-            raise ValueError(f"{self.name}: an interval outside the function's domain ({self.domain.__doc__})")
-        return l, u
+        if self.domain is None:
+            return l, u, None
+        bad = ~self.domain(l, u)
+        return torch.where(bad, 1.0, l), torch.where(bad, 1.0, u), bad
+
+    @staticmethod
+    def _unbounded(bad, *pairs):
+        """Lower/upper pairs with ``−∞``/``+∞`` (and zero slopes) where ``bad``."""
+        if bad is None:
+            return [t for p in pairs for t in p]
+        out = []
+        for lo, hi in pairs:
+            out += [torch.where(bad, -_INF, lo), torch.where(bad, _INF, hi)]
+        return out
 
     def offset(self, a, l, u, lower: bool):
         """A bound on ``min`` (lower) or ``max`` of ``f(z) − a z`` over ``[l, u]`` (``a`` float64
-        tensor like ``l``): the proof of every line and range here. Never NaN."""
+        tensor like ``l``): the proof of every line and range here. Never NaN; ``∓∞`` where the
+        interval leaves the function's domain (e.g. ``reciprocal`` on ``[−1, 1]``)."""
+        l, u, bad = self._sanitize(l, u)
+        v = self._offset(a, l, u, lower)
+        return v if bad is None else torch.where(bad, -_INF if lower else _INF, v)
+
+    def _offset(self, a, l, u, lower):
         best = torch.full_like(l, _INF if lower else -_INF)
         for piece in self.pieces:
             p = torch.clamp(l, min=piece.lo, max=piece.hi)
@@ -338,7 +362,7 @@ class Relaxation:
 
     def lines(self, l, u):
         """``(al, bl, au, bu)`` with ``al z + bl ≤ f(z) ≤ au z + bu`` on ``[l, u]``."""
-        l, u = self._check(l, u)
+        l, u, bad = self._check(l, u)
         w = u - l
         m = 0.5 * l + 0.5 * u
         fl, fu = self._approx(l, False), self._approx(u, False)
@@ -346,7 +370,7 @@ class Relaxation:
         best = None
         for a in cands:
             a = torch.where(torch.isfinite(a) & (w > 0), a, 0.0)
-            bl, bu = self.offset(a, l, u, True), self.offset(a, l, u, False)
+            bl, bu = self._offset(a, l, u, True), self._offset(a, l, u, False)
             sl, su = a * m + bl, a * m + bu
             if best is None:
                 best = [a, bl, sl, a.clone(), bu, su]
@@ -354,13 +378,17 @@ class Relaxation:
             tl, tu = sl > best[2], su < best[5]
             best = [torch.where(tl, a, best[0]), torch.where(tl, bl, best[1]), torch.where(tl, sl, best[2]),
                     torch.where(tu, a, best[3]), torch.where(tu, bu, best[4]), torch.where(tu, su, best[5])]
-        return best[0], best[1], best[3], best[4]
+        if bad is None:
+            return best[0], best[1], best[3], best[4]
+        zero = torch.zeros_like(l)
+        return (torch.where(bad, zero, best[0]), torch.where(bad, -_INF, best[1]), torch.where(bad, zero, best[3]),
+                torch.where(bad, _INF, best[4]))
 
     def range(self, l, u):
         """``(lo, hi)`` with ``lo ≤ f(z) ≤ hi`` on ``[l, u]``."""
-        l, u = self._check(l, u)
+        l, u, bad = self._check(l, u)
         zero = torch.zeros_like(l)
-        return self.offset(zero, l, u, True), self.offset(zero, l, u, False)
+        return tuple(self._unbounded(bad, (self._offset(zero, l, u, True), self._offset(zero, l, u, False))))
 
 
 class _Reflected(Relaxation):
@@ -371,13 +399,17 @@ class _Reflected(Relaxation):
         super().__init__(name, [])
         self.g = g
 
+    def offset(self, a, l, u, lower: bool):
+        # f(z) − a z = −(g(y) − a y) with y = −z ∈ [−u, −l]
+        return -self.g.offset(a, -u, -l, not lower)
+
     def lines(self, l, u):
-        l, u = self._check(l, u)
+        l, u, _ = self._check(l, u)
         al, bl, au, bu = self.g.lines(-u, -l)
         return au, -bu, al, -bl
 
     def range(self, l, u):
-        l, u = self._check(l, u)
+        l, u, _ = self._check(l, u)
         lo, hi = self.g.range(-u, -l)
         return -hi, -lo
 
