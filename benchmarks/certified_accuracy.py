@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 import gmfast
+from gmfast.certificate import Certificate
 from gmfast.smoothing import Smooth
 from gmfast.train import certify, fit_tied_head, recipe, save, train
 from gmfast.train.attack import pgd_flips
@@ -116,7 +117,7 @@ def select(data: str, grid: list[dict], out: Path, log) -> dict:
 
 
 def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = False,
-             methods=("gmfast", "smoothing")) -> dict:
+             methods=("gmfast", "smoothing"), reuse_gmfast: bool = False) -> dict:
     Xtr, ytr, Xte, yte = load_split(data)
     radii = RADII[data]
     r = recipe(data)
@@ -127,51 +128,77 @@ def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = Fal
 
     # -- gmfast ---------------------------------------------------------------------------
     if "gmfast" in methods:
-        gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves)
+        gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves, reuse=reuse_gmfast)
     if "smoothing" in methods:
         smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reuse_smoothing)
     res["plot"] = str(plot(data, curves, marks, out / f"{data}_certified_accuracy.png"))
     return res
 
 
-def gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves):
-    radii = RADII[data]
+def gmfast_model(data, r, Xtr, ytr, out, reuse: bool, log):
+    """Train ``r`` and refit its head (saved to ``<out>/<data>_gmfast_model``), or with
+    ``reuse`` load that directory, checked to hold the same recipe."""
+    path = out / f"{data}_gmfast_model"
+    if reuse:
+        from gmfast.train.recipe import load
+
+        desc = json.loads((path / "encoder.json").read_text())
+        if desc["recipe"] != json.loads(json.dumps(r.to_json())):
+            raise ValueError(f"--reuse-gmfast: {path} holds recipe {desc['recipe']}; expected {r.to_json()}")
+        enc, head = load(path)
+        log(f"{data}: gmfast model reused from {path} (trained {desc['metrics'].get('train_seconds', '?')} s)")
+        return enc, head, desc["metrics"]
     t = time.perf_counter()
     enc, _, hist = train(r, Xtr, ytr, progress=False)
     head = fit_tied_head(enc, Xtr, ytr, r.shrinkage)
-    train_s = time.perf_counter() - t
-    save(out / f"{data}_gmfast_model", enc, head, r)
+    info = dict(train_seconds=time.perf_counter() - t, epochs=hist["epochs"])
+    save(path, enc, head, r, metrics=info)
+    return enc, head, info
+
+
+def gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves, reuse: bool = False):
+    """One row per route of :class:`gmfast.Certifier`: ``lipschitz`` (global), ``margin``,
+    ``auto`` (the per-input maximum of every route that accepts the encoder) and ``local``
+    (read from the ``auto`` certificate's per-route radii, so its time is ``auto``'s; the
+    other routes cost microseconds). Every certificate is attacked by PGD."""
+    from gmfast.plot import certified_accuracy_curve
+
+    radii = RADII[data]
+    enc, head, info = gmfast_model(data, r, Xtr, ytr, out, reuse, log)
     bound = gmfast.Certifier(enc, head).lipschitz_bound(tuple(Xte.shape[1:]), points=Xte[:8])
     res["lipschitz_bound"], res["lipschitz_estimate"] = float(bound), bound.estimate
-    for route in ("lipschitz", "margin", "local"):
-        try:
-            cert, sec = certify(enc, head, Xte, method=route)
-        except (TypeError, ValueError, ImportError, NotImplementedError) as e:
-            # routes other than the global one are other helpers' work: report, go on
-            if route == "lipschitz":
-                raise
-            res[f"{route}_route"] = f"not available: {type(e).__name__}: {' '.join(str(e).split())}"
-            log(f"{data}: {route} route not available ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
-            continue
-        name = f"gmfast ({route})"
-        t = time.perf_counter()
-        flips = pgd_flips(enc, head, Xte, cert.prediction, cert.radius, steps=10 if quick else 40,
-                          restarts=1 if quick else 3)
-        pgd_s = time.perf_counter() - t
-        ca = gmfast.certified_accuracy(cert, yte, radii)
-        sub = subset(yte, smoothing_plan(data, quick)[2])
-        ca_sub = gmfast.certified_accuracy((cert.prediction[sub], cert.radius[sub]), yte[sub], radii)
-        write_certification_tsv(out / f"{data}_gmfast_{route}.tsv", cert, yte, seconds=sec)
-        L = float(bound)
-        res["methods"][name] = dict(accuracy=ca.tolist(), accuracy_subset=ca_sub.tolist(), seconds_per_input=sec,
-                                    evaluations=1, lipschitz=L, train_seconds=train_s, epochs=hist["epochs"],
-                                    certified=int((cert.radius > 0).sum()), pgd_flips=int(flips.sum()),
-                                    pgd_seconds=pgd_s)
-        from gmfast.plot import certified_accuracy_curve
-
-        curves[name] = certified_accuracy_curve(cert, yte, max_radius=max(radii) * 1.1)
-        log(f"{data}: {name}: L <= {L:.4f}, CA {fmt(ca)}, {1e3 * sec:.3f} ms/input, PGD flips "
-            f"{int(flips.sum())} / {int((cert.radius > 0).sum())} attacked")
+    sub = subset(yte, smoothing_plan(data, quick)[2])
+    radius_of = {}
+    for route in ("lipschitz", "margin", "auto"):
+        cert, sec = certify(enc, head, Xte, method=route)
+        certs = {route: cert}
+        if route == "auto":
+            res["auto_skipped"] = cert.extra["skipped"]
+            if "local" in cert.extra["routes"]:
+                certs["local"] = Certificate(prediction=cert.prediction, radius=cert.extra["routes"]["local"], norm=2)
+            else:
+                log(f"{data}: local route skipped by auto: {cert.extra['skipped'].get('local')}")
+        for name, c in certs.items():
+            radius_of[name] = c.radius
+            t = time.perf_counter()
+            flips = pgd_flips(enc, head, Xte, c.prediction, c.radius, steps=10 if quick else 40,
+                              restarts=1 if quick else 3)
+            pgd_s = time.perf_counter() - t
+            ca = gmfast.certified_accuracy(c, yte, radii)
+            ca_sub = gmfast.certified_accuracy((c.prediction[sub], c.radius[sub]), yte[sub], radii)
+            write_certification_tsv(out / f"{data}_gmfast_{name}.tsv", c, yte, seconds=sec)
+            res["methods"][f"gmfast ({name})"] = dict(
+                accuracy=ca.tolist(), accuracy_subset=ca_sub.tolist(), seconds_per_input=sec, evaluations=1,
+                lipschitz=float(bound), train_seconds=info.get("train_seconds"), epochs=info.get("epochs"),
+                certified=int((c.radius > 0).sum()), pgd_flips=int(flips.sum()), pgd_seconds=pgd_s,
+                median_radius=float(c.radius.median()))
+            curves[f"gmfast ({name})"] = certified_accuracy_curve(c, yte, max_radius=max(radii) * 1.1)
+            log(f"{data}: gmfast ({name}): CA {fmt(ca)} (smoothing's subset {fmt(ca_sub)}), {1e3 * sec:.3f} "
+                f"ms/input, median radius {float(c.radius.median()):.3f}, PGD flips {int(flips.sum())} / "
+                f"{int((c.radius > 0).sum())} attacked")
+    if "local" in radius_of:
+        res["local_above_global"] = int((radius_of["local"] > radius_of["lipschitz"]).sum())
+        log(f"{data}: the local route is above the global one on {res['local_above_global']} of {len(yte)} inputs")
 
 
 def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reuse_smoothing):
@@ -268,7 +295,8 @@ def table(res: dict) -> str:
     for name, m in res["methods"].items():
         acc = m.get("accuracy_subset") if "smoothing" in name else m["accuracy"]
         note = (f"max certifiable r {m['max_radius']:.2f}; base clean {100 * m['base_clean_accuracy']:.1f}%"
-                if "max_radius" in m else f"L ≤ {m['lipschitz']:.4f}; PGD flips {m['pgd_flips']}/{m['certified']}")
+                if "max_radius" in m else f"L ≤ {m['lipschitz']:.4f}; median radius {m.get('median_radius', float('nan')):.3f}; "
+                f"PGD flips {m['pgd_flips']}/{m['certified']}" + ("; time: auto's" if name == "gmfast (local)" else ""))
         lines.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in acc)
                      + f" | {1e3 * m['seconds_per_input']:.3g} | {m['evaluations']:,} | {note} |")
         if "smoothing" not in name and res.get("smoothing_subset", {}).get("per_class") is not None:
@@ -303,6 +331,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-smoothing", action="store_true",
                     help="read the smoothing certificates from the TSVs (and timings from results_<data>.json) "
                          "of an earlier run in --out instead of re-running smoothing")
+    ap.add_argument("--reuse-gmfast", action="store_true",
+                    help="load the gmfast model saved in --out by an earlier run (same recipe) instead of training")
     ap.add_argument("--select", default=None,
                     help="instead of the benchmark: recipe selection on the validation split, a JSON list of "
                          "recipe overrides, e.g. '[{\"target\": 0.4}, {\"target\": 0.6}]'")
@@ -323,7 +353,8 @@ def main(argv=None) -> int:
     results = dict(machine_before=machine(), quick=args.quick, data={})
     for data in args.data.split(","):
         results["data"][data] = run_data(data, out, args.quick, lambda s: print(s, flush=True),
-                                           reuse_smoothing=args.reuse_smoothing, methods=methods)
+                                           reuse_smoothing=args.reuse_smoothing, methods=methods,
+                                           reuse_gmfast=args.reuse_gmfast)
     results["seconds"] = time.perf_counter() - t0
     results["machine_after"] = machine()
     (out / f"results_{'_'.join(results['data'])}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
