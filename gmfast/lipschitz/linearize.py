@@ -22,7 +22,7 @@ from gmfast._fp import U64, gamma
 from gmfast.lipschitz.errors import UnsupportedOpError
 from gmfast.lipschitz.graph import TracedGraph
 from gmfast.lipschitz.lipnet_rules import GroupSort
-from gmfast.lipschitz import activations
+from gmfast.lipschitz import activations, relax
 from gmfast.lipschitz.ops import CONVS, FUNCTION_NAMES, arg, shape_of
 from gmfast.lipschitz.walk import Analysis
 
@@ -31,7 +31,8 @@ _F64 = torch.float64
 _TINY = 2.0**-960
 _LOCAL_ADVICE = ("the local route supports Linear, ConvNd (zero padding; also functional with constant weights, "
                  "e.g. AOL layers), BatchNorm (eval), average pooling, reshapes, residual adds, scaling by "
-                 "constants, ReLU/LeakyReLU and MaxMin; use method='lipschitz' or 'margin' for this encoder")
+                 "constants, ReLU/LeakyReLU, MaxMin, the smooth activations gmfast.lipschitz.relax relaxes "
+                 "and products of input-dependent tensors; use method='lipschitz' or 'margin' for this encoder")
 
 
 def _down(t: torch.Tensor) -> torch.Tensor:
@@ -76,14 +77,34 @@ class _Sum:
         self.a, self.b, self.alpha = a, b, float(alpha)
 
 
+class _Unary:
+    """``v = f(z)`` elementwise, relaxed by ``relaxation`` (:class:`gmfast.lipschitz.relax.Relaxation`:
+    lines valid on any interval, and a range)."""
+
+    kind = "unary"
+
+    def __init__(self, src, relaxation):
+        self.src, self.relaxation = src, relaxation
+
+
+class _Prod:
+    """``v = a · b`` elementwise, both input-dependent, same shape (McCormick planes)."""
+
+    kind = "prod"
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
 def _inflate(t: torch.Tensor, n: int) -> torch.Tensor:
     """An upper bound on the exact value of a computed nonnegative sum of ``n`` products."""
     return t * (1.0 + 2.0 * gamma(n + 2, U64)) + _TINY
 
 
 class _Step:
-    """A node of the linearisation that the trace does not have: one step inside an op that
-    is linearised as several (MaxMin), named after the traced node it belongs to."""
+    """A node of the linearisation: the result of one linearised op. A traced node is one
+    step, or several (MaxMin, LayerNorm, ...: :meth:`_Builder.add` with ``what``), and is
+    then represented by its last one."""
 
     __slots__ = ("name",)
 
@@ -97,9 +118,12 @@ class _Step:
 class _Builder(Analysis):
     """Turns the traced graph into the linearised ops above (refusing anything else).
 
-    ``order``: every node of the linearisation in topological order, the input first
-    (traced nodes, and :class:`_Step` nodes for the steps inside a traced op); ``ops`` and
-    ``shapes`` (without the batch dim) for each."""
+    ``order``: every node of the linearisation in topological order, the input placeholder
+    first, then :class:`_Step` nodes; ``ops`` and ``shapes`` (without the batch dim) for
+    each. Each rule returns the step that computes its traced node (``self.out`` maps traced
+    nodes to steps); the helpers (:meth:`structural`, :meth:`linear`, :meth:`scale`,
+    :meth:`shift`, :meth:`unary`, :meth:`product`, :meth:`sum`, ...) accept a traced node or
+    a step and return the new step, so a rule can chain several."""
 
     def __init__(self, tg: TracedGraph):
         super().__init__(tg)
@@ -110,42 +134,42 @@ class _Builder(Analysis):
     def input(self, node):
         self.order.append(node)
         self.shapes[node] = tuple(shape_of(node)[1:])
-        return None
+        return node
+
+    def key(self, x):
+        """The step computing ``x`` (a traced node or already a step)."""
+        return self.out.get(x, x) if isinstance(x, torch.fx.Node) else x
 
     def shape(self, x) -> tuple:
-        """The shape of node ``x`` without the batch dim."""
-        if x in self.shapes:
-            return self.shapes[x]
-        s = shape_of(x)
-        if s is None:
-            self.fail(self.op_name(), "input shape unknown")
-        return tuple(s[1:])
+        """The shape of ``x`` (traced node or step) without the batch dim."""
+        k = self.key(x)
+        if k in self.shapes:
+            return self.shapes[k]
+        self.fail(self.op_name(), "input shape unknown")
 
     def output(self, node):
         out = node.args[0]
         if not self.is_dep(out):
             self.fail("output", "the output must be one input-dependent tensor")
-        return out
+        return self.key(out)
 
     def fail(self, what: str, why: str = ""):
         name = self.tg.display_name(self.node)
         detail = f": {why}" if why else ""
         raise UnsupportedOpError(f"node {name!r} ({what}{detail}): no linear relaxation; {_LOCAL_ADVICE}")
 
-    def add(self, op):
-        """``op`` computes the current traced node."""
-        self.order.append(self.node)
-        self.ops[self.node] = op
-        self.shapes[self.node] = tuple(shape_of(self.node)[1:])
-        return op
-
-    def step(self, op, shape, what: str):
-        """``op`` computes a new :class:`_Step` node of ``shape`` inside the current traced node."""
-        key = _Step(f"{self.tg.display_name(self.node)}/{what}")
-        self.order.append(key)
-        self.ops[key] = op
-        self.shapes[key] = tuple(shape)
-        return key
+    def add(self, op, shape=None, what: str | None = None):
+        """Place ``op`` (its operands given as traced nodes or steps) as a new step; ``shape``
+        defaults to the current traced node's, ``what`` names a step inside it. Returns the step."""
+        for attr in ("src", "a", "b"):
+            if hasattr(op, attr):
+                setattr(op, attr, self.key(getattr(op, attr)))
+        name = self.tg.display_name(self.node)
+        k = _Step(f"{name}/{what}" if what else name)
+        self.order.append(k)
+        self.ops[k] = op
+        self.shapes[k] = tuple(shape_of(self.node)[1:]) if shape is None else tuple(shape)
+        return k
 
     def single(self):
         x = self.node.args[0] if self.node.args else None
@@ -153,13 +177,10 @@ class _Builder(Analysis):
             self.fail(self.op_name(), "the input-dependent tensor must be the first and only such operand")
         return x
 
-    def structural(self, x, run, n: int = 1, has_bias: bool = False):
-        """A linear op given by ``run`` (data movement, pooling): transpose by the
-        vector–Jacobian product, ``|W| = W`` (nonnegative weights)."""
-        return self.add(self.structural_op(x, run, n, has_bias))
-
-    def structural_op(self, x, run, n: int = 1, has_bias: bool = False):
-        """The :class:`_Affine` of :meth:`structural`, not yet placed."""
+    def structural(self, x, run, n: int = 1, has_bias: bool = False, what: str | None = None):
+        """A linear op given by ``run`` (data movement, pooling, sums with nonnegative
+        weights): transpose by the vector–Jacobian product, ``|W| = W`` (nonnegative weights);
+        ``n``: its γ index (terms per entry plus roundings of inexact weights)."""
         in_shape = self.shape(x)
         zero = torch.zeros((1,) + tuple(in_shape), dtype=_F64)
         with torch.no_grad():
@@ -187,7 +208,24 @@ class _Builder(Analysis):
                 y = run(t)
             return y - bias if bias is not None else y
 
-        return _Affine(x, T, absfwd, n, bias, fwd=fwd)
+        return self.add(_Affine(x, T, absfwd, n, bias, fwd=fwd), b0.shape, what)
+
+    def unary(self, x, relaxation, what: str | None = None):
+        """``f(x)`` elementwise, ``relaxation`` giving its lines and range (a new step)."""
+        return self.add(_Unary(x, relaxation), self.shape(x), what)
+
+    def product(self, a, b, what: str | None = None):
+        """``a · b`` elementwise of two input-dependent tensors of the same shape."""
+        if self.shape(a) != self.shape(b):
+            self.fail(self.op_name(), f"product of input-dependent tensors of shapes {self.shape(a)} and "
+                      f"{self.shape(b)} (broadcast it first)")
+        return self.add(_Prod(a, b), self.shape(a), what)
+
+    def sum(self, a, b, alpha: float = 1.0, what: str | None = None):
+        """``a + α b`` of two input-dependent tensors of the same shape."""
+        if self.shape(a) != self.shape(b):
+            self.fail(self.op_name(), "broadcasting between input-dependent tensors")
+        return self.add(_Sum(a, b, alpha), self.shape(a), what)
 
     # -- modules -------------------------------------------------------------------------
 
@@ -204,18 +242,25 @@ class _Builder(Analysis):
     def activation(self, name, params):
         x = self.single()
         if name == "relu":
-            return self.add(_Act(x, 0.0))
+            return self.add(_Act(x, 0.0), self.shape(x))
         if name == "leaky_relu":
             a = params["negative_slope"]
             a = a.item() if isinstance(a, torch.Tensor) and a.numel() == 1 else a
             if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
                 self.fail(f"leaky_relu({a!r})", "the negative slope must be a number in [0, 1] (convex)")
-            return self.add(_Act(x, float(a)))
+            return self.add(_Act(x, float(a)), self.shape(x))
         if name in ("pos", "positive"):
             return self.structural(x, lambda t: t, 1)
         if name in ("neg", "negative"):
-            return self.add(_Affine(x, lambda lam: -lam, lambda M: M, 1, fwd=lambda t: -t))
-        self.fail(name, "no sound linear relaxation implemented for this activation yet")
+            return self.add(_Affine(x, lambda lam: -lam, lambda M: M, 1, fwd=lambda t: -t), self.shape(x))
+        return self.unary(x, self.relaxation(name, params))
+
+    def relaxation(self, name, params):
+        """The sound lines of activation ``name`` (:func:`gmfast.lipschitz.relax.get`)."""
+        try:
+            return relax.get(name, params)
+        except UnsupportedOpError as e:
+            self.fail(name, str(e))
 
     def module_linear(self, node, mod):
         x = self.single()
@@ -274,11 +319,11 @@ class _Builder(Analysis):
         def spread_abs(M):
             return torch.stack([M, M], 2).reshape((M.shape[0],) + shape)
 
-        swap = self.step(self.structural_op(x, lambda t: pairs(t).flip(2).reshape(t.shape)), shape, "swap")
-        d = self.step(_Affine(x, diff_T, diff_abs, 1, fwd=diff_fwd), hshape, "diff")
-        r = self.step(_Act(d, 0.0), hshape, "relu")
-        spread = self.step(_Affine(r, spread_T, spread_abs, 2, fwd=spread_fwd), shape, "spread")
-        return self.add(_Sum(swap, spread, 1.0))
+        swap = self.structural(x, lambda t: pairs(t).flip(2).reshape(t.shape), what="swap")
+        d = self.add(_Affine(x, diff_T, diff_abs, 1, fwd=diff_fwd), hshape, "diff")
+        r = self.add(_Act(d, 0.0), hshape, "relu")
+        spread = self.add(_Affine(r, spread_T, spread_abs, 2, fwd=spread_fwd), shape, "spread")
+        return self.sum(swap, spread, 1.0)
 
     def module_batch_norm(self, node, mod):
         x = self.single()
@@ -288,8 +333,7 @@ class _Builder(Analysis):
 
     def module_avg_pool(self, node, mod):
         x = self.single()
-        shape = shape_of(x)
-        return self.structural(x, lambda t: mod(t), math.prod(shape[1:]) + 2)
+        return self.structural(x, lambda t: mod(t), math.prod(self.shape(x)) + 2)
 
     # -- functions -----------------------------------------------------------------------
 
@@ -366,7 +410,7 @@ class _Builder(Analysis):
         if self.is_dep(a) and self.is_dep(b):
             if shape_of(a) != out or shape_of(b) != out:
                 self.fail(self.op_name(), "broadcasting between input-dependent tensors")
-            return self.add(_Sum(a, b, alpha))
+            return self.sum(a, b, alpha)
         if self.is_dep(a):
             if shape_of(a) != out:
                 self.fail(self.op_name(), "the input-dependent operand is broadcast")
@@ -387,18 +431,28 @@ class _Builder(Analysis):
             return M
 
         scaled = _Affine(b, T, absfwd, 1, torch.broadcast_to(c, shape).clone(), fwd=T)
-        return self.add(scaled)
+        return self.add(scaled, shape)
 
-    def shift(self, x, c, exact: bool):
-        shape = shape_of(self.node)[1:]
-        bias = torch.broadcast_to(c, shape).clone()
+    def shift(self, x, c, exact: bool, what: str | None = None):
+        """``x + c`` (``c`` constant, broadcast to ``x``'s shape; ``exact``: ``c`` is the exact
+        value, else within ``u|c|`` of it)."""
+        shape = self.shape(x)
+        bias = self.broadcast(c, shape)
         err = None if exact else bias.abs() * U64
-        return self.add(_Affine(x, lambda lam: lam, lambda M: M, 1, bias, err, fwd=lambda t: t))
+        return self.add(_Affine(x, lambda lam: lam, lambda M: M, 1, bias, err, fwd=lambda t: t), shape, what)
+
+    def broadcast(self, c, shape):
+        """Constant ``c`` broadcast to ``shape``, refusing a ``c`` that would enlarge it."""
+        if torch.broadcast_shapes(c.shape, shape) != tuple(shape):
+            self.fail(self.op_name(), "the input-dependent operand is broadcast")
+        return torch.broadcast_to(c, shape).clone()
 
     def rule_mul(self, node):
         a, b = arg(node, 0, "input"), arg(node, 1, "other")
         if self.is_dep(a) and self.is_dep(b):
-            self.fail(self.op_name(), "product of two input-dependent tensors")
+            if shape_of(a) != shape_of(b):
+                self.fail(self.op_name(), "product of input-dependent tensors of different shapes (broadcast)")
+            return self.product(a, b)
         x, c = (a, b) if self.is_dep(a) else (b, a)
         return self.scale(x, self.const_value(c, self.op_name()), 1)
 
@@ -412,17 +466,18 @@ class _Builder(Analysis):
         # 1/c is not exact: one more rounding per entry
         return self.scale(a, 1.0 / c, 2)
 
-    def scale(self, x, c, n):
-        out = shape_of(self.node)
-        if shape_of(x) != out:
-            self.fail(self.op_name(), "the input-dependent operand is broadcast")
-        c = torch.broadcast_to(c, out[1:]).clone()
+    def scale(self, x, c, n, what: str | None = None):
+        """``c · x`` elementwise (``c`` constant; ``n``: 1 if ``c`` is exact, plus one per
+        rounding that produced it)."""
+        shape = self.shape(x)
+        c = self.broadcast(c, shape)
         ca = _inflate(c.abs(), n)
-        return self.add(_Affine(x, lambda lam: lam * c, lambda M: M * ca, n, fwd=lambda t: t * c))
+        return self.add(_Affine(x, lambda lam: lam * c, lambda M: M * ca, n, fwd=lambda t: t * c), shape, what)
 
     # -- the affine pieces ---------------------------------------------------------------
 
-    def linear(self, x, weight, bias):
+    def linear(self, x, weight, bias, what: str | None = None):
+        """``x Wᵀ + b`` over the last dim of ``x``."""
         W = weight.detach().cpu().to(_F64)
         Wa = W.abs()
         out_f, in_f = W.shape
@@ -434,21 +489,22 @@ class _Builder(Analysis):
         def absfwd(M):
             return _inflate(M @ Wa.T, in_f)
 
-        return self.add(_Affine(x, T, absfwd, out_f, b, fwd=lambda t: t @ W.T))
+        shape = self.shape(x)
+        if not shape or shape[-1] != in_f:
+            self.fail(self.op_name(), f"linear layer expects {in_f} input features; got shape {shape}")
+        return self.add(_Affine(x, T, absfwd, out_f, b, fwd=lambda t: t @ W.T), shape[:-1] + (out_f,), what)
 
     def conv(self, x, weight, bias, stride, pad, dilation, groups, nd):
-        shape = shape_of(x)
-        if shape is None:
-            self.fail(self.op_name(), "input shape unknown")
-        in_shape = tuple(shape[1:])
+        in_shape = self.shape(x)
         W = weight.detach().cpu().to(_F64)
         Wa = W.abs()
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
         convT = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-        out_shape = tuple(shape_of(self.node)[1:])
         st = stride if isinstance(stride, tuple) else (stride,) * nd
         dl = dilation if isinstance(dilation, tuple) else (dilation,) * nd
         k = W.shape[2:]
+        with torch.no_grad():
+            out_shape = tuple(conv(torch.zeros((1,) + in_shape, dtype=_F64), W, None, st, pad, dl, groups).shape[1:])
         # output_padding so the transpose returns the input's spatial size
         opad = tuple(in_shape[1 + d] - ((out_shape[1 + d] - 1) * st[d] - 2 * pad[d] + dl[d] * (k[d] - 1) + 1)
                      for d in range(nd))
@@ -465,10 +521,11 @@ class _Builder(Analysis):
         def absfwd(M):
             return _inflate(conv(M, Wa, None, st, pad, dl, groups), n_in_terms)
 
-        return self.add(_Affine(x, T, absfwd, n_T, bias_full, fwd=lambda t: conv(t, W, None, st, pad, dl, groups)))
+        return self.add(_Affine(x, T, absfwd, n_T, bias_full, fwd=lambda t: conv(t, W, None, st, pad, dl, groups)),
+                        out_shape)
 
     def batch_norm(self, x, mean, var, weight, bias, eps):
-        shape = shape_of(x)[1:]
+        shape = self.shape(x)
         nd = len(shape) - 1
         s = 1.0 / torch.sqrt(var.detach().cpu().to(_F64) + float(eps))
         if weight is not None:
@@ -490,4 +547,4 @@ class _Builder(Analysis):
             return M * sa
 
         return self.add(_Affine(x, T, absfwd, 5, shift.reshape(view).expand(shape).clone(),
-                                shift_err.reshape(view).expand(shape).clone(), fwd=T))
+                                shift_err.reshape(view).expand(shape).clone(), fwd=T), shape)

@@ -90,24 +90,11 @@ import torch
 from gmfast._fp import U64, gamma, norm_upper
 from gmfast.lipschitz.graph import check_same_function, trace
 from gmfast.lipschitz.linearize import _F64, _TINY, _Builder, _down, _up
+from gmfast.lipschitz.local_steps import (act_back, act_interval, act_relax, prod_back, prod_interval, prod_relax,
+                                          rowdot, unary_back, unary_interval, unary_relax)
 
 
 # ----------------------------------------------------------------------------- bounds
-
-
-def _rowdot(lam: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``Σ lam[b, r, ...]·V[b, ...]`` → (B, R); ``lam`` may have a batch dim of 1 (shared)."""
-    Bl, R = lam.shape[:2]
-    B = V.shape[0]
-    lf = lam.reshape(Bl, R, -1)
-    vf = V.reshape(B, -1)
-    if Bl == 1:
-        return (lf[0] @ vf.T).T
-    if B == 1:
-        return lf @ vf[0]
-    if R == 1:  # a ragged batch of one-row problems: a batched GEMM of 1x1 results is slow
-        return torch.linalg.vecdot(lf[:, 0, :], vf).unsqueeze(1)
-    return torch.bmm(lf, vf.unsqueeze(2)).squeeze(2)
 
 
 class _Rows(dict):
@@ -156,18 +143,24 @@ class LocalBounds:
         self.n_in = math.prod(input_shape)
         self.out_shape = b.shapes[out]
         self.shapes = b.shapes
-        self.pre = [self.ops[n].src for n in self.order[1:] if self.ops[n].kind == "act"]
+        #: inputs of the nonlinear ops, whose bounds are refined by CROWN: for ``max(z, a z)``
+        #: the neurons an interval leaves unstable; for ``unary``/``prod`` (``pre_all``) all
+        self.pre_all = {m for n in self.order[1:] for m in self._srcs(n) if self.ops[n].kind in ("unary", "prod")}
+        self.pre = [self.ops[n].src for n in self.order[1:] if self.ops[n].kind == "act"] + sorted(
+            self.pre_all, key=self.order.index)
         self.n_neurons = sum(math.prod(self.shapes[n]) for n in set(self.pre))
         self._tcache = {}
-        #: nodes that are affine functions of the input (no activation below them)
+        #: nodes that are affine functions of the input (no nonlinear op below them)
         self.affine_only = {self.order[0]}
         for n in self.order[1:]:
-            op = self.ops[n]
-            srcs = [op.a, op.b] if op.kind == "sum" else [op.src]
-            if op.kind != "act" and all(m in self.affine_only for m in srcs):
+            if self.ops[n].kind in ("affine", "sum") and all(m in self.affine_only for m in self._srcs(n)):
                 self.affine_only.add(n)
         #: (input, neuron) pairs refined per backward pass: bounds the working memory
         self.row_chunk = 4096
+
+    def _srcs(self, n):
+        op = self.ops[n]
+        return [op.a, op.b] if op.kind in ("sum", "prod") else [op.src]
 
     # -- the passes ----------------------------------------------------------------------
 
@@ -176,8 +169,11 @@ class LocalBounds:
         (interval arithmetic with outward rounding: ``W·mid`` within ``γ_N|W||mid|``)."""
         op, I = self.ops[n], ctx["I"]
         if op.kind == "act":
-            lo, hi = I[op.src]
-            return torch.maximum(lo, op.a * lo), torch.maximum(hi, op.a * hi)  # monotone; exact
+            return act_interval(*I[op.src], op.a)
+        if op.kind == "unary":
+            return unary_interval(op.relaxation, *I[op.src])
+        if op.kind == "prod":
+            return prod_interval(I[op.a], I[op.b])
         if op.kind == "sum":
             (la, ha), (lb, hb) = I[op.a], I[op.b]
             if op.alpha < 0:
@@ -198,18 +194,6 @@ class LocalBounds:
         w = r + 4.0 * U64 * (c.abs() + r) + _TINY
         return _down(c - w), _up(c + w)
 
-    def _relax(self, l, u, a):
-        """Lower slope α, upper slope s and offset t of ``max(z, a z)`` on ``[l, u]``."""
-        pos, neg = l >= 0, u <= 0
-        unstable = ~(pos | neg)
-        width = torch.where(unstable, u - l, torch.ones_like(u))
-        s = torch.clamp(((u - a * l) / width) * (1.0 + 8.0 * U64), max=1.0)
-        s = torch.where(unstable, s, torch.where(pos, torch.ones_like(s), torch.full_like(s, a)))
-        t = torch.where(unstable, _up(((s - a) * (-l)) * (1.0 + 4.0 * U64)), torch.zeros_like(s))
-        alpha = torch.where(pos, torch.ones_like(s), torch.full_like(s, a))
-        alpha = torch.where(unstable & (u >= -l), torch.ones_like(s), alpha)
-        return alpha, s, t
-
     def _backward(self, start, lam, ctx, key=None, rows=None, raw=False):
         """Lower bounds (B, R) of ``Σ lam·start`` over the ball (``lam`` (1 or B, R, *shape)).
 
@@ -229,7 +213,7 @@ class LocalBounds:
                 continue
             lam = lams.pop(n)
             op = self.ops[n]
-            if rows is not None and (n is self.order[0] or op.kind == "act"):
+            if rows is not None and (n is self.order[0] or op.kind in ("act", "unary", "prod")):
                 # the rows stop being shared here: keep the selected (input, row) pairs, each
                 # as its own one-row problem (a ragged batch, no padding)
                 bidx, ridx = rows
@@ -245,9 +229,9 @@ class LocalBounds:
             Bl = lam.shape[0]
             if op.kind == "affine":
                 # one pass over |Λ| for every charged term of this step
-                err = err + _rowdot(lam.abs(), ctx["V"][n])
+                err = err + rowdot(lam.abs(), ctx["V"][n])
                 if op.bias is not None:
-                    tb = _rowdot(lam, op.bias.unsqueeze(0))
+                    tb = rowdot(lam, op.bias.unsqueeze(0))
                     err = err + U64 * (c.abs() + tb.abs())
                     c = c + tb
                 shp = self.shapes[op.src]
@@ -266,18 +250,21 @@ class LocalBounds:
                 self._accumulate(lams, op.a, lam, M, err_ref)
                 scaled = lam * op.alpha
                 if op.alpha not in (1.0, -1.0):
-                    err_ref[0] = err_ref[0] + U64 * _rowdot(scaled.abs(), M[op.b])
+                    err_ref[0] = err_ref[0] + U64 * rowdot(scaled.abs(), M[op.b])
                 self._accumulate(lams, op.b, scaled, M, err_ref)
                 err = err_ref[0]
+            elif op.kind == "prod":
+                new_a, new_b, tt, e = prod_back(lam, relax[n], c)
+                c, err_ref = c + tt, [err + e]
+                self._accumulate(lams, op.a, new_a, M, err_ref)
+                self._accumulate(lams, op.b, new_b, M, err_ref)
+                err = err_ref[0]
             else:
-                alpha, s, t = relax[n]
-                neg = lam < 0
-                new = torch.where(neg, lam * s.unsqueeze(1), lam * alpha.unsqueeze(1))
-                tt = _rowdot(torch.where(neg, lam, 0.0), t)  # ≤ 0; Σ|Λ⁻|t = −tt
-                err = err + 2.0 * U64 * _rowdot(lam.abs(), M[op.src]) \
-                    + (gamma(t[0].numel() + 1, U64) + U64) * tt.abs() + U64 * c.abs()
-                c = c + tt
-                err_ref = [err]
+                if op.kind == "act":
+                    new, tt, e = act_back(lam, relax[n], M[op.src], c)
+                else:
+                    new, tt, e = unary_back(lam, relax[n], c)
+                c, err_ref = c + tt, [err + e]
                 self._accumulate(lams, op.src, new, M, err_ref)
                 err = err_ref[0]
         raise RuntimeError("the backward pass did not reach the input")
@@ -286,7 +273,7 @@ class LocalBounds:
     def _accumulate(lams, node, new, M, err_ref):
         if node in lams:
             total = lams[node] + new
-            err_ref[0] = err_ref[0] + U64 * _rowdot(total.abs(), M[node])
+            err_ref[0] = err_ref[0] + U64 * rowdot(total.abs(), M[node])
             lams[node] = total
         else:
             lams[node] = new
@@ -311,19 +298,21 @@ class LocalBounds:
             hi = _up(torch.clamp(x + eps.reshape((B,) + (1,) * (x.dim() - 1)), max=domain[1])).reshape(B, -1)
             lfb = lf.expand(B, R, n)
             val = (lfb.clamp(min=0) * lo.unsqueeze(1) + lfb.clamp(max=0) * hi.unsqueeze(1)).sum(-1)
-            err = err + gamma(n + 1, U64) * _rowdot(lam.abs(), torch.maximum(lo.abs(), hi.abs()))
+            err = err + gamma(n + 1, U64) * rowdot(lam.abs(), torch.maximum(lo.abs(), hi.abs()))
         else:
-            center = _rowdot(lam, xf)
+            center = rowdot(lam, xf)
             if norm == 2:
                 N = norm_upper(lf, dim=-1)
             else:
                 N = lf.abs().sum(-1) * (1.0 + gamma(n + 1, U64))
             rad = e * N.expand(B, R) * (1.0 + 2.0 * U64)
             val = center - rad
-            err = err + gamma(n + 1, U64) * _rowdot(lam.abs(), xf.abs()) + U64 * (center.abs() + rad)
+            err = err + gamma(n + 1, U64) * rowdot(lam.abs(), xf.abs()) + U64 * (center.abs() + rad)
         total = c + val
         err = err + U64 * (c.abs() + val.abs() + total.abs())
-        return _down(total - (2.0 * err + _TINY))
+        low = _down(total - (2.0 * err + _TINY))
+        # NaN only from ∞·0 (a vacuous relaxation of an unbounded neuron): no bound
+        return torch.where(torch.isnan(low), -math.inf, low)
 
     # -- public --------------------------------------------------------------------------
 
@@ -350,8 +339,11 @@ class LocalBounds:
         for n in self.order[1:]:
             op = self.ops[n]
             if op.kind == "act":
-                l, u = I[op.src]
-                ctx["relax"][n] = self._relax(l, u, op.a)
+                ctx["relax"][n] = act_relax(*I[op.src], op.a)
+            elif op.kind == "unary":
+                ctx["relax"][n] = unary_relax(op.relaxation, *I[op.src], M[op.src])
+            elif op.kind == "prod":
+                ctx["relax"][n] = prod_relax(I[op.a], I[op.b], M[op.a], M[op.b])
             elif op.kind == "affine":
                 ctx["V"][n] = self._charges(n, M)
             I[n] = self._intervals(n, ctx)
@@ -389,13 +381,14 @@ class LocalBounds:
         return torch.maximum(lo, l0), torch.minimum(hi, h0)
 
     def _refine(self, n, ctx):
-        """CROWN bounds on the neurons of ``n`` whose interval straddles 0."""
+        """CROWN bounds on the neurons of ``n`` whose interval straddles 0 (all neurons of
+        a non-degenerate interval when ``n`` feeds a smooth function or a product)."""
         lo, hi = ctx["I"][n]
         B = lo.shape[0]
         shape = self.shapes[n]
         k = math.prod(shape)
         lo, hi = lo.reshape(B, k).clone(), hi.reshape(B, k).clone()
-        unstable = (lo < 0) & (hi > 0)
+        unstable = (lo < hi) if n in self.pre_all else (lo < 0) & (hi > 0)
         count = unstable.sum(1)
         if int(count.sum()) == 0:
             return ctx["I"][n]
@@ -428,7 +421,7 @@ class LocalBounds:
         lam = lam.to(_F64).reshape((Bl, R) + self.out_shape)
         lam0, c, err, ctx2 = self._backward(self.out_node, lam, ctx, raw=True)
         if lam_err is not None:
-            err = err + _rowdot(lam_err.to(_F64).reshape(lam.shape), ctx["M"][self.out_node])
+            err = err + rowdot(lam_err.to(_F64).reshape(lam.shape), ctx["M"][self.out_node])
         if c0_err is not None:
             err = err + c0_err
         ctx = ctx2
@@ -522,7 +515,7 @@ class LinearBound:
         Bl, R = self.lam.shape[:2]
         lf = self.lam.reshape(Bl, R, -1)
         q = 2 if self.ctx["norm"] == 2 else 1
-        val = _rowdot(self.lam, self.ctx["x"].reshape(B, -1)) + self.c - 2.0 * self.err
+        val = rowdot(self.lam, self.ctx["x"].reshape(B, -1)) + self.c - 2.0 * self.err
         N = lf.norm(p=q, dim=-1).expand(B, R).clamp_min(1e-300)
         return (val / N).amin(1).clamp_min(0)
 

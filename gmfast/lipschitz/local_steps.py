@@ -1,0 +1,160 @@
+"""The nonlinear steps of the local route (:mod:`gmfast.lipschitz.local`): for each kind of
+linearised op that is not affine, its sound interval, its relaxation on the pre-activation
+bounds, and its step of the backward pass with the rounding charges.
+
+Each ``*_back`` function takes the rows ``lam`` (Bl, R, *shape) on the op's output, the
+relaxation computed by ``*_relax`` (tensors (B, *shape)) and the running constant ``c``
+(·, R), and returns the rows on the op's input(s), the constant's increment ``tt`` (B, R)
+and the charge (B, R) that covers every rounding of the step: see the "Floating point"
+section of :mod:`gmfast.lipschitz.local` for the argument, restated in short here for each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gmfast._fp import U64, gamma
+from gmfast.lipschitz.linearize import _down, _up
+
+
+def rowdot(lam: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``Σ lam[b, r, ...]·V[b, ...]`` → (B, R); ``lam`` may have a batch dim of 1 (shared)."""
+    Bl, R = lam.shape[:2]
+    B = V.shape[0]
+    lf = lam.reshape(Bl, R, -1)
+    vf = V.reshape(B, -1)
+    if Bl == 1:
+        return (lf[0] @ vf.T).T
+    if B == 1:
+        return lf @ vf[0]
+    if R == 1:  # a ragged batch of one-row problems: a batched GEMM of 1x1 results is slow
+        return torch.linalg.vecdot(lf[:, 0, :], vf).unsqueeze(1)
+    return torch.bmm(lf, vf.unsqueeze(2)).squeeze(2)
+
+
+def _rowsum(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+def _per_input(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(1)  # (B, *shape) -> (B, 1, *shape): broadcasts over the rows
+
+
+# ----------------------------------------------------------------------------- max(z, a z)
+
+
+def act_interval(lo, hi, a):
+    """``max(z, a z)`` is monotone: exact on the ends."""
+    return torch.maximum(lo, a * lo), torch.maximum(hi, a * hi)
+
+
+def act_relax(l, u, a):
+    """Lower slope α, upper slope s and offset t of ``max(z, a z)`` on ``[l, u]``: ``σ ≥ α z``
+    for ``α ∈ [a, 1]`` (CROWN's adaptive choice), ``σ ≤ s z + t`` with the chord slope rounded
+    up (a steeper line through ``(l, a l)`` lies above the chord on ``[l, u]``) and ``t``
+    rounded up."""
+    pos, neg = l >= 0, u <= 0
+    unstable = ~(pos | neg)
+    width = torch.where(unstable, u - l, torch.ones_like(u))
+    s = torch.clamp(((u - a * l) / width) * (1.0 + 8.0 * U64), max=1.0)
+    s = torch.where(unstable, s, torch.where(pos, torch.ones_like(s), torch.full_like(s, a)))
+    t = torch.where(unstable, _up(((s - a) * (-l)) * (1.0 + 4.0 * U64)), torch.zeros_like(s))
+    alpha = torch.where(pos, torch.ones_like(s), torch.full_like(s, a))
+    alpha = torch.where(unstable & (u >= -l), torch.ones_like(s), alpha)
+    return alpha, s, t
+
+
+def act_back(lam, rel, M_src, c):
+    """``Λ⁺α + Λ⁻s`` (slopes ≤ 1: one rounding per entry, ``≤ 2u|Λ|ᵀM``), ``tt = Λ⁻ᵀt`` (an
+    inner product: ``γ_{n+1}|tt|``, all terms of one sign) and its addition to ``c``."""
+    alpha, s, t = rel
+    neg = lam < 0
+    new = torch.where(neg, lam * _per_input(s), lam * _per_input(alpha))
+    tt = rowdot(torch.where(neg, lam, 0.0), t)  # ≤ 0; Σ|Λ⁻|t = −tt
+    err = 2.0 * U64 * rowdot(lam.abs(), M_src) + (gamma(t[0].numel() + 1, U64) + U64) * tt.abs() + U64 * c.abs()
+    return new, tt, err
+
+
+# ----------------------------------------------------------------------------- f(z) elementwise
+
+
+def unary_interval(relaxation, lo, hi):
+    """The relaxation's range on ``[lo, hi]`` (``[−∞, ∞]`` where the interval is not finite)."""
+    fin = torch.isfinite(lo) & torch.isfinite(hi)
+    if bool(fin.all()):
+        return relaxation.range(lo, hi)
+    a, b = relaxation.range(torch.where(fin, lo, 0.0), torch.where(fin, hi, 0.0))
+    return torch.where(fin, a, -math.inf), torch.where(fin, b, math.inf)
+
+
+def unary_relax(relaxation, l, u, M_src):
+    """``al z + bl ≤ f(z) ≤ au z + bu`` on ``[l, u]`` (:meth:`Relaxation.lines`: valid in exact
+    arithmetic for the exact ``f``), plus what the backward step charges per unit of ``|Λ|``:
+    ``SM ≥ max(|al|, |au|)·M_src`` and ``Bm = max(|bl|, |bu|)``. A neuron whose bounds are
+    not finite gets the vacuous lines ``0·z ∓ ∞`` (its bound becomes −∞, never NaN: see
+    :func:`gmfast.lipschitz.local.LocalBounds._concretize`)."""
+    fin = torch.isfinite(l) & torch.isfinite(u)
+    if bool(fin.all()):
+        al, bl, au, bu = relaxation.lines(l, u)
+    else:
+        al, bl, au, bu = relaxation.lines(torch.where(fin, l, 0.0), torch.where(fin, u, 0.0))
+        al, au = torch.where(fin, al, 0.0), torch.where(fin, au, 0.0)
+        bl, bu = torch.where(fin, bl, -math.inf), torch.where(fin, bu, math.inf)
+    SM = torch.maximum(al.abs(), au.abs()) * M_src * (1.0 + 4.0 * U64)
+    return al, bl, au, bu, SM, torch.maximum(bl.abs(), bu.abs())
+
+
+def unary_back(lam, rel, c):
+    """``Λ_z = Λ⁺al + Λ⁻au`` (one rounding per entry: ``u|Λ|ᵀ(max|a|·M_z)``) and
+    ``tt = Σ Λ⁺bl + Λ⁻bu`` (an inner product of length ``n``: ``γ_{n+1}|Λ|ᵀmax|b|``), plus the
+    addition to ``c``."""
+    al, bl, au, bu, SM, Bm = rel
+    neg = lam < 0
+    new = torch.where(neg, lam * _per_input(au), lam * _per_input(al))
+    tt = _rowsum(lam * torch.where(neg, _per_input(bu), _per_input(bl)))
+    la = lam.abs()
+    err = U64 * rowdot(la, SM) + gamma(Bm[0].numel() + 1, U64) * rowdot(la, Bm) + U64 * (c.abs() + tt.abs())
+    return new, tt, err
+
+
+# ----------------------------------------------------------------------------- a·b elementwise
+
+
+def prod_interval(Ia, Ib):
+    """The four corner products, each rounded once, widened by one ulp outward (the exact
+    product of two floats lies within one ``nextafter`` step of its rounding)."""
+    (la, ha), (lb, hb) = Ia, Ib
+    p = torch.stack([la * lb, la * hb, ha * lb, ha * hb])
+    lo, hi = _down(p.amin(0)), _up(p.amax(0))
+    bad = torch.isnan(lo) | torch.isnan(hi)  # ∞·0 of an unbounded factor
+    return torch.where(bad, -math.inf, lo), torch.where(bad, math.inf, hi)
+
+
+def prod_relax(Ia, Ib, M_a, M_b):
+    """McCormick planes for ``a b`` on ``[la, ua] × [lb, ub]``: ``a b ≥ lb·a + la·b − la·lb``
+    (the difference is ``(a − la)(b − lb) ≥ 0``) and ``a b ≤ ub·a + la·b − la·ub`` (the
+    difference is ``(a − la)(ub − b) ≥ 0``). The slopes are the bounds themselves (exact);
+    the constants are rounded outward. Also ``P ≥ M_a·M_b`` and ``Cm = max|constants|``
+    for the charges."""
+    (la, ua), (lb, ub) = Ia, Ib
+    cL = _down(-(la * lb))
+    cU = _up(-(la * ub))
+    P = M_a * M_b * (1.0 + 4.0 * U64)
+    return la, lb, ub, cL, cU, P, torch.maximum(cL.abs(), cU.abs())
+
+
+def prod_back(lam, rel, c):
+    """``Λ_a = Λ⁺lb + Λ⁻ub``, ``Λ_b = Λ la`` (one rounding per entry each, the slopes bounded
+    by ``M_b`` resp. ``M_a``: ``2u|Λ|ᵀ(M_a M_b)``) and ``tt = Σ Λ⁺cL + Λ⁻cU`` (``γ_{n+1}|Λ|ᵀ
+    max|c|``), plus the addition to ``c``."""
+    la, lb, ub, cL, cU, P, Cm = rel
+    neg = lam < 0
+    new_a = torch.where(neg, lam * _per_input(ub), lam * _per_input(lb))
+    new_b = lam * _per_input(la)
+    tt = _rowsum(lam * torch.where(neg, _per_input(cU), _per_input(cL)))
+    a = lam.abs()
+    err = 2.0 * U64 * rowdot(a, P) + gamma(Cm[0].numel() + 1, U64) * rowdot(a, Cm) + U64 * (c.abs() + tt.abs())
+    return new_a, new_b, tt, err
+
