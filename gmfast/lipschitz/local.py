@@ -17,7 +17,12 @@ identity ``(a, b) ↦ (b + r, a − r)``, ``r = relu(a − b)``: a permutation, 
 the map ``r ↦ (r, −r)`` and a sum (steps that the trace does not have; the transposes of the
 permutation and the difference are exact, that of ``(r, −r)`` rounds once per entry). An AOL
 layer is ``F.linear``/``F.conv2d`` with a constant effective weight: the trace records the
-weight its forward computes, and that matrix is the affine op's ``W``. A backward pass
+weight its forward computes, and that matrix is the affine op's ``W``. Two general kinds
+complete the vocabulary: *unary* ``v = f(z)`` elementwise with lines
+``al z + bl ≤ f(z) ≤ au z + bu`` valid for every real ``z ∈ [l, u]`` (:mod:`gmfast.lipschitz.relax`:
+smooth activations, ``exp``, ``rsqrt``, ...) and *prod* ``v = a·b`` of two input-dependent
+tensors (McCormick). A traced op may be several such steps (MaxMin above; LayerNorm, softmax
+and attention in :mod:`gmfast.lipschitz.linearize_tf`). A backward pass
 carries a linear lower bound ``m(x') ≥ Λ_vᵀ v(x') + c`` from the start node down to the
 input:
 
@@ -32,13 +37,18 @@ input:
   a convex function between the chord's ends); stable neurons (``l ≥ 0`` or ``u ≤ 0``)
   are exactly linear. A coefficient ``λ ≥ 0`` takes the lower line, ``λ < 0`` the upper:
   ``Λ_z = Λ⁺α + Λ⁻s``, ``c' = c + Λ⁻ᵀt``;
+* through ``f`` the same with its lines: ``Λ_z = Λ⁺al + Λ⁻au``, ``c' = c + Σ(Λ⁺bl + Λ⁻bu)``;
+* through ``a·b`` with ``a ∈ [la, ua]``, ``b ∈ [lb, ub]`` on the ball:
+  ``ab ≥ lb·a + la·b − la·lb`` (the difference is ``(a − la)(b − lb) ≥ 0``) for ``λ ≥ 0`` and
+  ``ab ≤ ub·a + la·b − la·ub`` (the difference is ``(a − la)(ub − b) ≥ 0``) for ``λ < 0``:
+  ``Λ_a = Λ⁺lb + Λ⁻ub``, ``Λ_b = Λ·la``, ``c' = c + Σ(Λ⁺cL + Λ⁻cU)``;
 * at the input, ``min_{x' ∈ B} Λ_0ᵀ x' = Λ_0ᵀ x − ε‖Λ_0‖_q`` (``q`` the dual exponent), or
   ``Σ Λ⁺ lo' + Λ⁻ hi'`` over the box ``[max(x − ε, lo), min(x + ε, hi)]`` for ``ℓ∞`` with a
   domain (that box is exactly ``B ∩ domain``).
 
-Pre-activation bounds ``l, u`` come from the same backward pass started at the
-pre-activation node with ``Λ = ±I`` (full CROWN, in topological order, so every
-activation below is already relaxed). The bound holds for every ``x' ∈ B``, so the same
+Pre-activation bounds ``l, u`` (of the inputs of activations, of ``f`` and of both factors
+of a product) come from the same backward pass started at the pre-activation node with
+``Λ = ±I`` (full CROWN, in topological order, so every activation below is already relaxed). The bound holds for every ``x' ∈ B``, so the same
 bound is valid for every smaller ball: certifying by bisection on ``ε`` and returning the
 largest ``ε`` that *passed* is sound whatever the bisection does.
 
@@ -64,6 +74,16 @@ of the backward pass; each computed step is charged to a per-row error total ``E
 * ``Λ_vᵀb`` and ``Λ⁻ᵀt`` are inner products of length ``n``: ``γ_n |Λ|ᵀ|b|``.
 * The activation step ``Λ⁺α + Λ⁻s`` rounds once per entry: ``2u |Λ|ᵀ M_z``; sums of two
   ``Λ`` at a residual fork round once per entry: ``u |Λ_sum|ᵀ M``.
+* The ``f`` step rounds once per entry of ``Λ_z``: ``u |Λ|ᵀ(max(|al|, |au|) M_z)``; its
+  offsets are an inner product: ``γ_{n+1} |Λ|ᵀ max(|bl|, |bu|)``. The lines are valid as
+  given (:mod:`gmfast.lipschitz.relax` proves them, rounding included); a neuron whose
+  interval is not finite gets ``0·z ∓ ∞`` and the bound becomes ``−∞`` (a NaN from ``∞·0``
+  is turned into ``−∞`` at the end: no certificate, never a false one).
+* The product step: the slopes are the float bounds themselves (exact), the constants
+  ``cL = −la·lb`` and ``cU = −la·ub`` are rounded down/up; ``Λ_a`` and ``Λ_b`` round once per
+  entry with slopes bounded by ``M_b`` resp. ``M_a``: ``2u |Λ|ᵀ(M_a M_b)``; the constants'
+  inner product ``γ_{n+1}|Λ|ᵀ max(|cL|, |cU|)``. Its interval: the corner products, each
+  rounded once and widened by one ulp outward.
 * The concretisation: ``Λ_0ᵀx`` within ``γ_n|Λ_0|ᵀ|x|``; ``‖Λ_0‖₂`` bounded above by
   :func:`gmfast._fp.norm_upper`, ``‖Λ_0‖₁`` by ``(1 + γ_n) fl(Σ|λ|)``, then ``ε·N`` raised
   by ``(1 + 2u)``; the box corners rounded outward (``nextafter``), a larger box being
