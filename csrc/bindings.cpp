@@ -100,6 +100,8 @@ py::tuple tied_certify(const py::array& Z, const py::array& A, const py::array& 
   const T* a = need<T>(A, "A", {-1, d});
   const index_t K = A.shape(0);
   if (K < 1) fail("A: expected at least one class");
+  // the epilogue's argmax carries class indices as T (csrc/cpu/tied.cpp: exact below 2^24)
+  if (K >= (index_t{1} << 24)) fail("A: expected fewer than 2^24 classes, got " + std::to_string(K));
   const T* b = need<T>(beta, "beta", {K});
   const double* tab = inv ? need<double>(*inv, "inv", {K, K}) : nullptr;
   if (static_cast<bool>(alpha) != static_cast<bool>(eps)) fail("alpha and eps must both be given or both None");
@@ -186,8 +188,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("have_blas", &gmfast::have_blas);
   m.def(
       "set_gemm_policy", [](int p) {
-        if (p < 0 || p > 3)
-          fail("policy: expected 0 (auto), 1 (blas), 2 (portable) or 3 (micro), got " + std::to_string(p));
+        if (p < 0 || p > 4)
+          fail("policy: expected 0 (auto), 1 (blas), 2 (portable), 3 (micro) or 4 (lanes), got " +
+               std::to_string(p));
         gmfast::set_gemm_policy(static_cast<gmfast::GemmPolicy>(p));
       },
       py::arg("policy"));

@@ -62,7 +62,7 @@ bool have_blas();
 // Which GEMM gemm_nt uses. kAuto: the portable blocked loop when the inner dimension is
 // long (k >= 256: it keeps A panels in L2 and measured faster than MKL there on this
 // project's reference machine, see benchmarks/RESULTS.md), MKL otherwise.
-enum class GemmPolicy : int { kAuto = 0, kBlas = 1, kPortable = 2, kMicro = 3 };
+enum class GemmPolicy : int { kAuto = 0, kBlas = 1, kPortable = 2, kMicro = 3, kLanes = 4 };
 void set_gemm_policy(GemmPolicy p);
 GemmPolicy gemm_policy();
 

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from test_cholesky_form import test_sound_within_rounding_of_the_boundary as cho
 
 import gmfast
 from gmfast.ops import _cpu
+from gmfast.params import tied_denominators, tied_error_model
 
 C = _cpu._load()
 PATHS = [name for name, ok in C.cpu_isas() if ok]
@@ -48,7 +50,7 @@ def isa(request):
         _cpu.set_gemm_policy("auto")
 
 
-POLICIES = ("auto", "micro", "portable", "blas")
+POLICIES = ("auto", "lanes", "micro", "portable", "blas")
 # (B, d, K): B = 0 and 1, odd sizes that leave partial strips and panels, K = 2, d = 1, a
 # feature count past one k-chunk of the microkernel (256), many classes
 TIED_SHAPES = [(0, 5, 3), (1, 1, 2), (7, 3, 2), (13, 1, 67), (97, 64, 3), (97, 65, 2), (250, 513, 5),
@@ -66,6 +68,38 @@ def test_tied_every_policy_equals_reference(isa, dtype):
             for norm, b in ref_cert.items():
                 a = head.certify(Z, norm=norm, backend="cpu")
                 assert_same(a, b, Z, head, dtype, f"{isa} policy={policy} {(B, d, K)} norm={norm}")
+        _cpu.set_gemm_policy("auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tied_nonfinite_rows_every_policy(isa, dtype):
+    """The kernel itself (no float64 re-run) gives -1 and radius 0 to rows with a NaN/Inf
+    input or an overflowing logit, and the reference's answer to every other row of the same
+    block, under each GEMM (the lanes kernel's epilogue works on whole blocks of rows)."""
+    big = torch.finfo(dtype).max
+    for B, d, K in [(70, 9, 5), (70, 33, 130)]:
+        head = random_head("tied", d, K, seed=d + K)
+        Z = sample(head, B, dtype, seed=3)
+        bad = [0, 17, 33, 34, B - 1]
+        Z[0, 3] = float("nan")
+        Z[17, 0] = float("inf")
+        Z[33, :] = big  # finite input whose logits overflow
+        Z[34, 1] = -float("inf")
+        Z[B - 1, d - 1] = float("nan")
+        Z, work, _ = head.prepared(Z)
+        inv = tied_denominators(work, 2)[1]
+        fp = tied_error_model(work, d, dtype)
+        keep = torch.tensor([i for i in range(B) if i not in bad])
+        want = head.certify(Z[keep], backend="reference")
+        for policy in POLICIES:
+            _cpu.set_gemm_policy(policy)
+            pred, radius = _cpu.tied_certify(Z, work.A, work.beta, inv, fp)
+            what = f"{isa} policy={policy} {(B, d, K)}"
+            assert (pred[bad] == -1).all() and (radius[bad] == 0).all(), what
+            got = SimpleNamespace(prediction=pred[keep], radius=radius[keep])
+            assert_same(got, want, Z[keep], head, dtype, what)
+            pred_only, none = _cpu.tied_certify(Z, work.A, work.beta, None, None)
+            assert none is None and torch.equal(pred_only, pred), what
         _cpu.set_gemm_policy("auto")
 
 

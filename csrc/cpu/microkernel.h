@@ -62,6 +62,7 @@ constexpr bool kAutoBlas = true;
 constexpr index_t kMicroMinClasses = 64;
 #endif
 constexpr index_t kMicroMaxShortRow = 64, kPortableMinInner = 256, kBlasMinCols = 64;
+constexpr index_t kLanesMaxClasses = 128;
 
 typedef float vfloat __attribute__((vector_size(kVecBytes)));
 typedef double vdouble __attribute__((vector_size(kVecBytes)));

@@ -11,6 +11,7 @@
 // product is deflated by (1 - 8u). Exactly the formula of gmfast.ops._reference.tied_epilogue.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -37,47 +38,54 @@ void row_epilogue(const T* logits, index_t K, T ss, index_t d, const double* inv
     probe += v - v;
   }
   const bool finite = probe == probe;
-  index_t c = K;
-  if (finite) {
-#pragma omp simd reduction(min : c)
-    for (index_t k = 0; k < K; ++k) c = std::min(c, logits[k] == best ? k : K);
-  }
   if (!finite) {
     *pred = -1;
     if (inv != nullptr) *radius = 0.0;
     return;
   }
+  // the index as a T (exact: K < 2^24 is checked at the boundary) so the min-reduction is a
+  // plain vector min on every ISA (SSE2 and AVX2 have no 64-bit integer min)
+  T cf = static_cast<T>(K);
+#pragma omp simd reduction(min : cf)
+  for (index_t k = 0; k < K; ++k) cf = std::min(cf, logits[k] == best ? static_cast<T>(k) : static_cast<T>(K));
+  const index_t c = static_cast<index_t>(cf);
   *pred = c;
   if (inv == nullptr) return;
   const double lc = static_cast<double>(logits[c]);
   const double* row = inv + c * K;
   double r = kInf;
-  // Branch-free over j so the loop vectorises; j == c is masked to +inf. A non-positive
-  // numerator gives 0 (a tie or an uncertain margin: not certified); num > 0 with an
-  // infinite reciprocal gives +inf (that class can never win).
+  // j = c is skipped by splitting the range. A non-positive numerator gives 0 (a tie or an
+  // uncertain margin: not certified), written max(0, num * inv) so that GCC vectorises it on
+  // AVX2 and SSE2 too (it will not if-convert `num > 0 ? ... : 0` under -ftrapping-math):
+  // num <= 0 makes the product <= 0, or NaN for 0 * inf, and max(0, .) returns 0 for both;
+  // num > 0 with an infinite reciprocal gives +inf (that class can never win).
   if (alpha != nullptr) {
     // ||z||^2 was accumulated in the working precision inside the GEMM;
     // norm_up_from_ss<T> carries the matching rounding bound.
     const double zn = norm_up_from_ss<T>(ss, d);
     const double ec = alpha[c] * zn + eps[c];
     const double up = slack_up(4);
+    auto part = [&](index_t j0, index_t j1) {
 #pragma omp simd reduction(min : r)
-    for (index_t j = 0; j < K; ++j) {
-      const double m = lc - static_cast<double>(logits[j]);
-      const double num = m - ((ec + alpha[j] * zn + eps[j]) * up + 2.0 * kU64 * std::fabs(m));
-      double v = num > 0.0 ? num * row[j] : 0.0;
-      v = (j == c) ? kInf : v;
-      r = std::min(r, v);
-    }
+      for (index_t j = j0; j < j1; ++j) {
+        const double m = lc - static_cast<double>(logits[j]);
+        const double num = m - ((ec + alpha[j] * zn + eps[j]) * up + 2.0 * kU64 * std::fabs(m));
+        r = std::min(r, std::max(0.0, num * row[j]));
+      }
+    };
+    part(0, c);
+    part(c + 1, K);
     r *= slack_down(4);
   } else {
+    auto part = [&](index_t j0, index_t j1) {
 #pragma omp simd reduction(min : r)
-    for (index_t j = 0; j < K; ++j) {
-      const double m = lc - static_cast<double>(logits[j]);
-      double v = m > 0.0 ? m * row[j] : 0.0;
-      v = (j == c) ? kInf : v;
-      r = std::min(r, v);
-    }
+      for (index_t j = j0; j < j1; ++j) {
+        const double m = lc - static_cast<double>(logits[j]);
+        r = std::min(r, std::max(0.0, m * row[j]));
+      }
+    };
+    part(0, c);
+    part(c + 1, K);
   }
   *radius = r;
 }
@@ -169,6 +177,246 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
   }
 }
 
+// Few classes: rows in vector lanes. The roles of the microkernel's operands are swapped:
+// A is packed once per call into strips of kMR classes (the broadcast side) and Z, per block,
+// into panels of NR = tile_width<T>() rows, t-major (the vector side), so one tile holds kMR
+// classes x NR rows and the classes are padded only to a multiple of kMR (12 or 6), not of
+// NR (32 or 16): K = 10 wastes 17% of the multiply-adds instead of 69%. The logits land
+// class-major (Lt[k][row]), and the whole epilogue (argmax, ||z||, margins, radius) then runs
+// across rows, one vector of rows per class: no per-row horizontal reductions, which
+// dominated the per-row epilogue at small K. The float64 arithmetic per (row, class) is the
+// per-row epilogue's, operation for operation (only the order of the min differs, which is
+// exact), so the rounding argument at the top of this file covers it unchanged.
+constexpr index_t kLanesKc = 256;
+
+// In-register transpose of a lanes<T>() x lanes<T>() tile: log2(L) stages, stage k exchanging
+// the off-diagonal k x k blocks of every 2k x 2k block (two constant two-source shuffles per
+// pair of vectors): L log2(L) shuffles instead of L^2 scalar moves.
+template <class T>
+struct Transpose {
+  using V = typename VecOf<T>::type;
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I M __attribute__((vector_size(kVecBytes)));
+  static constexpr int L = lanes<T>();
+
+  template <int k>
+  static inline void stage(V* r) {
+    M lo, hi;
+    for (int l = 0; l < L; ++l) {
+      lo[l] = (l & k) ? L + l - k : l;  // row i: lanes with bit k set come from row i + k
+      hi[l] = (l & k) ? L + l : l + k;  // row i + k: lanes with bit k clear come from row i
+    }
+    for (int i = 0; i < L; ++i)
+      if (!(i & k)) {
+        const V a = r[i], b = r[i + k];
+        r[i] = __builtin_shuffle(a, b, lo);
+        r[i + k] = __builtin_shuffle(a, b, hi);
+      }
+  }
+  static inline void run(V* r) {
+    if constexpr (L >= 16) stage<8>(r);
+    if constexpr (L >= 8) stage<4>(r);
+    if constexpr (L >= 4) stage<2>(r);
+    if constexpr (L >= 2) stage<1>(r);
+  }
+};
+
+// Z rows [0, rows) x columns [0, kc) (row stride ldz) into panels of NR rows, t-major:
+// dst[(s * kc + t) * NR + i] = Z[s * NR + i, t], zero rows past `rows`.
+template <class T>
+inline void pack_panels(const T* Z, index_t rows, index_t kc, index_t ldz, T* dst) {
+  using V = typename VecOf<T>::type;
+  constexpr index_t NR = tile_width<T>();
+  constexpr int L = lanes<T>();
+  for (index_t s = 0; s * NR < rows; ++s) {
+    T* out = dst + s * kc * NR;
+    const index_t live = std::min<index_t>(NR, rows - s * NR);
+    const T* src = Z + s * NR * ldz;
+    // The strip's reads hop between NR rows (short streams the hardware prefetcher misses on
+    // long, memory-resident Z): prefetch the next strip while transposing this one.
+    if ((s + 1) * NR < rows) {
+      const index_t nlive = std::min<index_t>(NR, rows - (s + 1) * NR);
+      for (index_t i = 0; i < nlive; ++i)
+        for (index_t t = 0; t < kc; t += 64 / static_cast<index_t>(sizeof(T)))
+          __builtin_prefetch(src + (NR + i) * ldz + t);
+    }
+    index_t t = 0;
+    if (live == NR) {
+      for (; t + L <= kc; t += L)
+        for (int v = 0; v < kNV; ++v) {
+          V r[L];
+          for (int i = 0; i < L; ++i) r[i] = vload<V>(src + (v * L + i) * ldz + t);
+          Transpose<T>::run(r);
+          for (int q = 0; q < L; ++q) std::memcpy(out + (t + q) * NR + v * L, &r[q], sizeof(V));
+        }
+    }
+    for (; t < kc; ++t)
+      for (index_t i = 0; i < NR; ++i) out[t * NR + i] = i < live ? src[i * ldz + t] : T(0);
+  }
+}
+
+// The epilogue over a block of `rows` rows whose logits (with beta) are Lt[k * ld + r] and
+// whose fl(||z||^2) are ss[r]. Every loop over r is a plain vector loop: table reads that
+// depend on the row's class are gathered by a scalar loop first (a conditional or 64-bit
+// indexed gather keeps GCC from vectorising the arithmetic on AVX2 and SSE2), and selects
+// are written as max/min (under -ftrapping-math GCC will not if-convert `num > 0 ? ...`).
+template <class T>
+struct LanesScratch {
+  std::vector<T> best, probe;
+  std::vector<int64_t> c;
+  std::vector<double> zn, ec, rad, iv, skip;
+  explicit LanesScratch(index_t n) : best(n), probe(n), c(n), zn(n), ec(n), rad(n), iv(n), skip(n) {}
+};
+
+template <class T>
+void lanes_epilogue(const T* __restrict Lt, index_t ld, index_t rows, index_t K, const T* __restrict ss, index_t d,
+                    const double* __restrict inv, const double* __restrict alpha, const double* __restrict eps,
+                    int64_t* __restrict pred, double* __restrict radius, LanesScratch<T>& s) {
+  T* __restrict best = s.best.data();
+  T* __restrict probe = s.probe.data();
+  int64_t* __restrict c = s.c.data();
+  double* __restrict zn = s.zn.data();
+  double* __restrict ec = s.ec.data();
+  double* __restrict rad = s.rad.data();
+  double* __restrict iv = s.iv.data();
+  double* __restrict skip = s.skip.data();
+  // argmax as in row_epilogue: the max and a NaN/Inf probe, then the lowest index attaining
+  // the max (classes in descending order, the last match wins)
+#pragma omp simd
+  for (index_t r = 0; r < rows; ++r) {
+    best[r] = Lt[r];
+    probe[r] = Lt[r] - Lt[r];
+  }
+  for (index_t k = 1; k < K; ++k) {
+    const T* l = Lt + k * ld;
+#pragma omp simd
+    for (index_t r = 0; r < rows; ++r) {
+      best[r] = l[r] > best[r] ? l[r] : best[r];
+      probe[r] += l[r] - l[r];
+    }
+  }
+#pragma omp simd
+  for (index_t r = 0; r < rows; ++r) c[r] = 0;
+  for (index_t k = K - 1; k > 0; --k) {
+    const T* l = Lt + k * ld;
+#pragma omp simd
+    for (index_t r = 0; r < rows; ++r) c[r] = l[r] == best[r] ? k : c[r];
+  }
+  // non-finite rows keep c = 0 (a valid index for the table reads below) and are
+  // overwritten at the end
+  if (inv != nullptr) {
+    for (index_t r = 0; r < rows; ++r) rad[r] = kInf;
+    const bool fp = alpha != nullptr;
+    const double up = slack_up(4);
+    if (fp) {
+#pragma GCC ivdep
+      for (index_t r = 0; r < rows; ++r) zn[r] = norm_up_from_ss<T>(ss[r], d);
+      for (index_t r = 0; r < rows; ++r) ec[r] = alpha[c[r]] * zn[r] + eps[c[r]];
+    }
+    for (index_t j = 0; j < K; ++j) {
+      for (index_t r = 0; r < rows; ++r) {
+        iv[r] = inv[c[r] * K + j];
+        skip[r] = j == c[r] ? kInf : 0.0;  // j = c is not a competitor
+      }
+      const T* l = Lt + j * ld;
+      if (fp) {
+        const double aj = alpha[j], ej = eps[j];
+#pragma GCC ivdep
+        for (index_t r = 0; r < rows; ++r) {
+          const double m = static_cast<double>(best[r]) - static_cast<double>(l[r]);
+          const double num = m - ((ec[r] + aj * zn[r] + ej) * up + 2.0 * kU64 * std::fabs(m));
+          // num > 0 ? num * iv : 0 (num <= 0 gives a product <= 0 or NaN (0 * inf): 0)
+          const double v = std::max(std::max(0.0, num * iv[r]), skip[r]);
+          rad[r] = std::min(rad[r], v);
+        }
+      } else {
+#pragma GCC ivdep
+        for (index_t r = 0; r < rows; ++r) {
+          const double m = static_cast<double>(best[r]) - static_cast<double>(l[r]);
+          const double v = std::max(std::max(0.0, m * iv[r]), skip[r]);
+          rad[r] = std::min(rad[r], v);
+        }
+      }
+    }
+    if (fp) {
+      const double down = slack_down(4);
+#pragma GCC ivdep
+      for (index_t r = 0; r < rows; ++r) rad[r] *= down;
+    }
+  }
+  for (index_t r = 0; r < rows; ++r) {
+    const bool finite = probe[r] == probe[r];
+    pred[r] = finite ? c[r] : -1;
+    if (inv != nullptr) radius[r] = finite ? rad[r] : 0.0;
+  }
+}
+
+template <class T>
+void tied_certify_lanes(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
+                        const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius) {
+  using V = typename VecOf<T>::type;
+  constexpr index_t NR = tile_width<T>();
+  constexpr int L = lanes<T>();
+  const index_t ng = (K + kMR - 1) / kMR;
+  std::vector<T> apack(static_cast<size_t>(ng) * kMR * d);
+  pack_strips<T>(A, K, d, d, apack.data());
+  // rows per block: the class-major logits (ng * kMR x mb) and the packed Z chunk (mb x kc)
+  // stay in L2; a multiple of NR, independent of the thread count
+  const index_t mb = std::clamp<index_t>((16384 / (ng * kMR)) / NR * NR, NR, 256);
+  const index_t nblocks = (B + mb - 1) / mb;
+  const bool norms = alpha != nullptr;
+#pragma omp parallel
+  {
+    const index_t kc_max = std::min(kLanesKc, d);
+    std::vector<T> zp(static_cast<size_t>(mb) * std::max<index_t>(kc_max, 1)), Lt(static_cast<size_t>(ng) * kMR * mb),
+        ss(mb);
+    LanesScratch<T> scratch(mb);
+#pragma omp for schedule(dynamic, 1)
+    for (index_t b = 0; b < nblocks; ++b) {
+      const index_t r0 = b * mb, rows = std::min(mb, B - r0);
+      const index_t np = (rows + NR - 1) / NR;
+      std::fill(ss.begin(), ss.end(), T(0));
+      if (d == 0) std::fill(Lt.begin(), Lt.end(), T(0));
+      for (index_t t0 = 0; t0 < d; t0 += kLanesKc) {
+        const index_t kc = std::min(kLanesKc, d - t0);
+        pack_panels<T>(Z + r0 * ldz + t0, rows, kc, ldz, zp.data());
+        for (index_t s = 0; s < np; ++s) {
+          const T* zs = zp.data() + s * kc * NR;
+          if (norms) {  // fl(||z||^2) in T, any order (norm_up_from_ss)
+            V acc[kNV] = {};
+            for (index_t t = 0; t < kc; ++t)
+              for (int v = 0; v < kNV; ++v) {
+                const V z = vload<V>(zs + t * NR + v * L);
+                acc[v] += z * z;
+              }
+            for (int v = 0; v < kNV; ++v)
+              for (int i = 0; i < L; ++i) ss[s * NR + v * L + i] += acc[v][i];
+          }
+          for (index_t g = 0; g < ng; ++g) {
+            V acc[kMR][kNV];
+            tile_acc<T>(apack.data() + (g * d + t0) * kMR, zs, kc, NR, acc);
+#pragma GCC unroll 12
+            for (int k = 0; k < kMR; ++k) {
+              T* out = Lt.data() + (g * kMR + k) * mb + s * NR;
+              for (int v = 0; v < kNV; ++v) {
+                if (t0 > 0) acc[k][v] += vload<V>(out + v * L);
+                std::memcpy(out + v * L, &acc[k][v], sizeof(V));
+              }
+            }
+          }
+        }
+      }
+      for (index_t k = 0; k < K; ++k) {
+        T* l = Lt.data() + k * mb;
+        const T bk = beta[k];
+#pragma omp simd
+        for (index_t r = 0; r < rows; ++r) l[r] += bk;
+      }
+      lanes_epilogue<T>(Lt.data(), mb, rows, K, ss.data(), d, inv, alpha, eps, pred + r0, radius + r0, scratch);
+    }
+  }
+}
+
 }  // namespace
 
 template <class T>
@@ -179,6 +427,11 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
   // Which GEMM (microkernel.h: the crossover of this ISA path). MKL is used only in large
   // multithreaded blocks: many small per-thread calls cost up to 8x the floor (measured).
   const bool blas_blocks = have_blas() && (policy == GemmPolicy::kBlas || (policy == GemmPolicy::kAuto && kAutoBlas));
+  if (!blas_blocks && (policy == GemmPolicy::kLanes ||
+                       (policy == GemmPolicy::kAuto && K <= kLanesMaxClasses))) {
+    tied_certify_lanes<T>(Z, B, d, ldz, A, beta, K, inv, alpha, eps, pred, radius);
+    return;
+  }
   if (!blas_blocks && (policy == GemmPolicy::kMicro ||
                        (policy == GemmPolicy::kAuto && (K >= kMicroMinClasses || d <= kMicroMaxShortRow)))) {
     tied_certify_micro<T>(Z, B, d, ldz, A, beta, K, inv, alpha, eps, pred, radius);

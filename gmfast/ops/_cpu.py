@@ -88,7 +88,7 @@ def _install_torch_blas() -> None:
         _blas_state.update(installed=True, reason="MKL from libtorch")
 
 
-_POLICIES = {"auto": 0, "blas": 1, "portable": 2, "micro": 3}
+_POLICIES = {"auto": 0, "blas": 1, "portable": 2, "micro": 3, "lanes": 4}
 _state = {"policy": "auto", "isa_forced": None}
 ISA_ENV = "GMFAST_CPU_ISA"
 
@@ -96,9 +96,11 @@ ISA_ENV = "GMFAST_CPU_ISA"
 def set_gemm_policy(policy: str) -> None:
     """Which GEMM the kernels use: ``"auto"`` (default: by shape, with the crossover measured
     for the ISA path that runs, ``csrc/cpu/microkernel.h`` and ``benchmarks/RESULTS.md``),
-    ``"blas"`` (torch's MKL), ``"portable"`` (the dot-product tiles of ``csrc/cpu/gemm.cpp``)
-    or ``"micro"`` (the packed register-blocked microkernel of ``csrc/cpu/microkernel.h`` for
-    the tied logits; the portable tiles for the GEMMs that have no microkernel variant). The
+    ``"blas"`` (torch's MKL), ``"portable"`` (the dot-product tiles of ``csrc/cpu/gemm.cpp``),
+    ``"micro"`` (the packed register-blocked microkernel of ``csrc/cpu/microkernel.h`` for
+    the tied logits; the portable tiles for the GEMMs that have no microkernel variant) or
+    ``"lanes"`` (the tied kernel with rows in vector lanes, ``csrc/cpu/tied.cpp``: the same
+    microkernel with the operands swapped, and the epilogue across rows; few classes). The
     full-covariance margins always use the microkernel. ``GMFAST_GEMM`` sets it when the kernels
     load. For benchmarks and tests; results are sound either way."""
     if policy not in _POLICIES:
