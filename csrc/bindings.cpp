@@ -114,7 +114,7 @@ py::tuple tied_certify(const py::array& Z, const py::array& A, const py::array& 
 
 template <class T>
 py::tuple perclass_certify(const py::array& Z, int kind, const py::array& mu, const py::array& prec,
-                           const py::array& prec_mu, const py::array& kappa, const py::array& prec_abs_up,
+                           const py::array& kappa, const py::array& prec_abs_up,
                            const py::array& mu_norm_up, std::optional<py::array> lam,
                            std::optional<py::array> consts) {
   index_t B, d, ldz;
@@ -129,7 +129,6 @@ py::tuple perclass_certify(const py::array& Z, int kind, const py::array& mu, co
   else if (kind == static_cast<int>(PerClassKind::kDiag)) p = need<T>(prec, "prec", {K, d});
   else if (kind == static_cast<int>(PerClassKind::kSpherical)) p = need<T>(prec, "prec", {K});
   else fail("kind: expected 0 (full), 1 (diag) or 2 (spherical), got " + std::to_string(kind));
-  const T* pm = need<T>(prec_mu, "prec_mu", {K, d});
   const double* kap = need<double>(kappa, "kappa", {K});
   const double* pa = need<double>(prec_abs_up, "prec_abs_up", {K});
   const double* mn = need<double>(mu_norm_up, "mu_norm_up", {K});
@@ -137,7 +136,7 @@ py::tuple perclass_certify(const py::array& Z, int kind, const py::array& mu, co
   gmfast::PerClassConsts cst;
   const gmfast::PerClassConsts* fp = perclass_consts(consts, &cst);
   return certify_outputs(B, la != nullptr, [&](int64_t* po, double* ro) {
-    gmfast::perclass_certify<T>(z, B, d, ldz, static_cast<gmfast::PerClassKind>(kind), m, p, pm, kap, pa, mn, K, la,
+    gmfast::perclass_certify<T>(z, B, d, ldz, static_cast<gmfast::PerClassKind>(kind), m, p, kap, pa, mn, K, la,
                                 fp, po, ro);
   });
 }
@@ -267,9 +266,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kappa"), py::arg("rho"), py::arg("sigma"), py::arg("eps"), py::arg("prec"), py::arg("prec_mu"),
         py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("lam"), py::arg("consts"));
   m.def("perclass_certify_f32", &perclass_certify<float>, py::arg("Z"), py::arg("kind"), py::arg("mu"),
-        py::arg("prec"), py::arg("prec_mu"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
+        py::arg("prec"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
         py::arg("lam"), py::arg("consts"));
   m.def("perclass_certify_f64", &perclass_certify<double>, py::arg("Z"), py::arg("kind"), py::arg("mu"),
-        py::arg("prec"), py::arg("prec_mu"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
+        py::arg("prec"), py::arg("kappa"), py::arg("prec_abs_up"), py::arg("mu_norm_up"),
         py::arg("lam"), py::arg("consts"));
 }

@@ -40,10 +40,18 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 // gamma_{n+1}(u_A) relatively, so sum x^2 <= (ss + 2 n eta_A)(1 + gamma_{n+2}(u_A)); the
 // float64 square root and products add <= 4 roundings. For A = double this is exactly
 // gmfast._fp.norm_upper.
+// NormUp<A>(n) hoists the per-call constants (the same operations, so the same values):
+// the epilogues evaluate it once per row.
+template <class A>
+struct NormUp {
+  double add, mul;
+  explicit NormUp(index_t n)
+      : add(2.0 * static_cast<double>(n) * underflow_unit<A>()), mul(1.0 + gamma_n(n + 2, unit_roundoff<A>())) {}
+  double operator()(A ss) const { return std::sqrt((static_cast<double>(ss) + add) * mul) * (1.0 + 4.0 * kU64); }
+};
 template <class A>
 inline double norm_up_from_ss(A ss, index_t n) {
-  const double s = static_cast<double>(ss) + 2.0 * static_cast<double>(n) * underflow_unit<A>();
-  return std::sqrt(s * (1.0 + gamma_n(n + 2, unit_roundoff<A>()))) * (1.0 + 4.0 * kU64);
+  return NormUp<A>(n)(ss);
 }
 
 // Fortran BLAS gemm (column-major, LP64 integers), as exported by MKL inside libtorch.

@@ -139,7 +139,7 @@ def test_bad_buffers_are_named():
         C.tied_certify_f32(Z, np.zeros((2, 4), np.float32), np.zeros(2, np.float32), None, np.zeros(2), None)
     with pytest.raises(ValueError, match="kind: expected 0"):
         C.perclass_certify_f32(Z, 7, np.zeros((2, 4), np.float32), np.zeros(2, np.float32),
-                               np.zeros((2, 4), np.float32), np.zeros(2), np.zeros(2), np.zeros(2), None, None)
+                               np.zeros(2), np.zeros(2), np.zeros(2), None, None)
     with pytest.raises(ValueError, match=r"consts: expected shape \(16\), got \(3,\)"):
         C.perclass_certify_f32(Z, 1, np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32),
-                               np.zeros((2, 4), np.float32), np.zeros(2), np.zeros(2), np.zeros(2), None, np.zeros(3))
+                               np.zeros(2), np.zeros(2), np.zeros(2), None, np.zeros(3))

@@ -130,15 +130,15 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
 
 template <class T>
 void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu, const T* prec,
-                      const T* prec_mu, const double* kappa, const double* prec_abs_up, const double* mu_norm_up,
+                      const double* kappa, const double* prec_abs_up, const double* mu_norm_up,
                       index_t K, const double* lam, const PerClassConsts* fp, int64_t* pred, double* radius) {
   const int k = static_cast<int>(kind);
   const double* fp_sound = fp != nullptr ? reinterpret_cast<const double*>(fp) : nullptr;  // packed doubles
   if constexpr (std::is_same_v<T, float>)
-    active()->perclass_f32(Z, B, d, ldz, k, mu, prec, prec_mu, kappa, prec_abs_up, mu_norm_up, K, lam, fp_sound, pred,
+    active()->perclass_f32(Z, B, d, ldz, k, mu, prec, kappa, prec_abs_up, mu_norm_up, K, lam, fp_sound, pred,
                            radius);
   else
-    active()->perclass_f64(Z, B, d, ldz, k, mu, prec, prec_mu, kappa, prec_abs_up, mu_norm_up, K, lam, fp_sound, pred,
+    active()->perclass_f64(Z, B, d, ldz, k, mu, prec, kappa, prec_abs_up, mu_norm_up, K, lam, fp_sound, pred,
                            radius);
 }
 
@@ -161,10 +161,10 @@ template void tied_certify<float>(const float*, index_t, index_t, index_t, const
 template void tied_certify<double>(const double*, index_t, index_t, index_t, const double*, const double*,
                                    index_t, const double*, const double*, const double*, int64_t*, double*);
 template void perclass_certify<float>(const float*, index_t, index_t, index_t, PerClassKind, const float*,
-                                      const float*, const float*, const double*, const double*, const double*,
+                                      const float*, const double*, const double*, const double*,
                                       index_t, const double*, const PerClassConsts*, int64_t*, double*);
 template void perclass_certify<double>(const double*, index_t, index_t, index_t, PerClassKind, const double*,
-                                       const double*, const double*, const double*, const double*, const double*,
+                                       const double*, const double*, const double*, const double*,
                                        index_t, const double*, const PerClassConsts*, int64_t*, double*);
 template void full_certify_chol<float>(const float*, index_t, index_t, index_t, const float*, const float*,
                                        const double*, const double*, const double*, const double*, const float*,

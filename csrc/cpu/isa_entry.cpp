@@ -22,11 +22,11 @@ struct Consts {
 };
 
 template <class T>
-void perclass(const T* Z, index_t B, index_t d, index_t ldz, int kind, const T* mu, const T* prec, const T* prec_mu,
+void perclass(const T* Z, index_t B, index_t d, index_t ldz, int kind, const T* mu, const T* prec,
               const double* kappa, const double* prec_abs_up, const double* mu_norm_up, index_t K, const double* lam,
               const double* consts, int64_t* pred, double* radius) {
   const Consts c(consts);
-  perclass_certify<T>(Z, B, d, ldz, static_cast<PerClassKind>(kind), mu, prec, prec_mu, kappa, prec_abs_up,
+  perclass_certify<T>(Z, B, d, ldz, static_cast<PerClassKind>(kind), mu, prec, kappa, prec_abs_up,
                       mu_norm_up, K, lam, c.ptr, pred, radius);
 }
 

@@ -35,10 +35,10 @@ struct GmfastIsaTable {
                    const double*, const double*, int64_t*, double*);
   void (*tied_f64)(const double*, int64_t, int64_t, int64_t, const double*, const double*, int64_t, const double*,
                    const double*, const double*, int64_t*, double*);
-  void (*perclass_f32)(const float*, int64_t, int64_t, int64_t, int, const float*, const float*, const float*,
+  void (*perclass_f32)(const float*, int64_t, int64_t, int64_t, int, const float*, const float*,
                        const double*, const double*, const double*, int64_t, const double*, const double*, int64_t*,
                        double*);
-  void (*perclass_f64)(const double*, int64_t, int64_t, int64_t, int, const double*, const double*, const double*,
+  void (*perclass_f64)(const double*, int64_t, int64_t, int64_t, int, const double*, const double*,
                        const double*, const double*, const double*, int64_t, const double*, const double*, int64_t*,
                        double*);
   void (*chol_f32)(const float*, int64_t, int64_t, int64_t, const float*, const float*, const double*,

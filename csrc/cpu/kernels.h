@@ -30,12 +30,12 @@ inline double pair_radius(double q, double g, double lam) {
 // Per-class quadratic classifier f_k = kappa_k - 1/2 (z - mu_k)^T P_k (z - mu_k) with the
 // sound l2 radius of DESIGN 1.4 (gmfast.ops._reference.perclass_certify has the derivation).
 // Never materialises B x K x d: rows are processed in blocks whose scratch is bounded.
-//   prec: diag (K x d), spherical (K) (full: full_certify_chol);  mu, prec_mu (K x d)
+//   prec: diag (K x d), spherical (K) (full: full_certify_chol);  mu (K x d)
 //   kappa, prec_abs_up, mu_norm_up (K) float64;  lam (K x K) float64 or null (predict only)
 //   fp: the rounding-error constants (constants.h) or null (fp_sound=False)
 template <class T>
 void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu,
-                      const T* prec, const T* prec_mu, const double* kappa, const double* prec_abs_up,
+                      const T* prec, const double* kappa, const double* prec_abs_up,
                       const double* mu_norm_up, index_t K, const double* lam, const PerClassConsts* fp,
                       int64_t* pred, double* radius);
 
@@ -45,7 +45,7 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
 // (d - i0) x NR block, t-major, entry [t][r] = R_k[i0 + r, i0 + t] (zero past row d); panels
 // follow each other, classes too. rbias (K x ceil(d / NR) * NR) = R_k mu_k, zero-padded.
 // rho >= || |R_k| ||_2, sigma >= ||R_k||_2, eps >= ||R_k^T R_k - P_k||_2 (float64, K each); the
-// exact gradients use prec, prec_mu, prec_abs_up as perclass_certify does.
+// exact gradients P_k z - P_k mu_k use prec and prec_mu, their error bound prec_abs_up.
 template <class T>
 constexpr index_t chol_panel_rows() {
   return static_cast<index_t>(2 * 64 / sizeof(T));  // = panel_width<T>() of microkernel.h

@@ -125,7 +125,7 @@ void elementwise_u(const T* z, index_t d, PerClassKind kind, const T* mu, const 
 
 template <class T>
 void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu,
-                      const T* prec, const T* prec_mu, const double* kappa, const double* prec_abs_up,
+                      const T* prec, const double* kappa, const double* prec_abs_up,
                       const double* mu_norm_up, index_t K, const double* lam, const PerClassConsts* fp,
                       int64_t* pred, double* radius) {
   if (B == 0) return;
@@ -145,10 +145,10 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
 }
 
 template void perclass_certify<float>(const float*, index_t, index_t, index_t, PerClassKind, const float*,
-                                      const float*, const float*, const double*, const double*, const double*,
+                                      const float*, const double*, const double*, const double*,
                                       index_t, const double*, const PerClassConsts*, int64_t*, double*);
 template void perclass_certify<double>(const double*, index_t, index_t, index_t, PerClassKind, const double*,
-                                       const double*, const double*, const double*, const double*, const double*,
+                                       const double*, const double*, const double*, const double*,
                                        index_t, const double*, const PerClassConsts*, int64_t*, double*);
 
 }  // namespace gmfast

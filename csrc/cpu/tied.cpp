@@ -309,8 +309,9 @@ void lanes_epilogue(const T* __restrict Lt, index_t ld, index_t rows, index_t K,
     const bool fp = alpha != nullptr;
     const double up = slack_up(4);
     if (fp) {
+      const NormUp<T> norm_up(d);
 #pragma GCC ivdep
-      for (index_t r = 0; r < rows; ++r) zn[r] = norm_up_from_ss<T>(ss[r], d);
+      for (index_t r = 0; r < rows; ++r) zn[r] = norm_up(ss[r]);
       for (index_t r = 0; r < rows; ++r) ec[r] = alpha[c[r]] * zn[r] + eps[c[r]];
     }
     for (index_t j = 0; j < K; ++j) {
@@ -364,11 +365,13 @@ void tied_certify_lanes(const T* Z, index_t B, index_t d, index_t ldz, const T* 
   // stay in L2; a multiple of NR, independent of the thread count
   const index_t mb = std::clamp<index_t>((16384 / (ng * kMR)) / NR * NR, NR, 256);
   const index_t nblocks = (B + mb - 1) / mb;
+  // class rows of Lt padded by a cache line (a power-of-two stride thrashes a few L1 sets)
+  const index_t ldt = mb + 64 / static_cast<index_t>(sizeof(T));
   const bool norms = alpha != nullptr;
 #pragma omp parallel
   {
     const index_t kc_max = std::min(kLanesKc, d);
-    std::vector<T> zp(static_cast<size_t>(mb) * std::max<index_t>(kc_max, 1)), Lt(static_cast<size_t>(ng) * kMR * mb),
+    std::vector<T> zp(static_cast<size_t>(mb) * std::max<index_t>(kc_max, 1)), Lt(static_cast<size_t>(ng) * kMR * ldt),
         ss(mb);
     LanesScratch<T> scratch(mb);
 #pragma omp for schedule(dynamic, 1)
@@ -397,7 +400,7 @@ void tied_certify_lanes(const T* Z, index_t B, index_t d, index_t ldz, const T* 
             tile_acc<T>(apack.data() + (g * d + t0) * kMR, zs, kc, NR, acc);
 #pragma GCC unroll 12
             for (int k = 0; k < kMR; ++k) {
-              T* out = Lt.data() + (g * kMR + k) * mb + s * NR;
+              T* out = Lt.data() + (g * kMR + k) * ldt + s * NR;
               for (int v = 0; v < kNV; ++v) {
                 if (t0 > 0) acc[k][v] += vload<V>(out + v * L);
                 std::memcpy(out + v * L, &acc[k][v], sizeof(V));
@@ -407,12 +410,12 @@ void tied_certify_lanes(const T* Z, index_t B, index_t d, index_t ldz, const T* 
         }
       }
       for (index_t k = 0; k < K; ++k) {
-        T* l = Lt.data() + k * mb;
+        T* l = Lt.data() + k * ldt;
         const T bk = beta[k];
 #pragma omp simd
         for (index_t r = 0; r < rows; ++r) l[r] += bk;
       }
-      lanes_epilogue<T>(Lt.data(), mb, rows, K, ss.data(), d, inv, alpha, eps, pred + r0, radius + r0, scratch);
+      lanes_epilogue<T>(Lt.data(), ldt, rows, K, ss.data(), d, inv, alpha, eps, pred + r0, radius + r0, scratch);
     }
   }
 }
@@ -469,6 +472,37 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
     for (index_t r0 = 0; r0 < B; r0 += mbig) {
       const index_t rows = std::min(mbig, B - r0);
       logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data(), nullptr, /*prefer_blas=*/true);
+      if (K <= kLanesMaxClasses) {
+        // few classes: the per-row epilogue's fixed cost dominates; transpose the logits of
+        // 256 rows at a time (K x 256, cheap next to the GEMM) and run the across-rows one
+        // class rows of Lt padded by a cache line: a power-of-two stride would put the K
+        // rows of a column in a few L1 sets
+        constexpr index_t sub = 256, ldt = sub + 64 / static_cast<index_t>(sizeof(T));
+        const index_t nsub = (rows + sub - 1) / sub;
+#pragma omp parallel
+        {
+          std::vector<T> Lt(static_cast<size_t>(K * ldt)), ss(sub, T(0));
+          LanesScratch<T> scratch(sub);
+#pragma omp for schedule(static)
+          for (index_t q = 0; q < nsub; ++q) {
+            const index_t q0 = q * sub, n = std::min(sub, rows - q0);
+            for (index_t r = 0; r < n; ++r) {
+              const T* l = L.data() + (q0 + r) * K;
+              for (index_t k = 0; k < K; ++k) Lt[k * ldt + r] = l[k];
+              if (alpha != nullptr) {
+                const T* z = Z + (r0 + q0 + r) * ldz;
+                T acc = 0;
+#pragma omp simd reduction(+ : acc)
+                for (index_t t = 0; t < d; ++t) acc += z[t] * z[t];
+                ss[r] = acc;
+              }
+            }
+            lanes_epilogue<T>(Lt.data(), ldt, n, K, ss.data(), d, inv, alpha, eps, pred + r0 + q0,
+                              radius + r0 + q0, scratch);
+          }
+        }
+        continue;
+      }
 #pragma omp parallel for schedule(static)
       for (index_t r = 0; r < rows; ++r) {
         T ss = 0;

@@ -244,6 +244,6 @@ def perclass_certify(Z, p: params.PerClassParams, lam, fp):
                           _consts(fp))
         return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)
     fn = getattr(C, "perclass_certify_" + _suffix(Z.dtype))
-    pred, radius = fn(_rows(Z), int(CovKind.of(p.kind)), _np(p.mu), _np(p.prec), _np(p.prec_mu), _np(p.kappa),
+    pred, radius = fn(_rows(Z), int(CovKind.of(p.kind)), _np(p.mu), _np(p.prec), _np(p.kappa),
                       _np(p.prec_abs_up), _np(p.mu_norm_up), _np(lam), _consts(fp))
     return torch.from_numpy(pred), None if radius is None else torch.from_numpy(radius)

@@ -38,10 +38,20 @@ def tied_certify(Z: torch.Tensor, p: TiedParams, norm, *, fp_sound: bool, need_r
             inv_hat, inv_lo = tied_denominators(p, norm)
             table = inv_lo if fp_sound else inv_hat
             if fp_sound:
-                fp = tied_error_model(p, Z.shape[1], Z.dtype)
+                fp = _tied_error_model(p, Z.shape[1], Z.dtype)
         return call("tied_certify", backend, Z, p.A, p.beta, table, fp)
 
     return in_range(run, Z, p)
+
+
+def _tied_error_model(p: TiedParams, d: int, T: torch.dtype) -> TiedErrorModel:
+    """:func:`gmfast.params.tied_error_model`, kept with ``p``'s other per-working-copy tables
+    (``p.tables``, whose norm keys it cannot collide with): a few small tensor operations that
+    cost as much as the kernel on small batches."""
+    key = ("error_model", d, T)
+    if key not in p.tables:
+        p.tables[key] = tied_error_model(p, d, T)
+    return p.tables[key]
 
 
 def perclass_certify(Z: torch.Tensor, p: PerClassParams, *, fp_sound: bool, need_radius: bool,
