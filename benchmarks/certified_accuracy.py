@@ -69,13 +69,15 @@ ANCHORS_MNIST_158 = {"nearest-prototype certificates (published)": 0.73, "GloRo 
 PER_CLASS = {"digits": None, "mnist": 20}
 #: Monte Carlo samples of smoothing's CERTIFY (the issue's n = 10⁵), set from the command line.
 SMOOTHING_N = {"digits": 100_000, "mnist": 100_000}
+#: MNIST σ's to run in this process (``--sigmas``; default all of SIGMAS).
+RUN_SIGMAS: list = []
 
 
 def smoothing_plan(data: str, quick: bool):
     """``(sigmas, n, held-out images per class (None: all))``."""
     if data == "digits":
         return (0.25,), (10_000 if quick else SMOOTHING_N["digits"]), PER_CLASS["digits"]
-    return SIGMAS, (1_000 if quick else SMOOTHING_N["mnist"]), (5 if quick else PER_CLASS["mnist"])
+    return RUN_SIGMAS or SIGMAS, (1_000 if quick else SMOOTHING_N["mnist"]), (5 if quick else PER_CLASS["mnist"])
 
 
 def subset(yte, per_class):
@@ -201,23 +203,31 @@ def gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves, reuse
         log(f"{data}: the local route is above the global one on {res['local_above_global']} of {len(yte)} inputs")
 
 
+def previous_smoothing(data, sigma, out, plan) -> dict:
+    """An earlier run's record of smoothing at ``sigma`` (``<data>_smoothing_sigma<σ>.json``,
+    else ``results_<data>.json``), checked to be the same plan (subset, n, n0, α)."""
+    path = out / f"{data}_smoothing_sigma{sigma}.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+    else:
+        path = out / f"results_{data}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--reuse-smoothing: neither {data}_smoothing_sigma{sigma}.json nor {path}")
+        previous = json.loads(path.read_text())["data"][data]
+    if previous.get("smoothing_subset") != plan:
+        raise ValueError(f"--reuse-smoothing: {path} was run with {previous.get('smoothing_subset')}; expected {plan}")
+    return previous
+
+
 def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reuse_smoothing):
     radii = RADII[data]
     sigmas, n, per_class = smoothing_plan(data, quick)
     sub = subset(yte, per_class)
     res["smoothing_subset"] = dict(per_class=per_class, size=len(sub), n=n, n0=N0, alpha=ALPHA)
-    previous = {}
-    if reuse_smoothing:
-        path = out / f"results_{data}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"--reuse-smoothing: no {path} from an earlier run")
-        previous = json.loads(path.read_text())["data"][data]
-        if previous.get("smoothing_subset") != res["smoothing_subset"]:
-            raise ValueError(f"--reuse-smoothing: {path} was run with {previous.get('smoothing_subset')}; "
-                             f"expected {res['smoothing_subset']}")
     for sigma in sigmas:
         if reuse_smoothing:
             name = f"smoothing σ={sigma}"
+            previous = previous_smoothing(data, sigma, out, res["smoothing_subset"])
             tsv = read_certification_tsv(out / f"{data}_smoothing_sigma{sigma}.tsv")
             if not (np.array_equal(tsv["idx"], sub.numpy()) and np.array_equal(tsv["label"], yte[sub].numpy())):
                 raise ValueError(f"--reuse-smoothing: {data}_smoothing_sigma{sigma}.tsv is not on the held-out "
@@ -250,6 +260,10 @@ def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reu
         res["methods"][name] = dict(accuracy_subset=ca.tolist(), seconds_per_input=sec, evaluations=N0 + n,
                                     max_radius=max_radius(sigma, n), train_seconds=train_s,
                                     base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size)
+        # one file per σ as soon as it is done, so σ's can run in separate processes (--sigmas)
+        (out / f"{data}_smoothing_sigma{sigma}.json").write_text(json.dumps(
+            dict(smoothing_subset=res["smoothing_subset"], methods={name: res["methods"][name]}, machine=machine()),
+            indent=1, default=float) + "\n")
         marks[f"{name}, n={n} ({len(sub)} inputs)"] = (np.array(radii), ca)
         log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs, {1e3 * sec:.1f} ms/input, max radius "
             f"{max_radius(sigma, n):.3f}, base clean accuracy {100 * clean:.1f}% ({rs.epochs} epochs, batch "
@@ -328,6 +342,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mnist-per-class", type=int, default=20, help="smoothing subset on MNIST")
     ap.add_argument("--smoothing-n", type=int, default=100_000, help="smoothing's Monte Carlo samples n")
     ap.add_argument("--methods", default="gmfast,smoothing", help="which of gmfast,smoothing to run")
+    ap.add_argument("--sigmas", default=None,
+                    help="MNIST: the σ's to run here (comma list, a subset of 0.25,0.5,1.0; each writes "
+                         "<data>_smoothing_sigma<σ>.json, so σ's can run in separate processes)")
     ap.add_argument("--reuse-smoothing", action="store_true",
                     help="read the smoothing certificates from the TSVs (and timings from results_<data>.json) "
                          "of an earlier run in --out instead of re-running smoothing")
@@ -339,6 +356,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     PER_CLASS.update(digits=args.digits_per_class, mnist=args.mnist_per_class)
     SMOOTHING_N.update(digits=args.smoothing_n, mnist=args.smoothing_n)
+    if args.sigmas is not None:
+        RUN_SIGMAS[:] = [float(v) for v in args.sigmas.split(",")]
+        if not set(RUN_SIGMAS) <= set(SIGMAS):
+            raise ValueError(f"--sigmas: expected a subset of {SIGMAS}; got {args.sigmas!r}")
     methods = tuple(args.methods.split(","))
     if not methods or not set(methods) <= {"gmfast", "smoothing"}:
         raise ValueError(f"--methods: expected a comma-separated subset of gmfast,smoothing; got {args.methods!r}")
