@@ -29,7 +29,7 @@ import torch
 
 SHAPES = [(65536, 512, 10), (65536, 512, 32), (65536, 512, 48), (65536, 512, 100), (8192, 2048, 1000),
           (4096, 128, 1000), (16384, 128, 100), (65536, 128, 10), (8192, 32, 10), (400000, 128, 1000)]
-POLICIES = ("auto", "micro", "portable", "blas")
+POLICIES = ("auto", "lanes", "micro", "portable", "blas")
 
 
 def fma_peak(C, isa: str, seconds: float = 0.5) -> float:

@@ -44,9 +44,11 @@ constexpr int kNV = 2;  // vectors per tile row
 
 // The GEMM policy `auto` of this path (common.h: GemmPolicy), from the crossover tables measured
 // per path (benchmarks/RESULTS.md). The tied logits take MKL in large multithreaded blocks when
-// kAutoBlas (the portable path: MKL's own AVX2 code beats 128-bit vectors everywhere), else the
+// kAutoBlas (the portable path: MKL's own AVX2 code beats 128-bit vectors everywhere; for
+// K <= kLanesMaxClasses its epilogue then runs across rows), else the lanes kernel of tied.cpp
+// (rows in vector lanes, the epilogue across rows) when K <= kLanesMaxClasses, else the
 // microkernel when K >= kMicroMinClasses or d <= kMicroMaxShortRow, else the portable
-// dot-product tiles of gemm.cpp (norm-fused, Z unpacked: best with few classes and long rows).
+// dot-product tiles of gemm.cpp (norm-fused, Z unpacked).
 // Other GEMMs (gemm_nt) take the tiles when the inner dimension is >= kPortableMinInner or the
 // output has fewer than kBlasMinCols columns (MKL's per-call cost dominates small outputs).
 // AVX2's tiles are 16 classes wide (AVX-512's 32), so fewer classes are padding: its

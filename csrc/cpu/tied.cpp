@@ -9,6 +9,15 @@
 // 2u|m^| (the float64 operations here) and multiplied by inv[c, j] <= 1/||a_c - a_j||_q (a
 // rounded-down reciprocal of the upper-bound table; +inf where the classes share a_k); the
 // product is deflated by (1 - 8u). Exactly the formula of gmfast.ops._reference.tied_epilogue.
+//
+// Two forms of the epilogue evaluate that formula with the same float64 operations per
+// (row, class) (so the argument above covers both, whatever the ISA or vector width; FMA
+// contraction only removes roundings the slack counts): row_epilogue (one row, vectorised
+// over the classes: many classes) and lanes_epilogue (a block of rows, vectorised over the
+// rows, one class at a time: few classes, where the per-row fixed cost of the other
+// dominated). Both write `num > 0 ? num * inv : 0` as max(0, num * inv), the same value
+// (num <= 0 gives a product <= 0, or NaN for 0 * inf, and max(0, .) returns 0 for both),
+// and skip j = c; the min over classes is exact in any order.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
