@@ -124,6 +124,25 @@ def test_linear_network_bound_matches_mpmath():
                 assert exact - got < 1e-12 * (1 + abs(exact))
 
 
+@pytest.mark.parametrize("arch", ["mlp", "residual", "cnn"])
+def test_jacobian_shortcut_matches_the_full_pass(arch):
+    """Passes that end at a first-layer node through its kept Jacobian (and the fused
+    activation + Jacobian step) give the bounds of the full pass through every op, up to
+    the rounding charges, and never above them by more than those charges."""
+    net = make_encoder(arch, seed=21)
+    shape = input_shape(arch)
+    g = torch.Generator().manual_seed(22)
+    x = torch.rand((5,) + shape, generator=g, dtype=F64)
+    lam = torch.randn(5, 3, 4, generator=g, dtype=F64)
+    short, full = LocalBounds(net, shape), LocalBounds(net, shape)
+    full.jacobian_limit = 0
+    for norm in (2, math.inf):
+        ctx_s, ctx_f = short.prepare(x, 0.05, norm), full.prepare(x, 0.05, norm)
+        assert ctx_s["J"] and not ctx_f["J"]
+        a, b = short.lower(lam, ctx_s), full.lower(lam, ctx_f)
+        assert float((a - b).abs().max()) < 1e-9 * (1 + float(b.abs().max()))
+
+
 def test_domain_box_tightens_linf_and_stays_sound():
     net = make_encoder("mlp", seed=4)
     lb = LocalBounds(net, (2,))

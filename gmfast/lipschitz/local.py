@@ -84,6 +84,12 @@ of the backward pass; each computed step is charged to a per-row error total ``E
   entry with slopes bounded by ``M_b`` resp. ``M_a``: ``2u |Λ|ᵀ(M_a M_b)``; the constants'
   inner product ``γ_{n+1}|Λ|ᵀ max(|cL|, |cU|)``. Its interval: the corner products, each
   rounded once and widened by one ulp outward.
+* A node ``v = J x + b`` that is affine in the input (a first layer) keeps its pass for the
+  rows ``e_i`` (computed ``Ĵ``, ``b̂`` and charges ``E``: ``|e_iᵀv(x') − Ĵ_i x' − b̂_i| ≤ E_i``
+  on the ball); later passes stop there, by linearity within ``|Λ|ᵀE``, plus ``γ_k|Λ|ᵀ(|Ĵ|M_0)``
+  for ``fl(ΛĴ)`` and ``γ_{k+1}|Λ|ᵀ|b̂|`` for ``Λᵀb̂``. An activation on such a node fuses both
+  steps: its slopes are in ``[0, 1]``, so ``|fl(Λ∘slope)| ≤ |Λ|`` and every charge is at most
+  ``|Λ|ᵀ(2u M_z + E + γ|Ĵ|M_0 + γ|b̂|)``, one product per row.
 * The concretisation: ``Λ_0ᵀx`` within ``γ_n|Λ_0|ᵀ|x|``; ``‖Λ_0‖₂`` bounded above by
   :func:`gmfast._fp.norm_upper`, ``‖Λ_0‖₁`` by ``(1 + γ_n) fl(Σ|λ|)``, then ``ε·N`` raised
   by ``(1 + 2u)``; the box corners rounded outward (``nextafter``), a larger box being
@@ -110,32 +116,11 @@ import torch
 from gmfast._fp import U64, gamma, norm_upper
 from gmfast.lipschitz.graph import check_same_function, trace
 from gmfast.lipschitz.linearize import _F64, _TINY, _Builder, _down, _up
-from gmfast.lipschitz.local_steps import (act_back, act_interval, act_relax, prod_back, prod_interval, prod_relax,
-                                          rowdot, unary_back, unary_interval, unary_relax)
+from gmfast.lipschitz.local_steps import (act_back, act_interval, act_jacobian_back, act_relax, prod_back,
+                                          prod_interval, prod_relax, rowdot, unary_back, unary_interval, unary_relax)
 
 
 # ----------------------------------------------------------------------------- bounds
-
-
-class _Rows(dict):
-    """A context restricted to the inputs ``bidx`` (repeated as needed), indexed lazily."""
-
-    def __init__(self, ctx, bidx):
-        super().__init__(ctx)
-        self["x"], self["eps"] = ctx["x"][bidx], ctx["eps"][bidx]
-        self["M"] = _Index(ctx["M"], bidx, lambda t: t[bidx])
-        self["relax"] = _Index(ctx["relax"], bidx, lambda t: tuple(v[bidx] for v in t))
-        self["V"] = _Index(ctx["V"], bidx, lambda t: t[bidx])
-
-
-class _Index(dict):
-    def __init__(self, src, bidx, take):
-        super().__init__()
-        self.src, self.take = src, take
-
-    def __missing__(self, key):
-        v = self[key] = self.take(self.src[key])
-        return v
 
 
 class LocalBounds:
@@ -177,6 +162,8 @@ class LocalBounds:
                 self.affine_only.add(n)
         #: (input, neuron) pairs refined per backward pass: bounds the working memory
         self.row_chunk = 4096
+        #: largest Jacobian (entries) of an affine-in-the-input node kept for later passes
+        self.jacobian_limit = 2**24
 
     def _srcs(self, n):
         op = self.ops[n]
@@ -214,40 +201,46 @@ class LocalBounds:
         w = r + 4.0 * U64 * (c.abs() + r) + _TINY
         return _down(c - w), _up(c + w)
 
-    def _backward(self, start, lam, ctx, key=None, rows=None, raw=False):
+    def _backward(self, start, lam, ctx, key=None, select=None, raw=False):
         """Lower bounds (B, R) of ``Σ lam·start`` over the ball (``lam`` (1 or B, R, *shape)).
 
-        ``rows`` ``(bidx, ridx)``: with a shared ``lam``, keep only the rows ``ridx[i]`` of
-        input ``bidx[i]``, selected when the rows stop being shared (so the shared part is
-        computed, and cached, once); the result is then (len(bidx), 1).
+        ``select`` (B, S): with a shared ``lam`` (batch dim 1), input ``b`` keeps only the rows
+        ``select[b]``, taken where the rows stop being shared (at the first nonlinear op, so
+        the shared part is computed, and cached under ``key``, once); the result is then
+        (B, S). A node that is an affine function of the input with a Jacobian in the context
+        (:meth:`_exact`) ends the pass there: one product with that matrix and its
+        precomputed charges instead of the ops below it.
         """
         B = ctx["x"].shape[0]
         R = lam.shape[1]
-        M, relax = ctx["M"], ctx["relax"]
+        M, relax, J = ctx["M"], ctx["relax"], ctx["J"]
         lams = {start: lam}
         c = torch.zeros((1, R), dtype=_F64)
         err = torch.zeros((B, R), dtype=_F64)
         idx = self.order.index(start)
+        inp = self.order[0]
         for n in reversed(self.order[:idx + 1]):
             if n not in lams:
                 continue
             lam = lams.pop(n)
             op = self.ops[n]
-            if rows is not None and (n is self.order[0] or op.kind in ("act", "unary", "prod")):
-                # the rows stop being shared here: keep the selected (input, row) pairs, each
-                # as its own one-row problem (a ragged batch, no padding)
-                bidx, ridx = rows
-                lam = lam[0][ridx].unsqueeze(1)
-                lams = {k: v[0][ridx].unsqueeze(1) for k, v in lams.items()}  # pending branches of a fork
-                c = c[0][ridx].unsqueeze(1)
-                err = err[bidx, ridx].unsqueeze(1)
-                ctx = _Rows(ctx, bidx)
-                M, relax = ctx["M"], ctx["relax"]
-                B, R, rows = bidx.numel(), 1, None
-            if n is self.order[0]:
-                return (lam, c, err, ctx) if raw else self._concretize(lam, c, err, ctx)
-            Bl = lam.shape[0]
-            if op.kind == "affine":
+            jac = n in J and n is not start
+            if select is not None and (n is inp or jac or op.kind in ("act", "unary", "prod")):
+                # the rows stop being shared here: each input keeps its selected rows
+                lam = lam[0][select]
+                lams = {k: v[0][select] for k, v in lams.items()}  # pending branches of a fork
+                c = c[0][select]
+                err = torch.gather(err, 1, select)
+                select = None
+            if n is inp:
+                return (lam, c, err) if raw else self._concretize(lam, c, err, ctx)
+            Bl, R = lam.shape[:2]
+            if jac:
+                new, tt, e = self._through_jacobian(lam, c, J[n])
+                c, err_ref = c + tt, [err + e]
+                self._accumulate(lams, inp, new, M, err_ref)
+                err = err_ref[0]
+            elif op.kind == "affine":
                 # one pass over |Λ| for every charged term of this step
                 err = err + rowdot(lam.abs(), ctx["V"][n])
                 if op.bias is not None:
@@ -279,6 +272,11 @@ class LocalBounds:
                 self._accumulate(lams, op.a, new_a, M, err_ref)
                 self._accumulate(lams, op.b, new_b, M, err_ref)
                 err = err_ref[0]
+            elif op.kind == "act" and op.src in J and op.src is not start:
+                new, tt, e = act_jacobian_back(lam, relax[n], J[op.src], self._fused_charges(op.src, ctx), c)
+                c, err_ref = c + tt, [err + e]
+                self._accumulate(lams, inp, new.reshape((Bl, R) + self.input_shape), M, err_ref)
+                err = err_ref[0]
             else:
                 if op.kind == "act":
                     new, tt, e = act_back(lam, relax[n], M[op.src], c)
@@ -288,6 +286,35 @@ class LocalBounds:
                 self._accumulate(lams, op.src, new, M, err_ref)
                 err = err_ref[0]
         raise RuntimeError("the backward pass did not reach the input")
+
+    def _fused_charges(self, n, ctx):
+        """Per input, the charge per unit of ``|Λ|`` of :func:`act_jacobian_back` at the
+        activation whose input is ``n`` (cached in the context)."""
+        W = ctx["W"].get(n)
+        if W is None:
+            _, cv, E, JM = ctx["J"][n]
+            k = cv.numel()
+            M = ctx["M"][n].reshape(E.shape)
+            W = ctx["W"][n] = 2.0 * U64 * M + E + gamma(k + 2, U64) * JM + gamma(k + 1, U64) * cv.abs().unsqueeze(0)
+        return W
+
+    def _through_jacobian(self, lam, c, jac):
+        """The step from a node ``v = J x + b`` (affine in the input) straight to the input,
+        with ``Ĵ, b̂, E`` from the rows ``e_i`` (:meth:`_exact`): ``|e_iᵀv(x') − (Ĵ_i x' + b̂_i)|``
+        is within the charges ``E_i`` for every ``x'`` of the ball, so for rows ``Λ`` (by
+        linearity) within ``|Λ|ᵀE``. Computed: ``fl(ΛĴ)`` (``k`` terms: ``γ_k|Λ|ᵀ(|Ĵ|M₀)``) and
+        ``fl(Λᵀb̂)`` (``γ_{k+1}|Λ|ᵀ|b̂| + u(|c| + |Λᵀb̂|)``). Returns the rows on the input, the
+        constant's increment and the charge."""
+        Jh, cv, E, JM = jac
+        Bl, R = lam.shape[:2]
+        lf = lam.reshape(Bl, R, -1)
+        k = lf.shape[2]
+        new = (lf @ Jh).reshape((Bl, R) + self.input_shape)
+        tt = lf @ cv
+        la = lam.abs()
+        e = rowdot(la, E) + gamma(k + 2, U64) * rowdot(la, JM) + gamma(k + 1, U64) * rowdot(la, cv.abs().unsqueeze(0)) \
+            + U64 * (c.abs() + tt.abs())
+        return new, tt, e
 
     @staticmethod
     def _accumulate(lams, node, new, M, err_ref):
@@ -354,7 +381,7 @@ class LocalBounds:
             lo, hi = lo.clamp(min=domain[0]), hi.clamp(max=domain[1])
         I = {self.order[0]: (lo, hi)}
         M = {self.order[0]: torch.maximum(lo.abs(), hi.abs())}
-        ctx = dict(x=x, eps=eps, norm=norm, domain=domain, M=M, I=I, relax={}, V={})
+        ctx = dict(x=x, eps=eps, norm=norm, domain=domain, M=M, I=I, relax={}, V={}, J={}, W={})
         pre = set(self.pre)
         for n in self.order[1:]:
             op = self.ops[n]
@@ -389,14 +416,24 @@ class LocalBounds:
         return V
 
     def _exact(self, n, ctx):
-        """Bounds of a node that is an affine function of the input (no activation below):
-        the backward rows are shared by the whole batch (cached), for every neuron."""
+        """Bounds of a node that is an affine function of the input (no nonlinear op below):
+        the backward rows ``e_i`` are shared by the whole batch (their transposes cached);
+        the rows ``−e_i`` give exactly the negated pass (negation is exact). The pass — the
+        computed Jacobian ``Ĵ``, constants ``b̂`` and charges ``E`` — is kept in the context
+        (when ``Ĵ`` has at most ``jacobian_limit`` entries), so later passes end at ``n``
+        (:meth:`_through_jacobian`)."""
         shape = self.shapes[n]
         k = math.prod(shape)
         B = ctx["x"].shape[0]
         eye = torch.eye(k, dtype=_F64).reshape((1, k) + shape)
-        lo = self._backward(n, eye, ctx, key=(n, 1)).reshape((B,) + shape)
-        hi = -self._backward(n, -eye, ctx, key=(n, -1)).reshape((B,) + shape)
+        lam0, c, err = self._backward(n, eye, ctx, key=(n, 1), raw=True)
+        lo = self._concretize(lam0, c, err, ctx).reshape((B,) + shape)
+        hi = -self._concretize(-lam0, -c, err, ctx).reshape((B,) + shape)
+        if k * self.n_in <= self.jacobian_limit:
+            Jh = lam0.reshape(k, self.n_in)
+            M0 = ctx["M"][self.order[0]].reshape(B, -1)
+            JM = (M0 @ Jh.abs().T) * (1.0 + 2.0 * gamma(self.n_in + 2, U64)) + _TINY
+            ctx["J"][n] = (Jh, c[0], err, JM)
         l0, h0 = ctx["I"][n]
         return torch.maximum(lo, l0), torch.minimum(hi, h0)
 
@@ -410,21 +447,23 @@ class LocalBounds:
         lo, hi = lo.reshape(B, k).clone(), hi.reshape(B, k).clone()
         unstable = (lo < hi) if n in self.pre_all else (lo < 0) & (hi > 0)
         count = unstable.sum(1)
-        if int(count.sum()) == 0:
+        S = int(count.max())
+        if S == 0:
             return ctx["I"][n]
-        # each input's unstable neurons first (stable ones after them are padding)
-        bidx, ridx = unstable.nonzero(as_tuple=True)
+        # per input, its unstable neurons first (stable ones after them are padding, left as they are)
+        first = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :S]
+        valid = torch.arange(S).unsqueeze(0) < count.unsqueeze(1)
         # rows 0..k-1 bound the neurons from below, k..2k-1 (negated) from above: one pass
         eye = torch.eye(k, dtype=_F64)
         both = torch.cat([eye, -eye]).reshape((1, 2 * k) + shape)
-        half = self.row_chunk // 2
-        for i in range(0, bidx.numel(), half):
-            sel = (bidx[i:i + half], ridx[i:i + half])
-            m = sel[0].numel()
-            out = self._backward(n, both, ctx, key=(n, 0), rows=(sel[0].repeat(2), torch.cat([sel[1], sel[1] + k])))
-            lb, ub = out[:m, 0], -out[m:, 0]
-            lo[sel] = torch.maximum(lo[sel], lb)
-            hi[sel] = torch.minimum(hi[sel], ub)
+        step = max(1, self.row_chunk // (2 * B))
+        for j in range(0, S, step):
+            sel, v = first[:, j:j + step], valid[:, j:j + step]
+            out = self._backward(n, both, ctx, key=(n, 0), select=torch.cat([sel, sel + k], 1))
+            m = sel.shape[1]
+            lo_s, hi_s = lo.gather(1, sel), hi.gather(1, sel)
+            lo.scatter_(1, sel, torch.where(v, torch.maximum(lo_s, out[:, :m]), lo_s))
+            hi.scatter_(1, sel, torch.where(v, torch.minimum(hi_s, -out[:, m:]), hi_s))
         return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
 
     def lower(self, lam, ctx, c0=None):
@@ -439,12 +478,11 @@ class LocalBounds:
         costs ``lam_errᵀ M_out + c0_err``, with ``M_out ≥ |f|`` on the ball)."""
         Bl, R = lam.shape[:2]
         lam = lam.to(_F64).reshape((Bl, R) + self.out_shape)
-        lam0, c, err, ctx2 = self._backward(self.out_node, lam, ctx, raw=True)
+        lam0, c, err = self._backward(self.out_node, lam, ctx, raw=True)
         if lam_err is not None:
             err = err + rowdot(lam_err.to(_F64).reshape(lam.shape), ctx["M"][self.out_node])
         if c0_err is not None:
             err = err + c0_err
-        ctx = ctx2
         if c0 is not None:
             total = c + c0
             err = err + U64 * (c.abs() + c0.abs() + total.abs())

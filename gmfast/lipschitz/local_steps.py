@@ -77,6 +77,27 @@ def act_back(lam, rel, M_src, c):
     return new, tt, err
 
 
+def act_jacobian_back(lam, rel, jac, W, c):
+    """An activation whose input ``z = J x + b`` is affine in the input (the first layer):
+    the activation step and :meth:`LocalBounds._through_jacobian` fused, in one pass over
+    the rows. ``new = fl(Λ ∘ slope)`` with slopes in ``[0, 1]``, so ``|new| ≤ |Λ|`` entrywise
+    and every charge of both steps is at most ``|Λ|ᵀW`` with the per-input
+    ``W = 2u M_z + E + γ_{k+2}|Ĵ|M₀ + γ_{k+1}|b̂|`` (:meth:`LocalBounds._fused_charges`), plus
+    the two constants' additions. Returns the rows on the input, ``tt`` and the charge."""
+    alpha, s, t = rel
+    Jh, cv = jac[0], jac[1]
+    neg = lam < 0
+    new = lam * torch.where(neg, _per_input(s), _per_input(alpha))
+    Bl, R = new.shape[:2]
+    nf = new.reshape(Bl, R, -1)
+    t1 = rowdot(lam.clamp(max=0.0), t)  # ≤ 0; Σ|Λ⁻|t = −t1
+    t2 = nf @ cv
+    tt = t1 + t2
+    err = rowdot(lam.abs(), W) + gamma(t[0].numel() + 1, U64) * t1.abs() \
+        + U64 * (c.abs() + 2.0 * (t1.abs() + t2.abs()) + tt.abs())
+    return nf @ Jh, tt, err
+
+
 # ----------------------------------------------------------------------------- f(z) elementwise
 
 
