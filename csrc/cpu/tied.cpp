@@ -20,6 +20,7 @@
 // and skip j = c; the min over classes is exact in any order.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -31,20 +32,34 @@
 namespace gmfast {
 namespace {
 
-// ss: fl(||z||^2) accumulated in T by the GEMM (used only when alpha is non-null).
+// ss: fl(||z||^2) accumulated in T by the GEMM (used only when alpha is non-null). beta
+// non-null: the logits are still without it, and the first pass adds it in place (one pass
+// over the row instead of two: the same fl(l + beta) values).
 template <class T>
-void row_epilogue(const T* logits, index_t K, T ss, index_t d, const double* inv, const double* alpha,
+void row_epilogue(T* logits, const T* beta, index_t K, T ss, index_t d, const double* inv, const double* alpha,
                   const double* eps, int64_t* pred, double* radius) {
   // argmax in two vectorised passes (a scalar pass here cost as much as a d = 128 GEMM): the
   // max and whether any logit is NaN/Inf (x - x is 0 for finite x, NaN otherwise, and a sum
   // of them is NaN iff one is, in any order), then the first index attaining the max (lowest
   // index wins ties, as torch.argmax) as a min-reduction.
+  if (beta != nullptr) logits[0] += beta[0];
   T best = logits[0], probe = 0;
+  if (beta != nullptr) {
 #pragma omp simd reduction(max : best) reduction(+ : probe)
-  for (index_t k = 0; k < K; ++k) {
-    const T v = logits[k];
-    best = v > best ? v : best;
-    probe += v - v;
+    for (index_t k = 1; k < K; ++k) {
+      const T v = logits[k] + beta[k];
+      logits[k] = v;
+      best = v > best ? v : best;
+      probe += v - v;
+    }
+    probe += logits[0] - logits[0];
+  } else {
+#pragma omp simd reduction(max : best) reduction(+ : probe)
+    for (index_t k = 0; k < K; ++k) {
+      const T v = logits[k];
+      best = v > best ? v : best;
+      probe += v - v;
+    }
   }
   const bool finite = probe == probe;
   if (!finite) {
@@ -99,10 +114,12 @@ void row_epilogue(const T* logits, index_t K, T ss, index_t d, const double* inv
   *radius = r;
 }
 
+// beta null: the logits without it (the caller adds it)
 template <class T>
 void logits_block(const T* Zb, index_t rows, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
                   T* L, T* ss, bool prefer_blas = false) {
   gemm_nt<T>(rows, K, d, Zb, ldz, A, d, L, K, prefer_blas, ss);
+  if (beta == nullptr) return;
   for (index_t r = 0; r < rows; ++r) {
     T* l = L + r * K;
 #pragma omp simd
@@ -129,8 +146,7 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
   constexpr index_t NR = tile_width<T>();
   constexpr int L = lanes<T>();
   const index_t np = (K + NR - 1) / NR, Kp = np * NR;
-  std::vector<T> apack(static_cast<size_t>(np) * d * NR), bpad(Kp, T(0));
-  std::copy(beta, beta + K, bpad.begin());
+  std::vector<T> apack(static_cast<size_t>(np) * d * NR);
 #pragma omp parallel for schedule(static)
   for (index_t p = 0; p < np; ++p)
     for (index_t t = 0; t < d; ++t)
@@ -152,11 +168,7 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
         pack_strips<T>(Z + r0 * ldz + t0, rows, kc, ldz, zp.data());
         if (alpha != nullptr)
           for (index_t r = 0; r < rows; ++r) {
-            const T* z = Z + (r0 + r) * ldz + t0;
-            T acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (index_t t = 0; t < kc; ++t) acc += z[t] * z[t];
-            ss[r] += acc;
+            ss[r] += sum_squares<T>(Z + (r0 + r) * ldz + t0, kc);
           }
         for (index_t p = 0; p < np; ++p) {
           const T* ap = apack.data() + (p * d + t0) * NR;
@@ -178,9 +190,7 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
       }
       for (index_t r = 0; r < rows; ++r) {
         T* l = Lg.data() + r * Kp;
-#pragma omp simd
-        for (index_t k = 0; k < K; ++k) l[k] += bpad[k];
-        row_epilogue<T>(l, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+        row_epilogue<T>(l, beta, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
       }
     }
   }
@@ -467,20 +477,25 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
         const index_t r0 = b * mb, rows = std::min(mb, B - r0);
         logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data(), ssp);
         for (index_t r = 0; r < rows; ++r)
-          row_epilogue<T>(L.data() + r * K, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+          row_epilogue<T>(L.data() + r * K, nullptr, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
       }
     }
   } else {
     // One multithreaded GEMM per block shares A's packed panels between threads, then the
     // epilogue runs in parallel over the block's rows, with ||z||^2 summed there. Large
-    // blocks (Z and logits <= 32 MiB each): MKL repacks A on every call (8 MiB at K = 1000,
-    // d = 2048), and each block costs two fork/joins, which are slow on a shared machine.
+    // blocks (logits <= 32 MiB): MKL repacks A on every call (8 MiB at K = 1000, d = 2048), and
+    // each block costs two fork/joins, which are slow on a shared machine; but Z's block
+    // <= 8 MiB, so that the epilogue's second pass over it (the norms) reads the cache, not
+    // memory (at (65536, 512, 10) a 32 MiB block made the norms cost a quarter of the call).
     const index_t s32 = (index_t{32} << 20) / static_cast<index_t>(sizeof(T));
-    const index_t mbig = std::clamp<index_t>(std::min(s32 / std::max<index_t>(d, 1), s32 / K), 512, 16384);
-    std::vector<T> L(static_cast<size_t>(mbig * K));
+    const index_t s8 = (index_t{8} << 20) / static_cast<index_t>(sizeof(T));
+    const index_t mbig = std::clamp<index_t>(std::min(s8 / std::max<index_t>(d, 1), s32 / K), 512, 16384);
+    // not value-initialised: zeroing up to 32 MiB per call cost as much as the epilogue
+    std::unique_ptr<T[]> L(new T[static_cast<size_t>(std::min(mbig, B) * K)]);
     for (index_t r0 = 0; r0 < B; r0 += mbig) {
       const index_t rows = std::min(mbig, B - r0);
-      logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data(), nullptr, /*prefer_blas=*/true);
+      // beta is added by the epilogues (in the same pass as their first read of the logits)
+      logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, nullptr, K, L.get(), nullptr, /*prefer_blas=*/true);
       if (K <= kLanesMaxClasses) {
         // few classes: the per-row epilogue's fixed cost dominates; transpose the logits of
         // 256 rows at a time (K x 256, cheap next to the GEMM) and run the across-rows one
@@ -496,15 +511,9 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
           for (index_t q = 0; q < nsub; ++q) {
             const index_t q0 = q * sub, n = std::min(sub, rows - q0);
             for (index_t r = 0; r < n; ++r) {
-              const T* l = L.data() + (q0 + r) * K;
-              for (index_t k = 0; k < K; ++k) Lt[k * ldt + r] = l[k];
-              if (alpha != nullptr) {
-                const T* z = Z + (r0 + q0 + r) * ldz;
-                T acc = 0;
-#pragma omp simd reduction(+ : acc)
-                for (index_t t = 0; t < d; ++t) acc += z[t] * z[t];
-                ss[r] = acc;
-              }
+              const T* l = L.get() + (q0 + r) * K;
+              for (index_t k = 0; k < K; ++k) Lt[k * ldt + r] = l[k] + beta[k];
+              if (alpha != nullptr) ss[r] = sum_squares<T>(Z + (r0 + q0 + r) * ldz, d);
             }
             lanes_epilogue<T>(Lt.data(), ldt, n, K, ss.data(), d, inv, alpha, eps, pred + r0 + q0,
                               radius + r0 + q0, scratch);
@@ -514,13 +523,8 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
       }
 #pragma omp parallel for schedule(static)
       for (index_t r = 0; r < rows; ++r) {
-        T ss = 0;
-        if (alpha != nullptr) {
-          const T* z = Z + (r0 + r) * ldz;
-#pragma omp simd reduction(+ : ss)
-          for (index_t t = 0; t < d; ++t) ss += z[t] * z[t];
-        }
-        row_epilogue<T>(L.data() + r * K, K, ss, d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+        const T ss = alpha != nullptr ? sum_squares<T>(Z + (r0 + r) * ldz, d) : T(0);
+        row_epilogue<T>(L.get() + r * K, beta, K, ss, d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
       }
     }
   }
