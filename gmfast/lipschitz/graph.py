@@ -358,7 +358,7 @@ def check_batch(tg: TracedGraph, dtype, device, input_shape: tuple) -> None:
                                      f"{ADVICE}") from e
         runs.append(r)
     r2, r3 = runs
-    axes = {}
+    axes, unruled = {}, set()
 
     def fail(node, why):
         raise UnsupportedOpError(f"node {tg.display_name(node)!r} mixes samples of the batch ({why}): each "
@@ -368,7 +368,7 @@ def check_batch(tg: TracedGraph, dtype, device, input_shape: tuple) -> None:
         if node.op == "output":
             outs = [a for a in node.all_input_nodes if tg.kind.get(a) == "dep"]
             for a in outs:
-                if axes.get(a) != 0:
+                if axes.get(a) != 0 and a not in unruled:
                     fail(a, "an output whose first dimension is not the batch")
             return
         if tg.kind.get(node) != "dep":
@@ -376,6 +376,11 @@ def check_batch(tg: TracedGraph, dtype, device, input_shape: tuple) -> None:
         s2, s3 = r2.shapes.get(node), r3.shapes.get(node)
         if node.op == "placeholder":
             axes[node] = 0
+            continue
+        mod = tg.gm.get_submodule(node.target) if node.op == "call_module" else None
+        if (module_kind(mod) if mod is not None else function_kind(node)[0]) is None \
+                or any(a in unruled for a in node.all_input_nodes):
+            unruled.add(node)  # an op without a rule (or after one): the walk refuses it by name
             continue
         if isinstance(s3, list):
             ax = [_axis(a, b) for a, b in zip(s2, s3)]
