@@ -3,8 +3,8 @@
 The kernels are compiled once per ISA (``csrc/cpu/microkernel.h``, ``csrc/cpu/dispatch.cpp``)
 and the fastest path the CPU supports runs by default; ``set_cpu_isa`` / ``GMFAST_CPU_ISA``
 force another. Each path has its own register blocking (and FMA or not), so each is checked
-on its own against the reference: awkward shapes through every GEMM policy (the microkernel,
-the portable tiles, MKL), tied and per-class including the full-covariance Cholesky kernel,
+on its own against the reference: awkward shapes through every GEMM policy (the lanes kernel,
+the microkernel, the portable tiles, MKL), rows with non-finite inputs or logits, tied and per-class including the full-covariance Cholesky kernel,
 and the fp-soundness tests that put points within rounding distance of a decision boundary
 (from ``test_certify_tied.py`` and ``test_cholesky_form.py``, run here once per path).
 
