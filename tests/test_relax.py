@@ -254,6 +254,11 @@ def test_refusals_and_bad_input():
         assert al[0] == 0 and au[0] == 0 and bl[0] == -math.inf and bu[0] == math.inf
         assert lo[0] == -math.inf and hi[0] == math.inf and bool(torch.isfinite(torch.stack([bl, bu, lo, hi])[:, 1]).all())
         assert R.offset(torch.ones_like(l), l, u, True)[0] == -math.inf
+    inf = torch.tensor([math.inf], dtype=F64)
+    al, bl, au, bu = relax.get("sigmoid").lines(-inf, inf)  # infinite intervals: trivial bounds
+    assert (al.item(), bl.item(), au.item(), bu.item()) == (0.0, -math.inf, 0.0, math.inf)
+    with pytest.raises(ValueError, match="l <= u"):
+        relax.get("exp").lines(torch.tensor([math.nan], dtype=F64), torch.tensor([0.0], dtype=F64))
     with pytest.raises(ValueError, match="l <= u"):
         relax.get("exp").lines(torch.tensor([1.0], dtype=F64), torch.tensor([0.0], dtype=F64))
     with pytest.raises(ValueError, match="same shape"):

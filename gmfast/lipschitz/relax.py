@@ -1,7 +1,7 @@
 """Sound linear relaxations of elementwise functions on intervals (the local route's smooth
 activations and the transformer primitives).
 
-For a function ``f`` and float64 tensors ``l ≤ u`` (finite), :meth:`Relaxation.lines` returns
+For a function ``f`` and float64 tensors ``l ≤ u``, :meth:`Relaxation.lines` returns
 slopes and offsets with ``al·z + bl ≤ f(z) ≤ au·z + bu`` for **every real** ``z ∈ [l, u]``, in
 exact arithmetic, for the exact mathematical ``f``; :meth:`Relaxation.range` an enclosure
 ``lo ≤ f(z) ≤ hi``. :func:`get` builds one from an activation's ``(name, params)``
@@ -69,8 +69,8 @@ there differs from the identity by at most ``log(1 + e^{−threshold})/β``, and
 overlap at the switch; ``β < 0`` is reflected: ``softplus_β(x) = −softplus_{−β}(−x)``).
 Bounds of a function whose value exceeds the float64 range on ``[l, u]`` may be infinite
 (``exp`` of a huge number), and so are they (with zero slopes) where ``[l, u]`` leaves the
-function's domain (``reciprocal`` across 0, ``rsqrt`` at ``l ≤ 0``: no finite line exists);
-they are never NaN.
+function's domain (``reciprocal`` across 0, ``rsqrt`` at ``l ≤ 0``: no finite line exists) or
+is infinite; they are never NaN.
 """
 
 from __future__ import annotations
@@ -304,18 +304,21 @@ class Relaxation:
             raise ValueError(f"{self.name}: expected two tensors of the same shape, got {type(l).__name__} "
                              f"{getattr(l, 'shape', None)} and {type(u).__name__} {getattr(u, 'shape', None)}")
         l, u = l.to(_F64), u.to(_F64)
-        if not bool((l <= u).all()) or not bool(torch.isfinite(l).all() & torch.isfinite(u).all()):
-            raise ValueError(f"{self.name}: expected finite bounds with l <= u")
+        if not bool((l <= u).all()):
+            raise ValueError(f"{self.name}: expected bounds with l <= u (and no NaN)")
         return self._sanitize(l, u)
 
     def _sanitize(self, l, u):
-        """``(l, u, bad)``: intervals leaving the domain (``bad``) are replaced by ``[1, 1]``;
-        their results become the trivial bounds ``∓∞`` (:meth:`_unbounded`)."""
+        """``(l, u, bad)``: infinite intervals and intervals leaving the domain (``bad``) are
+        replaced by ``[1, 1]``; their results become the trivial bounds ``∓∞``
+        (:meth:`_unbounded`)."""
         if self.floor is not None:  # the caller knows z >= floor: [l, u] ∩ [floor, ∞) ⊂ [l', u']
             l, u = torch.clamp(l, min=self.floor), torch.clamp(u, min=self.floor)
-        if self.domain is None:
+        bad = ~(torch.isfinite(l) & torch.isfinite(u))
+        if self.domain is not None:
+            bad = bad | ~self.domain(l, u)
+        if not bool(bad.any()):
             return l, u, None
-        bad = ~self.domain(l, u)
         return torch.where(bad, 1.0, l), torch.where(bad, 1.0, u), bad
 
     @staticmethod
