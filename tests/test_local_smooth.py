@@ -179,6 +179,35 @@ def test_square_of_one_tensor_is_a_product_with_itself():
         check_against_grid(net, lb, x, lam, norm, 0.3)
 
 
+class Tokens(nn.Module):
+    """Per-token linear layers on (B, T, d) inputs, reshapes whose batch size is read from
+    ``x.shape`` (recorded at trace time), a quotient of input-dependent tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(1, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        h = torch.relu(self.a(x.view(B, 2, 1)))
+        q = h / (2.0 + h * h)
+        return self.c(q.reshape(B, 6))
+
+
+def test_token_linear_batch_reshape_and_quotient():
+    torch.manual_seed(14)
+    net = Tokens().double().eval()
+    lb = LocalBounds(net, (2,))
+    g = torch.Generator().manual_seed(15)
+    x = torch.rand(5, 2, generator=g, dtype=F64) * 2 - 1
+    lam = torch.randn(5, 2, 3, generator=g, dtype=F64)
+    for norm in (2, math.inf):
+        for eps in (0.01, 0.3):
+            gaps = check_against_grid(net, lb, x, lam, norm, eps)
+            if eps == 0.01:
+                assert float(gaps.max()) < 0.05
+
+
 def test_unbounded_intervals_give_minus_infinity_not_nan():
     """Products that overflow float64 (a ball of radius 1e300) leave infinite intervals: the
     bound is −∞ (no certificate), never NaN."""

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from gmfast._fp import U64, gamma
 from gmfast.lipschitz.errors import UnsupportedOpError
 from gmfast.lipschitz.graph import TracedGraph
+from gmfast.lipschitz.linearize_tf import TransformerRules
 from gmfast.lipschitz.lipnet_rules import GroupSort
 from gmfast.lipschitz import activations, relax
 from gmfast.lipschitz.ops import CONVS, FUNCTION_NAMES, arg, shape_of
@@ -115,7 +116,7 @@ class _Step:
         return self.name
 
 
-class _Builder(Analysis):
+class _Builder(TransformerRules, Analysis):
     """Turns the traced graph into the linearised ops above (refusing anything else).
 
     ``order``: every node of the linearisation in topological order, the input placeholder
@@ -362,8 +363,22 @@ class _Builder(Analysis):
         if node.op == "call_method":
             if node.target in ("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"):
                 return self.structural(x, lambda t: t, 1)
+            if node.target in ("view", "reshape"):
+                return self.structural(x, self.batch_free_reshape(node.target, x, args), 1)
             return self.structural(x, lambda t: getattr(t, node.target)(*args, **kwargs), 1)
         return self.structural(x, lambda t: node.target(t, *args, **kwargs), 1)
+
+    def batch_free_reshape(self, method, x, args):
+        """``x.view(B, ...)`` / ``x.reshape(B, ...)`` with ``B`` read from ``x.shape`` at trace
+        time (the usual attention code) recorded the traced batch size; the trace's batch
+        check keeps the batch first, so the leading size is whatever the rows' count is."""
+        target = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else tuple(args)
+        if not target or not all(isinstance(v, int) for v in target):
+            self.fail(f".{method}()", f"shape {target!r} is not a tuple of ints")
+        rest = target[1:]
+        if target[0] not in (-1, shape_of(x)[0]):
+            self.fail(f".{method}()", f"the leading size {target[0]} is not the batch (the batch must stay first)")
+        return lambda t: getattr(t, method)((t.shape[0],) + rest)
 
     def rule_linear(self, node):
         x = self.single()
@@ -450,16 +465,16 @@ class _Builder(Analysis):
     def rule_mul(self, node):
         a, b = arg(node, 0, "input"), arg(node, 1, "other")
         if self.is_dep(a) and self.is_dep(b):
-            if shape_of(a) != shape_of(b):
-                self.fail(self.op_name(), "product of input-dependent tensors of different shapes (broadcast)")
-            return self.product(a, b)
+            return self.mul_dep(a, b)
         x, c = (a, b) if self.is_dep(a) else (b, a)
         return self.scale(x, self.const_value(c, self.op_name()), 1)
 
     def rule_div(self, node):
         a, b = arg(node, 0, "input"), arg(node, 1, "other")
-        if arg(node, 2, "rounding_mode") is not None or not self.is_dep(a) or self.is_dep(b):
-            self.fail(self.op_name(), "only division of the input-dependent tensor by a constant")
+        if arg(node, 2, "rounding_mode") is not None:
+            self.fail(self.op_name(), "rounding_mode (a step function)")
+        if self.is_dep(b):
+            return self.div_dep(a, b) if self.is_dep(a) else self.div_dep(None, b, self.const_value(a, self.op_name()))
         c = self.const_value(b, self.op_name())
         if not bool((c != 0).all()):
             self.fail(self.op_name(), "division by zero")
@@ -492,7 +507,9 @@ class _Builder(Analysis):
         shape = self.shape(x)
         if not shape or shape[-1] != in_f:
             self.fail(self.op_name(), f"linear layer expects {in_f} input features; got shape {shape}")
-        return self.add(_Affine(x, T, absfwd, out_f, b, fwd=lambda t: t @ W.T), shape[:-1] + (out_f,), what)
+        out = shape[:-1] + (out_f,)
+        b = None if b is None else b.expand(out).clone()  # one bias per entry (tokens share it)
+        return self.add(_Affine(x, T, absfwd, out_f, b, fwd=lambda t: t @ W.T), out, what)
 
     def conv(self, x, weight, bias, stride, pad, dilation, groups, nd):
         in_shape = self.shape(x)

@@ -116,6 +116,7 @@ import torch
 from gmfast._fp import U64, gamma, norm_upper
 from gmfast.lipschitz.graph import check_same_function, trace
 from gmfast.lipschitz.linearize import _F64, _TINY, _Builder, _down, _up
+from gmfast.lipschitz.local_search import LinearBound, box_radius, margin_radius
 from gmfast.lipschitz.local_steps import (act_back, act_interval, act_jacobian_back, act_relax, prod_back,
                                           prod_interval, prod_relax, rowdot, unary_back, unary_interval, unary_relax)
 
@@ -150,7 +151,9 @@ class LocalBounds:
         self.shapes = b.shapes
         #: inputs of the nonlinear ops, whose bounds are refined by CROWN: for ``max(z, a z)``
         #: the neurons an interval leaves unstable; for ``unary``/``prod`` (``pre_all``) all
-        self.pre_all = {m for n in self.order[1:] for m in self._srcs(n) if self.ops[n].kind in ("unary", "prod")}
+        #: (a copy's bounds are its source's: the source is refined instead, its rows being fewer)
+        self.pre_all = {self._source(m) for n in self.order[1:] for m in self._srcs(n)
+                        if self.ops[n].kind in ("unary", "prod")}
         self.pre = [self.ops[n].src for n in self.order[1:] if self.ops[n].kind == "act"] + sorted(
             self.pre_all, key=self.order.index)
         self.n_neurons = sum(math.prod(self.shapes[n]) for n in set(self.pre))
@@ -162,8 +165,19 @@ class LocalBounds:
                 self.affine_only.add(n)
         #: (input, neuron) pairs refined per backward pass: bounds the working memory
         self.row_chunk = 4096
+        #: radius search (:meth:`margin_radius`): the first ball as a fraction of the
+        #: linearisation's estimate, and the growth after passes that all passed (at least
+        #: ``growth[0]``×, at most ``growth[1]``× the best radius, else the new estimate)
+        self.first_ball, self.growth = 0.5, (2.0, 8.0)
         #: largest Jacobian (entries) of an affine-in-the-input node kept for later passes
         self.jacobian_limit = 2**24
+
+    def _source(self, n):
+        """``n``, or for a copy (an affine step marked ``copy``: each entry one entry of its
+        input, e.g. a broadcast) the node it copies, recursively."""
+        while n is not self.order[0] and self.ops[n].kind == "affine" and getattr(self.ops[n], "copy", False):
+            n = self.ops[n].src
+        return n
 
     def _srcs(self, n):
         op = self.ops[n]
@@ -181,6 +195,9 @@ class LocalBounds:
             return unary_interval(op.relaxation, *I[op.src])
         if op.kind == "prod":
             return prod_interval(I[op.a], I[op.b])
+        if getattr(op, "copy", False) and op.bias is None:
+            lo, hi = I[op.src]
+            return op.fwd(lo), op.fwd(hi)  # each entry is one entry of the source: exact
         if op.kind == "sum":
             (la, ha), (lb, hb) = I[op.a], I[op.b]
             if op.alpha < 0:
@@ -490,59 +507,14 @@ class LocalBounds:
         return LinearBound(self, lam0, c, err, ctx)
 
     def margin_radius(self, x, lam, c0, norm, domain=None, steps: int = 4, start=None, lam_err=None, c0_err=None):
-        """Largest certified radius (B,) float64 for ``lam·f + c0 > 0`` (every row) per input.
-
-        Each pass computes the relaxation for one ball ``ε_k`` and certifies the largest
-        ``ε' ≤ ε_k`` its linear bound proves (:meth:`LinearBound.largest`); the next ball is
-        chosen from the passes so far (grow while they pass, the geometric mean of the
-        largest certified and the smallest failed ball otherwise; the first ball is the
-        extrapolation of a pass at ``ε = 0``, i.e. the linearisation). The result is the
-        largest radius some pass certified: sound whatever the choices.
-        """
-        B = x.shape[0]
-        best = torch.zeros(B, dtype=_F64)
-        fail = torch.full((B,), math.inf, dtype=_F64)
-        if start is None:
-            lin = self.linear_bound(lam, self.prepare(x, 0.0, norm, domain), c0, lam_err, c0_err)
-            eps = 0.5 * lin.estimate()  # the linearisation overshoots: start inside it
-        else:
-            eps = torch.as_tensor(start, dtype=_F64).reshape(-1).expand(B).clone()
-        if domain is not None and norm == math.inf:
-            eps = eps.clamp(max=float(domain[1] - domain[0]))
-        prior = None
-        for _ in range(steps):
-            eps = torch.where(eps > 0, eps, torch.where(best > 0, 2 * best, torch.full_like(eps, 1e-6)))
-            ctx = self.prepare(x, eps, norm, domain, prior)
-            if prior is None or bool((eps >= prior["eps"]).all()):
-                prior = ctx  # the largest balls so far: their bounds serve every smaller one
-            lin = self.linear_bound(lam, ctx, c0, lam_err, c0_err)
-            got = lin.largest(eps)
-            best = torch.maximum(best, got)
-            fail = torch.where(got < eps, torch.minimum(fail, eps), fail)
-            g = lin.estimate()
-            grow = torch.maximum(2.0 * best, torch.minimum(g, 8.0 * best))
-            eps = torch.where(torch.isinf(fail), grow, torch.sqrt(best * fail))
-            eps = torch.where((best == 0) & torch.isfinite(fail), fail / 4.0, eps)
-            if bool(((fail <= best * 1.01) | (best >= eps)).all()):
-                break
-        return best
+        """Largest certified radius (B,) float64 for ``lam·f + c0 > 0`` (every row) per input
+        (:func:`gmfast.lipschitz.local_search.margin_radius`)."""
+        return margin_radius(self, x, lam, c0, norm, domain, steps, start, lam_err, c0_err)
 
     def box_radius(self, x, accept, norm, domain=None, steps: int = 8, start=None):
-        """Largest ``ε`` (B,) from a bisection on ``accept(lo, hi) → (B,) bool``, called
-        with the sound output box over each ball (see :meth:`output_box`)."""
-        B = x.shape[0]
-        best = torch.zeros(B, dtype=_F64)
-        fail = torch.full((B,), math.inf, dtype=_F64)
-        eps = torch.full((B,), 1e-2, dtype=_F64) if start is None else \
-            torch.as_tensor(start, dtype=_F64).reshape(-1).expand(B).clone().clamp_min(1e-6)
-        for _ in range(steps):
-            ctx = self.prepare(x, eps, norm, domain)
-            ok = accept(*self.output_box(ctx))
-            best = torch.where(ok, torch.maximum(best, eps), best)
-            fail = torch.where(ok, fail, torch.minimum(fail, eps))
-            eps = torch.where(torch.isinf(fail), 4.0 * torch.maximum(best, eps),
-                              torch.where(best > 0, torch.sqrt(best * fail), fail / 4.0))
-        return best
+        """Largest ``ε`` (B,) with ``accept`` true on the output box over the ball
+        (:func:`gmfast.lipschitz.local_search.box_radius`)."""
+        return box_radius(self, x, accept, norm, domain, steps, start)
 
     def output_box(self, ctx):
         """Sound bounds (lo, hi), each (B, d), on the flattened output over each ball."""
@@ -554,44 +526,3 @@ class LocalBounds:
         ub = -self._backward(self.out_node, -eye, ctx, key=(self.out_node, -1))
         lo, hi = ctx["I"][self.out_node]
         return torch.maximum(lo.reshape(B, -1), lb), torch.minimum(hi.reshape(B, -1), ub)
-
-
-class LinearBound:
-    """``f(x') ≥ Λ₀ᵀx' + c − E`` for every ``x'`` in the ball the relaxation was computed on
-    (and so in every smaller ball): :meth:`at` concretises it over a ball of radius ``eps``
-    (B,) ``≤`` that one; :meth:`estimate` extrapolates (not a bound) the radius at which it
-    would reach 0 (``(Λ₀ᵀx + c − E)/‖Λ₀‖_q``, min over rows), to choose the next ball."""
-
-    def __init__(self, lb, lam, c, err, ctx):
-        self.lb, self.lam, self.c, self.err, self.ctx = lb, lam, c, err, ctx
-
-    def at(self, eps=None):
-        return self.lb._concretize(self.lam, self.c, self.err, self.ctx, eps)
-
-    def estimate(self):
-        B = self.ctx["x"].shape[0]
-        Bl, R = self.lam.shape[:2]
-        lf = self.lam.reshape(Bl, R, -1)
-        q = 2 if self.ctx["norm"] == 2 else 1
-        val = rowdot(self.lam, self.ctx["x"].reshape(B, -1)) + self.c - 2.0 * self.err
-        N = lf.norm(p=q, dim=-1).expand(B, R).clamp_min(1e-300)
-        return (val / N).amin(1).clamp_min(0)
-
-    def largest(self, eps, iters: int = 30):
-        """Per input, the largest ``ε' ≤ eps`` (found by bisection, each candidate verified)
-        at which every row's lower bound is ``> 0``; 0 when none is."""
-        lo = torch.zeros_like(eps)
-        ok = (self.at(eps) > 0).all(1)
-        lo = torch.where(ok, eps, lo)
-        hi = eps.clone()
-        for _ in range(iters):
-            todo = ~ok & (hi > 0)
-            if not bool(todo.any()):
-                break
-            mid = torch.where(todo, 0.5 * (lo + hi), lo)
-            passed = (self.at(mid) > 0).all(1)
-            lo = torch.where(todo & passed, mid, lo)
-            hi = torch.where(todo & ~passed, mid, hi)
-        # every returned value passed (or is 0): check once more, never trust the loop
-        final = (self.at(lo) > 0).all(1)
-        return torch.where(final, lo, torch.zeros_like(lo))
