@@ -103,6 +103,22 @@ def test_tied_nonfinite_rows_every_policy(isa, dtype):
         _cpu.set_gemm_policy("auto")
 
 
+def test_tied_layout_bit_identical_every_policy(isa):
+    """Rows with a stride give bit-identical radii to a contiguous copy under every GEMM,
+    MKL included (its summation order depends on the leading dimension: the kernel copies
+    strided blocks to a contiguous aligned buffer before calling it)."""
+    for B, d, K in [(300, 6, 4), (700, 40, 150)]:
+        head = random_head("tied", d, K, seed=d)
+        X = sample(head, B, torch.float32, seed=4)
+        strided = torch.cat([X, X], 1)[:, :d]
+        for policy in POLICIES:
+            _cpu.set_gemm_policy(policy)
+            a, b = head.certify(X, backend="cpu"), head.certify(strided, backend="cpu")
+            assert torch.equal(a.prediction, b.prediction) and torch.equal(a.radius, b.radius), \
+                f"{isa} policy={policy} {(B, d, K)}: {(a.radius != b.radius).sum().item()} radii differ"
+    _cpu.set_gemm_policy("auto")
+
+
 @pytest.mark.parametrize("kind", ["full", "diag", "spherical"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_perclass_equals_reference(isa, kind, dtype):

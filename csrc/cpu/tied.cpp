@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -489,13 +490,34 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
     // memory (at (65536, 512, 10) a 32 MiB block made the norms cost a quarter of the call).
     const index_t s32 = (index_t{32} << 20) / static_cast<index_t>(sizeof(T));
     const index_t s8 = (index_t{8} << 20) / static_cast<index_t>(sizeof(T));
-    const index_t mbig = std::clamp<index_t>(std::min(s8 / std::max<index_t>(d, 1), s32 / K), 512, 16384);
+    // (a multiple of 64 rows: every block of a contiguous Z starts as aligned as Z itself)
+    const index_t mbig =
+        std::clamp<index_t>(std::min(s8 / std::max<index_t>(d, 1), s32 / K), 512, 16384) / 64 * 64;
     // not value-initialised: zeroing up to 32 MiB per call cost as much as the epilogue
     std::unique_ptr<T[]> L(new T[static_cast<size_t>(std::min(mbig, B) * K)]);
+    // MKL's summation order depends on the leading dimension (and on alignment): rows with a
+    // stride are copied into a contiguous, 64-byte-aligned block first, so that the results
+    // are bit-identical to those of a contiguous (freshly allocated) Z, as on the other GEMMs.
+    const bool gather = B > 1 && ldz != d;
+    struct Aligned {
+      void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+    };
+    std::unique_ptr<T[], Aligned> zbuf(
+        gather ? static_cast<T*>(::operator new[](sizeof(T) * static_cast<size_t>(std::min(mbig, B) * d),
+                                                  std::align_val_t(64)))
+               : nullptr);
     for (index_t r0 = 0; r0 < B; r0 += mbig) {
       const index_t rows = std::min(mbig, B - r0);
+      const T* Zb = Z + r0 * ldz;
+      index_t ldb = ldz;
+      if (gather) {
+#pragma omp parallel for schedule(static)
+        for (index_t r = 0; r < rows; ++r) std::memcpy(zbuf.get() + r * d, Zb + r * ldz, sizeof(T) * d);
+        Zb = zbuf.get();
+        ldb = d;
+      }
       // beta is added by the epilogues (in the same pass as their first read of the logits)
-      logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, nullptr, K, L.get(), nullptr, /*prefer_blas=*/true);
+      logits_block<T>(Zb, rows, d, ldb, A, nullptr, K, L.get(), nullptr, /*prefer_blas=*/true);
       if (K <= kLanesMaxClasses) {
         // few classes: the per-row epilogue's fixed cost dominates; transpose the logits of
         // 256 rows at a time (K x 256, cheap next to the GEMM) and run the across-rows one
@@ -513,7 +535,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
             for (index_t r = 0; r < n; ++r) {
               const T* l = L.get() + (q0 + r) * K;
               for (index_t k = 0; k < K; ++k) Lt[k * ldt + r] = l[k] + beta[k];
-              if (alpha != nullptr) ss[r] = sum_squares<T>(Z + (r0 + q0 + r) * ldz, d);
+              if (alpha != nullptr) ss[r] = sum_squares<T>(Zb + (q0 + r) * ldb, d);
             }
             lanes_epilogue<T>(Lt.data(), ldt, n, K, ss.data(), d, inv, alpha, eps, pred + r0 + q0,
                               radius + r0 + q0, scratch);
@@ -523,7 +545,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
       }
 #pragma omp parallel for schedule(static)
       for (index_t r = 0; r < rows; ++r) {
-        const T ss = alpha != nullptr ? sum_squares<T>(Z + (r0 + r) * ldz, d) : T(0);
+        const T ss = alpha != nullptr ? sum_squares<T>(Zb + r * ldb, d) : T(0);
         row_epilogue<T>(L.get() + r * K, beta, K, ss, d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
       }
     }
