@@ -195,3 +195,44 @@ def test_groupsort_beyond_pairs_refused_with_a_clear_error():
     enc = nn.Sequential(nn.Linear(2, 6), Odd(), nn.Linear(6, 3)).double().eval()
     with pytest.raises(UnsupportedOpError, match="overrides"):
         LocalBounds(enc, (2,))
+
+
+@pytest.mark.slow
+def test_trained_lipnet_local_against_global_and_pgd():
+    """The trained recipe encoder (AOL + MaxMin, digits, a few epochs): the local route is
+    sound under PGD, above the global route on most inputs in ℓ∞ (where the global route pays
+    √n), within 10% of it at the median in ℓ2 (a 1-Lipschitz net's global bound is nearly
+    tight; CROWN's MaxMin relaxation loses a little), and auto is never below global."""
+    import importlib
+
+    from gmfast.train.data import load_split
+
+    R = importlib.import_module("gmfast.train.recipe")
+    torch.manual_seed(0)
+    Xtr, ytr, Xte, yte = load_split("digits")
+    r = R.recipe("digits", architecture=mlp_architecture(64, [64], 16), latent=16, epochs=4)
+    enc, _, _ = R.train(r, Xtr, ytr, progress=False)
+    head = R.fit_tied_head(enc, Xtr, ytr, r.shrinkage)
+    X = Xte[:60]
+    # the certified function: the float32 effective weights the forward computes (what the
+    # trace records), in exact arithmetic; enc.double() would recompute them in float64, a
+    # function ~1e-7 away (PGD then "flips" at 1 - 4e-7 of a radius)
+    frozen = nn.Sequential(*[nn.Linear(m.in_features, m.out_features).double() if isinstance(m, AOLLinear)
+                             else m for m in enc]).double()
+    with torch.no_grad():
+        for f, m in zip(frozen, enc):
+            if isinstance(m, AOLLinear):
+                f.weight.copy_(m.effective_weight().double())
+                f.bias.copy_(m.bias.double())
+    for norm in (2, math.inf):
+        auto = Certifier(enc, head).certify(X, norm=norm)
+        loc, glob = auto.extra["routes"]["local"], auto.extra["routes"]["lipschitz"]
+        assert bool((auto.radius >= glob).all())
+        if norm == math.inf:
+            assert float((loc > glob).double().mean()) > 0.5
+        else:
+            assert float((loc / glob.clamp_min(1e-300))[glob > 0].median()) > 0.9
+        ok = loc > 0
+        m, _ = pgd_min_margin(frozen, head, X[ok].double(), auto.prediction[ok], loc[ok] * (1 - 1e-9), norm,
+                              steps=30, restarts=3)
+        assert bool((m > -1e-9).all())
