@@ -66,7 +66,10 @@ class Certifier:
     * ``"auto"`` (the default, unless ``lipschitz`` is given as a float: then
       ``"lipschitz"``): the per-input maximum of every route the encoder supports
       (``"local"`` is skipped when it refuses an op or the encoder has more than
-      ``AUTO_LOCAL_NEURONS`` activation units; the reason is in ``extra["skipped"]``).
+      ``AUTO_LOCAL_NEURONS`` activation units; the reason is in ``extra["skipped"]``). For
+      tied heads its search starts no lower than just above the other routes' radii and stops
+      where it cannot beat them, so ``extra["routes"]["local"]`` may there be below what
+      ``method="local"`` gives (never the returned radius: the maximum).
 
     Parameters
     ----------
@@ -188,7 +191,9 @@ class Certifier:
                     skipped["margin"] = str(e)
             if self.method in ("local", "auto"):
                 try:
-                    routes["local"] = self._local_route(x, Z, pred, latent, p)
+                    # auto: the local search starts just above the other routes' radii
+                    floor = torch.stack(list(routes.values())).amax(0) if routes and self.method == "auto" else None
+                    routes["local"] = self._local_route(x, Z, pred, latent, p, floor)
                 except UnsupportedOpError as e:
                     if self.method == "local":
                         raise
@@ -214,8 +219,10 @@ class Certifier:
             self._local[shape] = LocalBounds(self.encoder, shape)  # traced with the graph's trust checks
         return self._local[shape]
 
-    def _local_route(self, x, Z, pred, latent, p):
-        """Local radii (B,) float64; chunks of at most 64 inputs bound the working memory."""
+    def _local_route(self, x, Z, pred, latent, p, floor=None):
+        """Local radii (B,) float64; chunks of at most 64 inputs bound the working memory.
+        ``floor`` (B,): radii of the other routes (tied heads: where the local route cannot
+        beat them it stops after one pass and may return less; the caller takes the max)."""
         lb = self._local_bounds(tuple(x.shape[1:]))
         if self.method == "auto" and lb.n_neurons > AUTO_LOCAL_NEURONS:
             raise UnsupportedOpError(f"{lb.n_neurons} activations exceed the local route's budget in method='auto' "
@@ -230,13 +237,13 @@ class Certifier:
             idx = ok.nonzero().reshape(-1)
             xb = x[sl][idx].detach().cpu()
             if self.head.covariance_type == "tied":
-                r = self._local_tied(lb, xb, pred[sl][idx], p)
+                r = self._local_tied(lb, xb, pred[sl][idx], p, None if floor is None else floor[sl][idx])
             else:
                 r = self._local_perclass(lb, xb, Z[sl][idx], latent[sl][idx], p)
             out[i + idx] = r
         return out
 
-    def _local_tied(self, lb, xb, c, p):
+    def _local_tied(self, lb, xb, c, p, floor=None):
         params = self.head.classifier_params
         A, beta = params.A.cpu().double(), params.beta.cpu().double()
         K = A.shape[0]
@@ -245,7 +252,7 @@ class Certifier:
         c0 = beta[c][:, None] - beta[others]
         u = 2.0**-53
         return lb.margin_radius(xb, lam, c0, p, self.domain, steps=self.local_steps, lam_err=u * lam.abs(),
-                                c0_err=u * c0.abs())
+                                c0_err=u * c0.abs(), floor=floor)
 
     def _local_perclass(self, lb, xb, z, R, p):
         from gmfast._fp import norm_upper

@@ -143,6 +143,32 @@ def test_jacobian_shortcut_matches_the_full_pass(arch):
         assert float((a - b).abs().max()) < 1e-9 * (1 + float(b.abs().max()))
 
 
+def test_one_input_at_a_time_matches_the_batch():
+    """Per-input rows of a batch of one input also have a batch dim of 1: they must never be
+    cached as rows shared by the batch (a later chunk would reuse another chunk's rows).
+    Three ReLU layers and small refinement chunks: every input alone gives its bounds in the
+    batch, and all are below a dense grid."""
+    torch.manual_seed(23)
+    net = nn.Sequential(nn.Linear(2, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(),
+                        nn.Linear(10, 3)).double().eval()
+    lb = LocalBounds(net, (2,))
+    lb.row_chunk = 4  # many chunks per refinement
+    g = torch.Generator().manual_seed(24)
+    x = torch.rand(4, 2, generator=g, dtype=F64) * 2 - 1
+    lam = torch.randn(4, 2, 3, generator=g, dtype=F64)
+    t = torch.linspace(-1, 1, 101, dtype=F64)
+    grid = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    for norm in (2, math.inf):
+        both = lb.lower(lam, lb.prepare(x, 0.4, norm))
+        for b in range(4):
+            alone = lb.lower(lam[b:b + 1], lb.prepare(x[b:b + 1], 0.4, norm))
+            assert torch.allclose(alone[0], both[b], rtol=1e-9, atol=1e-12), (norm, b)
+            pts = grid[grid.norm(dim=1) <= 1] if norm == 2 else grid
+            with torch.no_grad():
+                vals = net(x[b] + 0.4 * pts) @ lam[b].T
+            assert bool((alone[0] <= vals.min(0).values).all())
+
+
 def test_domain_box_tightens_linf_and_stays_sound():
     net = make_encoder("mlp", seed=4)
     lb = LocalBounds(net, (2,))
@@ -223,7 +249,8 @@ def test_auto_is_the_maximum_of_the_routes():
     auto = Certifier(enc, head).certify(X)
     for m in ("lipschitz", "margin", "local"):
         r = Certifier(enc, head, method=m).certify(X).radius
-        assert bool((auto.radius >= r).all()), m
+        # auto's local search stops once a ball within 5% above the other routes fails
+        assert bool((auto.radius >= (r if m != "local" else r / 1.05 * (1 - 1e-12))).all()), m
     assert set(auto.extra["routes"]) == {"lipschitz", "margin", "local"}
     assert bool((auto.extra["routes"]["local"] > auto.extra["routes"]["lipschitz"]).sum() > 15)
 

@@ -236,6 +236,9 @@ class LocalBounds:
         err = torch.zeros((B, R), dtype=_F64)
         idx = self.order.index(start)
         inp = self.order[0]
+        # rows shared by the whole batch (no selection, no relaxation crossed yet): only these
+        # are cached (a batch of one input also has a batch dim of 1, but is not shared)
+        shared = lam.shape[0] == 1 and key is not None
         for n in reversed(self.order[:idx + 1]):
             if n not in lams:
                 continue
@@ -248,10 +251,12 @@ class LocalBounds:
                 lams = {k: v[0][select] for k, v in lams.items()}  # pending branches of a fork
                 c = c[0][select]
                 err = torch.gather(err, 1, select)
-                select = None
+                select, shared = None, False
             if n is inp:
                 return (lam, c, err) if raw else self._concretize(lam, c, err, ctx)
             Bl, R = lam.shape[:2]
+            if jac or op.kind in ("act", "unary", "prod"):
+                shared = False
             if jac:
                 new, tt, e = self._through_jacobian(lam, c, J[n])
                 c, err_ref = c + tt, [err + e]
@@ -267,7 +272,7 @@ class LocalBounds:
                 shp = self.shapes[op.src]
                 # rows shared by the whole batch (no activation crossed yet) do not depend
                 # on the input: their transposes are computed once per start node
-                ck = (key, n) if key is not None and Bl == 1 else None
+                ck = (key, n) if shared else None
                 new = self._tcache.get(ck) if ck is not None else None
                 if new is None:
                     new = op.T(lam.reshape((Bl * R,) + self.shapes[n])).reshape((Bl, R) + shp)
@@ -506,10 +511,11 @@ class LocalBounds:
             c = total
         return LinearBound(self, lam0, c, err, ctx)
 
-    def margin_radius(self, x, lam, c0, norm, domain=None, steps: int = 4, start=None, lam_err=None, c0_err=None):
+    def margin_radius(self, x, lam, c0, norm, domain=None, steps: int = 4, start=None, lam_err=None, c0_err=None,
+                      floor=None):
         """Largest certified radius (B,) float64 for ``lam·f + c0 > 0`` (every row) per input
         (:func:`gmfast.lipschitz.local_search.margin_radius`)."""
-        return margin_radius(self, x, lam, c0, norm, domain, steps, start, lam_err, c0_err)
+        return margin_radius(self, x, lam, c0, norm, domain, steps, start, lam_err, c0_err, floor)
 
     def box_radius(self, x, accept, norm, domain=None, steps: int = 8, start=None):
         """Largest ``ε`` (B,) with ``accept`` true on the output box over the ball

@@ -17,7 +17,8 @@ from gmfast.lipschitz.linearize import _F64
 from gmfast.lipschitz.local_steps import rowdot
 
 
-def margin_radius(lb, x, lam, c0, norm, domain=None, steps: int = 4, start=None, lam_err=None, c0_err=None):
+def margin_radius(lb, x, lam, c0, norm, domain=None, steps: int = 4, start=None, lam_err=None, c0_err=None,
+                  floor=None):
     """Largest certified radius (B,) float64 for ``lam·f + c0 > 0`` (every row) per input.
 
     Each pass computes the relaxation for one ball ``ε_k`` and certifies the largest
@@ -26,6 +27,12 @@ def margin_radius(lb, x, lam, c0, norm, domain=None, steps: int = 4, start=None,
     largest certified and the smallest failed ball otherwise; the first ball is the
     extrapolation of a pass at ``ε = 0``, i.e. the linearisation). The result is the
     largest radius some pass certified: sound whatever the choices.
+
+    ``floor`` (B,): radii already certified another way (``method="auto"``): the search
+    starts no lower than just above them (``1.05×``) and stops for an input once a ball at
+    most that far above its floor fails (the caller keeps the floor there), so inputs where
+    this route cannot win cost about one pass. Inputs whose search has converged drop out of
+    later passes (the larger balls' bounds of the inputs that remain are still used).
     """
     B = x.shape[0]
     best = torch.zeros(B, dtype=_F64)
@@ -35,24 +42,44 @@ def margin_radius(lb, x, lam, c0, norm, domain=None, steps: int = 4, start=None,
         eps = lb.first_ball * lin.estimate()  # the linearisation overshoots: start inside it
     else:
         eps = torch.as_tensor(start, dtype=_F64).reshape(-1).expand(B).clone()
+    above = None
+    if floor is not None:
+        above = floor.to(_F64).clamp_min(0) * 1.05
+        eps = torch.maximum(eps, above)
     if domain is not None and norm == math.inf:
         eps = eps.clamp(max=float(domain[1] - domain[0]))
-    prior = None
+
+    def rows(t, ia):
+        return None if t is None else (t if t.shape[0] == 1 else t[ia])
+
+    done = torch.zeros(B, dtype=torch.bool)
+    prior, prior_ia = None, None
     for _ in range(steps):
-        eps = torch.where(eps > 0, eps, torch.where(best > 0, 2 * best, torch.full_like(eps, 1e-6)))
-        ctx = lb.prepare(x, eps, norm, domain, prior)
-        if prior is None or bool((eps >= prior["eps"]).all()):
-            prior = ctx  # the largest balls so far: their bounds serve every smaller one
-        lin = lb.linear_bound(lam, ctx, c0, lam_err, c0_err)
-        got = lin.largest(eps)
-        best = torch.maximum(best, got)
-        fail = torch.where(got < eps, torch.minimum(fail, eps), fail)
-        g = lin.estimate()
-        grow = torch.maximum(lb.growth[0] * best, torch.minimum(g, lb.growth[1] * best))
-        eps = torch.where(torch.isinf(fail), grow, torch.sqrt(best * fail))
-        eps = torch.where((best == 0) & torch.isfinite(fail), fail / 4.0, eps)
-        if bool(((fail <= best * 1.01) | (best >= eps)).all()):
+        ia = (~done).nonzero().reshape(-1)
+        if ia.numel() == 0:
             break
+        e = eps[ia]
+        e = torch.where(e > 0, e, torch.where(best[ia] > 0, 2 * best[ia], torch.full_like(e, 1e-6)))
+        if prior is not None and not torch.equal(ia, prior_ia):  # inputs only ever drop out
+            pos = torch.searchsorted(prior_ia, ia)
+            prior = dict(eps=prior["eps"][pos], I={n: (lo[pos], hi[pos]) for n, (lo, hi) in prior["I"].items()})
+            prior_ia = ia
+        ctx = lb.prepare(x[ia], e, norm, domain, prior)
+        if prior is None or bool((e >= prior["eps"]).all()):
+            prior, prior_ia = ctx, ia  # the largest balls so far: their bounds serve every smaller one
+        lin = lb.linear_bound(rows(lam, ia), ctx, rows(c0, ia), rows(lam_err, ia), rows(c0_err, ia))
+        got = lin.largest(e)
+        b = torch.maximum(best[ia], got)
+        f = torch.where(got < e, torch.minimum(fail[ia], e), fail[ia])
+        g = lin.estimate()
+        grow = torch.maximum(lb.growth[0] * b, torch.minimum(g, lb.growth[1] * b))
+        nxt = torch.where(torch.isinf(f), grow, torch.sqrt(b * f))
+        nxt = torch.where((b == 0) & torch.isfinite(f), f / 4.0, nxt)
+        stop = (f <= b * 1.01) | (b >= nxt)
+        if above is not None:
+            stop = stop | (f <= above[ia] * (1 + 1e-9))
+        best[ia], fail[ia], eps[ia] = b, f, nxt
+        done[ia] = stop
     return best
 
 
