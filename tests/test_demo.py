@@ -47,9 +47,11 @@ def test_demo_quick(tmp_path):
     for enc, rs in routes.items():
         assert {"lipschitz", "margin", "auto"} <= set(rs), (enc, rs)
         assert len({n for n, _ in rs.values()}) == 1 and 1 <= rs["auto"][0] <= 60, (enc, rs)
-        for route, (_, acc) in rs.items():
-            assert all(a <= b for a, b in zip(acc, rs["auto"][1])), (enc, route, rs)
-    assert "local" in routes["cnn encoder, LW"] and "local" in routes["lipschitz enc., isotropic"]
+        for route in ("lipschitz", "margin"):  # auto takes the per-input maximum
+            assert all(a <= b for a, b in zip(rs[route][1], rs["auto"][1])), (enc, route, rs)
+        assert "local" in rs, (enc, rs)
+    # the CNN: the global route certifies nothing at r=0.1, the local one does
+    assert routes["cnn encoder, LW"]["lipschitz"][1][1] == 0 < routes["cnn encoder, LW"]["local"][1][1]
     assert out.exists() and out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the Lipschitz encoder's bound is computed, close to 1, and above its estimate
     row = next(line for line in text.splitlines() if line.startswith("gmfast, lipschitz enc., isotropic"))
@@ -72,21 +74,20 @@ def _tiny_setup(seed=0):
     return enc, head, X, y
 
 
-def test_route_table_rows_match_each_route_run_alone_and_auto_is_their_maximum():
+def test_route_table_rows_match_each_route_run_alone_and_auto_is_never_below_them():
     enc, head, X, y = _tiny_setup()
     rows = route_table({"tiny": (enc, head)}, X, y, budget=0.0, chunk=7)  # budget 0: exactly one chunk
     assert [r["route"] for r in rows] == ["lipschitz", "margin", "local", "auto"]
-    assert all(r["inputs"] == 7 for r in rows)
-    by_route = {}
-    for route in ("lipschitz", "margin", "local"):  # each route run alone, on the same 7 inputs
+    assert all(r["inputs"] == 7 and r["ms"] > 0 for r in rows)
+    radius = {}
+    for route in ("lipschitz", "margin", "local", "auto"):  # each route run alone, on the same 7 inputs
         cert = gmfast.Certifier(enc, head, method=route).certify(X[:7])
-        by_route[route] = cert.radius
+        radius[route] = cert.radius
         acc = gmfast.certified_accuracy(cert, y[:7], RADII)
         np.testing.assert_array_equal(next(r for r in rows if r["route"] == route)["accuracy"], acc)
-    best = torch.stack(list(by_route.values())).amax(0)
-    acc = gmfast.certified_accuracy((cert.prediction, best), y[:7], RADII)
-    np.testing.assert_array_equal(rows[-1]["accuracy"], acc)
-    assert rows[-1]["ms"] > 0 and rows[0]["ms"] > 0 and rows[2]["ms"] is None
+    # auto is the per-input maximum of the routes: never below the global or margin route
+    assert (radius["auto"] >= torch.maximum(radius["lipschitz"], radius["margin"])).all()
+    assert (radius["local"] > 0).any()
     # an unlimited budget certifies every input, in chunks
     assert {r["inputs"] for r in route_table({"tiny": (enc, head)}, X, y, budget=1e9, chunk=7)} == {40}
 
