@@ -1,6 +1,6 @@
 """Transformer encoders for the local route (issue 16), written with plain traceable ops.
 
-* :class:`TinyViT`: a ViT-style image encoder for sklearn's 8×8 digits (2×2 patches by a
+* :class:`TinyViT`: a ViT-style image encoder for sklearn's 8×8 digits (4×4 patches by a
   strided convolution, learned positions, pre-LN blocks of softmax attention and a GELU MLP,
   a final LayerNorm, mean pooling), trained in well under a minute by :func:`train_vit`.
 * :class:`MiniLMFromEmbeddings`: the bundled all-MiniLM-L6-v2 (package
@@ -64,7 +64,7 @@ class Block(nn.Module):
 class TinyViT(nn.Module):
     """(B, 1, 8, 8) pixels in [0, 1] → (B, d) latents."""
 
-    def __init__(self, d: int = 32, depth: int = 1, heads: int = 2, mlp: int = 64, patch: int = 2, side: int = 8):
+    def __init__(self, d: int = 32, depth: int = 1, heads: int = 2, mlp: int = 64, patch: int = 4, side: int = 8):
         super().__init__()
         self.embed = nn.Conv2d(1, d, patch, stride=patch)
         self.pos = nn.Parameter(torch.randn((side // patch) ** 2, d) * 0.02)
@@ -89,8 +89,8 @@ def digits(seed: int = 0):
     return X[:n], y[:n], X[n:], y[n:]
 
 
-def train_vit(epochs: int = 30, seed: int = 0, d: int = 32, depth: int = 1, heads: int = 2, mlp: int = 64,
-              patch: int = 2):
+def train_vit(epochs: int = 30, seed: int = 0, d: int = 32, depth: int = 2, heads: int = 2, mlp: int = 64,
+              patch: int = 4):
     """A :class:`TinyViT` trained with a linear classifier on digits (Adam, cross-entropy).
     Returns ``(encoder in eval mode, (X_train, y_train, X_test, y_test), test accuracy)``."""
     Xtr, ytr, Xte, yte = digits(seed)

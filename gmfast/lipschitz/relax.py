@@ -85,7 +85,7 @@ _F64 = torch.float64
 REL = 2.0**-36
 ABS = 2.0**-1000
 _INF = math.inf
-_BISECT = 30
+_BISECT = 20
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 #: SiLU's inflection points are ±c with c tanh(c/2) = 2 (c = 2.39935728...); a float bracket

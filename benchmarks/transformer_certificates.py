@@ -1,0 +1,157 @@
+"""Input-space certificates on transformer encoders (issue 16, "Transformer encoders").
+
+* **ViT** (``examples/transformer_encoders.py``: 2×2 patches of sklearn's 8×8 digits, one or
+  two pre-LN blocks of softmax attention + GELU MLP, mean pooling; trained here in well under
+  a minute) with a tied Ledoit–Wolf head on its latents; ℓ2 and ℓ∞ (pixels in [0, 1]).
+* **MiniLM** (all-MiniLM-L6-v2 as a function of one sentence's word embeddings, its six
+  layers, mean pooling and normalisation) with a tied head fitted on the sentence embeddings
+  of ``examples/minilm_text.py``'s corpus; ℓ2 balls of word embeddings.
+
+Per encoder: the global route (refused: LayerNorm, softmax and products of input-dependent
+tensors have no global Lipschitz bound), then the local route: clean accuracy, certified
+accuracy at radii, median certified radius (correct inputs), ms/input beside one encoder
+forward, and the median ratio certified radius / smallest adversarial distance PGD finds.
+
+    nice -n 19 python benchmarks/transformer_certificates.py [--n-vit 40] [--n-minilm 4]
+        [--minilm-layers 6] [--skip-minilm]
+
+Results go to ``benchmarks/results_transformers.json``; the markdown rows are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import gmfast
+from gmfast.attack import min_adversarial_distance
+from gmfast.lipschitz import UnsupportedOpError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def global_route(enc, head, x):
+    """The global route's answer: its radii, or the refusal's first line."""
+    try:
+        c = gmfast.Certifier(enc, head, method="lipschitz").certify(x)
+        return dict(refused=False, median_radius=float(c.radius.median()))
+    except UnsupportedOpError as e:
+        return dict(refused=True, reason=str(e).split(";")[0])
+
+
+def local_rows(enc, head, x, y, norm, radii, domain=None, attack_n=8, attack_hi=2.0, steps=4):
+    cert = gmfast.Certifier(enc, head, method="local", domain=domain, local_steps=steps)
+    t = time.perf_counter()
+    c = cert.certify(x, norm=norm)
+    ms = 1e3 * (time.perf_counter() - t) / len(y)
+    with torch.no_grad():
+        t = time.perf_counter()
+        enc(x)
+        fwd = 1e3 * (time.perf_counter() - t) / len(y)
+    correct = c.prediction == y
+    r = torch.where(correct, c.radius, torch.zeros_like(c.radius))
+    out = dict(norm="l2" if norm == 2 else "linf", n=len(y), clean=float(correct.float().mean()),
+               certified={f"{e:g}": float((r > e).float().mean()) for e in radii},
+               median_radius=float(r[correct].median()) if bool(correct.any()) else 0.0,
+               ms_per_input=ms, forward_ms_per_input=fwd)
+    idx = (correct & (c.radius > 0)).nonzero().reshape(-1)[:attack_n]
+    if idx.numel():
+        enc64 = enc.double()
+        adv = min_adversarial_distance(enc64, head, x[idx].double(), c.prediction[idx], norm,
+                                       domain=domain if norm == math.inf else None, hi=attack_hi, iters=8,
+                                       steps=30, restarts=2)
+        enc.float()
+        ratio = c.radius[idx] / adv
+        out["tightness_median"] = float(ratio[torch.isfinite(adv)].median()) if bool(torch.isfinite(adv).any()) \
+            else None
+        out["attack_n"] = int(idx.numel())
+        out["max_ratio"] = float(ratio.max())  # must be < 1: a certified radius below every flip found
+    return out
+
+
+def vit(args):
+    te = _example("transformer_encoders")
+    t = time.perf_counter()
+    enc, (Xtr, ytr, Xte, yte), acc = te.train_vit(epochs=args.vit_epochs, depth=args.vit_depth)
+    train_s = time.perf_counter() - t
+    with torch.no_grad():
+        Z = enc(Xtr)
+    head = gmfast.GaussianMixtureHead("tied", shrinkage="ledoit-wolf").fit(Z, ytr)
+    x, y = Xte[:args.n_vit], yte[:args.n_vit]
+    res = dict(encoder=f"TinyViT(d=32, depth={args.vit_depth}, 2 heads, 4x4 patches: 4 tokens)", train_s=train_s,
+               encoder_acc=acc, global_route=global_route(enc, head, x[:4]))
+    res["local"] = [local_rows(enc, head, x, y, 2, (0.01, 0.05, 0.1)),
+                    local_rows(enc, head, x, y, math.inf, (1 / 255, 2 / 255, 4 / 255), domain=(0.0, 1.0))]
+    return res
+
+
+def minilm(args):
+    te = _example("transformer_encoders")
+    mt = _example("minilm_text")
+    st = te.load_minilm()
+    sentences, labels = mt.build_corpus()
+    Z = mt.embed(st, sentences)
+    n_train = int(0.7 * len(labels))
+    head = gmfast.GaussianMixtureHead("tied", shrinkage="ledoit-wolf").fit(Z[:n_train], labels[:n_train])
+    test = list(range(n_train, len(labels)))[:args.n_minilm]
+    rows, wnorm = [], []
+    for i in test:
+        e = te.word_embeddings(st, sentences[i])
+        wnorm.append(float(e[0].norm(dim=-1).median()))
+        enc = te.MiniLMFromEmbeddings(st, e.shape[1], layers=args.minilm_layers)
+        if args.minilm_layers is None or args.minilm_layers == 6:
+            glob = global_route(enc, head, e) if not rows else None
+        else:
+            glob = None
+        row = local_rows(enc, head, e, labels[i:i + 1], 2, (0.01, 0.05, 0.1), attack_n=1, attack_hi=4.0,
+                         steps=args.minilm_steps)
+        row.update(T=e.shape[1], sentence=sentences[i])
+        if glob is not None:
+            row["global_route"] = glob
+        rows.append(row)
+    return dict(encoder=f"all-MiniLM-L6-v2 from word embeddings ({args.minilm_layers or 6} layers)",
+                median_word_embedding_norm=sorted(wnorm)[len(wnorm) // 2], sentences=rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-vit", type=int, default=20)
+    ap.add_argument("--vit-epochs", type=int, default=30)
+    ap.add_argument("--vit-depth", type=int, default=2)
+    ap.add_argument("--n-minilm", type=int, default=4)
+    ap.add_argument("--minilm-layers", type=int, default=None)
+    ap.add_argument("--minilm-steps", type=int, default=2)
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-vit", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results_transformers.json")))
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    results = dict(machine=platform.processor() or platform.machine(), torch=torch.__version__,
+                   threads=torch.get_num_threads(), load_at_start=load)
+    if not args.skip_vit:
+        results["vit"] = vit(args)
+    if not args.skip_minilm:
+        results["minilm"] = minilm(args)
+    results["load_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
