@@ -1,6 +1,6 @@
 """The ``gmfast`` command line: demo, fit, certify, smooth, analyze, bench, report, train.
 
-    gmfast demo                               # the main job: digits, two encoders, table + plot
+    gmfast demo                               # the main job: digits, every route, recipe vs smoothing
     gmfast fit --latents train.npz --out head.safetensors
     gmfast certify --head head.safetensors --latents test.npy --out results.tsv   # labels optional
     gmfast smooth --head head.safetensors --latents test.npz --sigma 0.25 --out smooth.tsv
@@ -339,10 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="command", parser_class=_Parser)
     latents_help = "latents file: .safetensors/.npz ('latents', 'labels'), .npy, or .csv/.tsv (see gmfast.cli)"
 
-    p = sub.add_parser("demo", help="the main job: certify digits with two encoders and randomized smoothing",
-                       description="Train two small encoders on scikit-learn's digits, fit Gaussian-mixture heads, "
-                                   "certify the test split in input space (and with randomized smoothing), print "
-                                   "the table and write the certified-accuracy plot.")
+    p = sub.add_parser("demo", help="the main job: certify digits on every input-space route, the trained recipe against smoothing",
+                       description="Train two small encoders and the certified-training recipe on scikit-learn's digits, "
+                                   "fit Gaussian-mixture heads, certify the test split in input space on every route "
+                                   "(and with randomized smoothing on a base of the recipe's architecture), print "
+                                   "the tables and write the certified-accuracy plot.")
     p.add_argument("--quick", action="store_true", help="fewer epochs and smoothing samples (CI)")
     p.add_argument("--out", default="gmfast_demo.png", help="where to write the plot (PNG)")
     p.add_argument("--seed", type=int, default=0)

@@ -45,7 +45,7 @@ def main():
     isas = [name for name, ok in _cpu._load().cpu_isas() if ok]  # every ISA path this CPU runs
     for isa, kind, (B, d, K), dt, policy in itertools.product(
             isas, ("tied", "full", "diag", "spherical"), [(0, 3, 2), (1, 1, 2), (5, 7, 3), (67, 5, 13), (130, 33, 2)],
-            (torch.float32, torch.float64), ("portable", "blas", "micro")):
+            (torch.float32, torch.float64), ("portable", "blas", "micro", "lanes", "auto")):
         _cpu.set_cpu_isa(isa)
         _cpu.set_gemm_policy(policy)
         h = head(kind, d, K, seed=B + d)
