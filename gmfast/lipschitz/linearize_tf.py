@@ -71,11 +71,6 @@ class TransformerRules:
             op.copy = True  # its interval is its source's: the engine may refine the source instead
         return step
 
-    def _const_arg(self, a, what):
-        if isinstance(a, torch.fx.Node):
-            return self.const_value(a, what)
-        return a
-
     # -- LayerNorm -----------------------------------------------------------------------
 
     def module_layer_norm(self, node, mod):
