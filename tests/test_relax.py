@@ -137,7 +137,8 @@ def test_tight_on_narrow_intervals(case):
     if domain == "any":
         c = torch.cat([c, -c])
     if name == "softplus":  # the switch to the identity is a real jump: not where it lies
-        c = c[((c - 1e-3) * params["beta"] > params["threshold"]) == ((c + 1e-3) * params["beta"] > params["threshold"])]
+        b, t = params["beta"], params["threshold"]
+        c = c[((c - 1e-3) * b > t) == ((c + 1e-3) * b > t)]
     if name == "hardtanh":  # a kink: O(w), like ReLU's triangle
         c = c[c != 2.0]
     l, u = c - 1e-3, c + 1e-3
@@ -252,7 +253,8 @@ def test_refusals_and_bad_input():
         al, bl, au, bu = R.lines(l, u)
         lo, hi = R.range(l, u)
         assert al[0] == 0 and au[0] == 0 and bl[0] == -math.inf and bu[0] == math.inf
-        assert lo[0] == -math.inf and hi[0] == math.inf and bool(torch.isfinite(torch.stack([bl, bu, lo, hi])[:, 1]).all())
+        assert lo[0] == -math.inf and hi[0] == math.inf
+        assert bool(torch.isfinite(torch.stack([bl, bu, lo, hi])[:, 1]).all())
         assert R.offset(torch.ones_like(l), l, u, True)[0] == -math.inf
     inf = torch.tensor([math.inf], dtype=F64)
     al, bl, au, bu = relax.get("sigmoid").lines(-inf, inf)  # infinite intervals: trivial bounds
@@ -267,7 +269,8 @@ def test_refusals_and_bad_input():
     R = relax.get("softplus", {"beta": -1.5, "threshold": 3.0})
     l, u = torch.tensor([-1.0, 0.5], dtype=F64), torch.tensor([0.5, 4.0], dtype=F64)
     al, bl, au, bu = R.lines(l, u)
-    assert bool((R.offset(al, l, u, True) >= bl - 1e-12).all()) and bool((R.offset(au, l, u, False) <= bu + 1e-12).all())
+    assert bool((R.offset(al, l, u, True) >= bl - 1e-12).all())
+    assert bool((R.offset(au, l, u, False) <= bu + 1e-12).all())
 
 
 def test_floor_intersects_the_domain():

@@ -573,7 +573,8 @@ def get(name: str, params: dict | None = None) -> Relaxation:
         if lo > hi:
             raise UnsupportedOpError(f"hardtanh(min_val={lo!r}, max_val={hi!r})")
         return Relaxation(name, [_Piece(-_INF, lo, "linear", _const(lo), _const(0.0)),
-                                 _Piece(lo, hi, "linear", z, _one), _Piece(hi, _INF, "linear", _const(hi), _const(0.0))])
+                                 _Piece(lo, hi, "linear", z, _one),
+                                 _Piece(hi, _INF, "linear", _const(hi), _const(0.0))])
     if name == "hardsigmoid":
         return Relaxation(name, [_Piece(-_INF, -3.0, "linear", _const(0.0), _const(0.0)),
                                  _Piece(-3.0, 3.0, "linear", _lin(1.0 / 6.0, 0.5), _const(1.0 / 6.0, False)),
