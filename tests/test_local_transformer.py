@@ -259,6 +259,25 @@ def test_certified_radii_survive_pgd():
         assert float(r[idx].median()) > 1e-2  # not vacuous
 
 
+def test_overflow_on_a_large_ball_does_not_poison_smaller_balls():
+    """``exp`` overflowing on the search's first (large) ball gave NaN intervals, which the
+    smaller balls reused as their prior: radii 0 on 7 of these 8 inputs. NaN now becomes the
+    trivial bound (sound: the exact value is finite), and each smaller ball certifies."""
+    m = _tiny(seed=2)
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 3, 4, dtype=F64, generator=g) * 1.5
+    y = torch.arange(3).repeat_interleave(40)
+    X = centers[y] + 0.4 * torch.randn(120, 3, 4, dtype=F64, generator=g)
+    with torch.no_grad():
+        Z = m(X)
+    head = gmfast.GaussianMixtureHead("tied").fit(Z.float(), y)
+    c = gmfast.Certifier(m, head, method="local", local_steps=8).certify(X[:8], norm=2)
+    assert bool((c.prediction == y[:8]).all())
+    assert int((c.radius > 0).sum()) >= 6, c.radius
+    margin, _ = pgd_min_margin(m, head, X[:8], c.prediction, c.radius * 0.999, 2, steps=40, restarts=4)
+    assert bool((margin > 0).all()), (margin.min(), c.radius)
+
+
 def test_refusals():
     class SDPA(nn.Module):
         def forward(self, x):

@@ -124,6 +124,14 @@ from gmfast.lipschitz.local_steps import (act_back, act_interval, act_jacobian_b
 # ----------------------------------------------------------------------------- bounds
 
 
+def _no_nan(lo: torch.Tensor, hi: torch.Tensor):
+    """NaN in an interval (``inf − inf``, ``0·inf`` after an overflow, e.g. of ``exp`` on a
+    large ball) becomes the trivial bound ``∓inf``: the exact value is a finite real, so
+    ``(−inf, inf)`` encloses it, while a NaN would poison every later ball that reuses these
+    intervals as its prior (``torch.maximum`` propagates NaN)."""
+    return torch.where(torch.isnan(lo), -math.inf, lo), torch.where(torch.isnan(hi), math.inf, hi)
+
+
 class LocalBounds:
     """CROWN over one traced encoder (see the module docstring for the proofs).
 
@@ -415,14 +423,14 @@ class LocalBounds:
                 ctx["relax"][n] = prod_relax(I[op.a], I[op.b], M[op.a], M[op.b])
             elif op.kind == "affine":
                 ctx["V"][n] = self._charges(n, M)
-            I[n] = self._intervals(n, ctx)
+            I[n] = _no_nan(*self._intervals(n, ctx))
             if prior is not None and n in pre:
                 inside = (eps <= prior["eps"]).reshape((B,) + (1,) * len(self.shapes[n]))
                 plo, phi = prior["I"][n]
                 I[n] = (torch.where(inside, torch.maximum(I[n][0], plo), I[n][0]),
                         torch.where(inside, torch.minimum(I[n][1], phi), I[n][1]))
             if n in pre:
-                I[n] = self._exact(n, ctx) if n in self.affine_only else self._refine(n, ctx)
+                I[n] = _no_nan(*(self._exact(n, ctx) if n in self.affine_only else self._refine(n, ctx)))
             M[n] = torch.maximum(I[n][0].abs(), I[n][1].abs())
         return ctx
 

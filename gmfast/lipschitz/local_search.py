@@ -120,7 +120,7 @@ class LinearBound:
         q = 2 if self.ctx["norm"] == 2 else 1
         val = rowdot(self.lam, self.ctx["x"].reshape(B, -1)) + self.c - 2.0 * self.err
         N = lf.norm(p=q, dim=-1).expand(B, R).clamp_min(1e-300)
-        return (val / N).amin(1).clamp_min(0)
+        return (val / N).amin(1).nan_to_num(0.0).clamp_min(0)  # a NaN (overflow) estimate: start at 0
 
     def largest(self, eps, iters: int = 30):
         """Per input, the largest ``ε' ≤ eps`` (found by bisection, each candidate verified)
