@@ -240,21 +240,24 @@ def test_product_route_survives_pgd(norm):
 # ------------------------------------------------------------------ the smooth activations
 
 
-SMOOTH = [nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Softplus(),
-          nn.Softplus(beta=2.0, threshold=5.0), nn.ELU(), nn.SELU(), nn.CELU(0.5), nn.Mish(), nn.Hardsigmoid(),
+SMOOTH = [nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.SiLU(), nn.Softplus(),
+          nn.Softplus(beta=2.0, threshold=5.0), nn.ELU(), nn.SELU(), nn.CELU(0.5), nn.Hardsigmoid(),
           nn.Hardswish(), nn.Hardtanh(), nn.ReLU6()]
+#: no proof of their curvature shape yet (gmfast.lipschitz.relax): refused, never relaxed loosely
+REFUSED = [nn.GELU(approximate="tanh"), nn.Mish()]
+
+
+@pytest.mark.parametrize("act", REFUSED, ids=lambda m: repr(m))
+def test_activation_without_relaxation_is_refused_by_the_local_route(act):
+    from gmfast.lipschitz.errors import UnsupportedOpError
+
+    net = nn.Sequential(nn.Linear(2, 4), act, nn.Linear(4, 3)).double().eval()
+    with pytest.raises(UnsupportedOpError, match="relaxation"):
+        LocalBounds(net, (2,)).prepare(torch.zeros(1, 2, dtype=torch.float64), 0.1, 2)
 
 
 @pytest.mark.parametrize("act", SMOOTH, ids=lambda m: repr(m))
 def test_smooth_activation_bound_below_dense_grid(act):
-    from gmfast.lipschitz import activations, relax
-    from gmfast.lipschitz.errors import UnsupportedOpError
-
-    name, params = activations.module_params(act, type(act))
-    try:
-        relax.get(name, params)
-    except UnsupportedOpError as e:
-        pytest.skip(f"gmfast.lipschitz.relax has no relaxation for {act!r} yet: {e}")
     torch.manual_seed(10)
     net = nn.Sequential(nn.Linear(2, 8), act, nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
     with torch.no_grad():
