@@ -234,18 +234,24 @@ def test_each_rule_box_holds(name):
         assert float((hi - lo).max()) < 50 * float((ys.amax(0) - ys.amin(0)).max()) + 1e-6
 
 
-@pytest.mark.slow
-def test_certified_radii_survive_pgd():
-    """A tied head on the tiny transformer's latents: PGD (ℓ2 and ℓ∞, restarts) at 0.999×
-    the certified radius never flips a prediction."""
+def _tiny_problem(spread):
+    """The tiny transformer (seed 2), 120 inputs of 3 classes (class centres ``spread`` apart
+    in scale) and a tied head fitted on its latents."""
     m = _tiny(seed=2)
     g = torch.Generator().manual_seed(0)
-    centers = torch.randn(3, 3, 4, dtype=F64, generator=g) * 3.0
+    centers = torch.randn(3, 3, 4, dtype=F64, generator=g) * spread
     y = torch.arange(3).repeat_interleave(40)
     X = centers[y] + 0.4 * torch.randn(120, 3, 4, dtype=F64, generator=g)
     with torch.no_grad():
         Z = m(X)
-    head = gmfast.GaussianMixtureHead("tied").fit(Z.float(), y)
+    return m, gmfast.GaussianMixtureHead("tied").fit(Z.float(), y), X, y
+
+
+@pytest.mark.slow
+def test_certified_radii_survive_pgd():
+    """A tied head on the tiny transformer's latents: PGD (ℓ2 and ℓ∞, restarts) at 0.999×
+    the certified radius never flips a prediction."""
+    m, head, X, y = _tiny_problem(3.0)
     cert = gmfast.Certifier(m, head, method="local")
     for norm in (2, math.inf):
         c = cert.certify(X[::10], norm=norm)
@@ -263,14 +269,7 @@ def test_overflow_on_a_large_ball_does_not_poison_smaller_balls():
     """``exp`` overflowing on the search's first (large) ball gave NaN intervals, which the
     smaller balls reused as their prior: radii 0 on 7 of these 8 inputs. NaN now becomes the
     trivial bound (sound: the exact value is finite), and each smaller ball certifies."""
-    m = _tiny(seed=2)
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(3, 3, 4, dtype=F64, generator=g) * 1.5
-    y = torch.arange(3).repeat_interleave(40)
-    X = centers[y] + 0.4 * torch.randn(120, 3, 4, dtype=F64, generator=g)
-    with torch.no_grad():
-        Z = m(X)
-    head = gmfast.GaussianMixtureHead("tied").fit(Z.float(), y)
+    m, head, X, y = _tiny_problem(1.5)
     c = gmfast.Certifier(m, head, method="local", local_steps=8).certify(X[:8], norm=2)
     assert bool((c.prediction == y[:8]).all())
     assert int((c.radius > 0).sum()) >= 6, c.radius

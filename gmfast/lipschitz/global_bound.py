@@ -209,13 +209,7 @@ class GlobalBound(Analysis):
         x = node.args[0]
         if shape_of(x) is None:
             self.fail(self.op_name(), "input shape unknown")
-        args, kwargs = self.resolve((tuple(node.args[1:]), dict(node.kwargs)), x, None)
-        if node.op == "call_method":
-            def run(t):
-                return getattr(t, node.target)(*args, **kwargs)
-        else:
-            def run(t):
-                return node.target(t, *args, **kwargs)
+        run = self.runner(node, x)
         try:
             f = copy_factor(run, shape_of(x))
         except UnsupportedOpError as e:

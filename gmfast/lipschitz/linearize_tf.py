@@ -206,13 +206,7 @@ class TransformerRules:
 
     def _reduce(self, node, kind):
         x = self.single()
-        args, kwargs = self.resolve((tuple(node.args[1:]), dict(node.kwargs)), x, None)
-        if node.op == "call_method":
-            def run(t):
-                return getattr(t, node.target)(*args, **kwargs)
-        else:
-            def run(t):
-                return node.target(t, *args, **kwargs)
+        run = self.runner(node, x)
         shape = self.shape(x)
         with torch.no_grad():
             out = run(torch.zeros((1,) + shape, dtype=_F64))

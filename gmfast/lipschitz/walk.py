@@ -157,6 +157,14 @@ class Analysis:
         except activations.Refusal as e:
             self.fail(name, str(e))
 
+    def runner(self, node, x):
+        """``t ↦`` the node's op applied to ``t`` in place of ``x`` (its other arguments resolved
+        to their recorded values): a method call or a function call."""
+        args, kwargs = self.resolve((tuple(node.args[1:]), dict(node.kwargs)), x, None)
+        if node.op == "call_method":
+            return lambda t: getattr(t, node.target)(*args, **kwargs)
+        return lambda t: node.target(t, *args, **kwargs)
+
     def resolve(self, args, x_node, x_value):
         """``args`` with ``x_node`` replaced by ``x_value`` and every other node by its recorded
         value (constants and shape queries); another input-dependent node is an error."""
