@@ -42,6 +42,7 @@ certified-accuracy plot per data set, and ``results_<data>.json``; prints the ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -56,7 +57,7 @@ from torch import nn
 import gmfast
 from gmfast.lipschitz import UnsupportedOpError
 from gmfast.smoothing import Smooth
-from gmfast.train import certify, fit_tied_head, recipe, save, train
+from gmfast.train import Recipe, certify, final_head, recipe, save, train
 from gmfast.train.attack import pgd_flips
 from gmfast.train.data import load_split
 from gmfast.tsv import read_certification_tsv, write_certification_tsv
@@ -101,25 +102,35 @@ def select(data: str, grid: list[dict], out: Path, log) -> dict:
     """Recipe selection on the validation split carved from the training split
     (:func:`gmfast.train.data.validation_split`; the held-out split is not read): per setting
     of ``grid`` (overrides of :func:`gmfast.train.recipe`), train on the rest of the training
-    split, refit the head, certify the validation images; writes ``select_<data>.json``."""
+    split, refit the head, certify the validation images; appends the rows to
+    ``select_<data>.json`` (written after each setting)."""
     from gmfast.train.data import validation_split
 
     Xfit, yfit, Xval, yval = validation_split(data)
     radii = RADII[data]
-    rows = []
+    path = out / f"select_{data}.json"
+    earlier, note = [], None
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        earlier, note = previous["rows"], previous.get("note")
+    rows, res = [], {}
     for overrides in grid:
         r = recipe(data, **overrides)
         t = time.perf_counter()
-        enc, _, hist = train(r, Xfit, yfit, progress=False)
-        head = fit_tied_head(enc, Xfit, yfit, r.shrinkage)
+        enc, proto, hist = train(r, Xfit, yfit, progress=False)
+        head = final_head(r, enc, proto, Xfit, yfit)
         cert, _ = certify(enc, head, Xval)
         ca = gmfast.certified_accuracy(cert, yval, radii)
         rows.append(dict(overrides=overrides, accuracy=ca.tolist(), seconds=time.perf_counter() - t,
                          epochs=hist["epochs"]))
         log(f"{data} validation ({len(yval)} images, trained on {len(yfit)}): {overrides}: CA {fmt(ca)} "
             f"({rows[-1]['seconds']:.0f} s)")
-    res = dict(data=data, radii=radii, n_fit=len(yfit), n_validation=len(yval), rows=rows, machine=machine())
-    (out / f"select_{data}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+        res = dict(data=data, radii=radii, n_fit=len(yfit), n_validation=len(yval), rows=earlier + rows,
+                   machine=machine())
+        if note:
+            res["note"] = note
+        # after every setting, appended to the earlier runs' rows: the grid is the evidence
+        path.write_text(json.dumps(res, indent=1, default=float) + "\n")
     return res
 
 
@@ -150,14 +161,16 @@ def gmfast_model(data, r, Xtr, ytr, out, reuse: bool, log):
         from gmfast.train.recipe import load
 
         desc = json.loads((path / "encoder.json").read_text())
-        if desc["recipe"] != json.loads(json.dumps(r.to_json())):
+        # a recipe saved before a field existed had that field's default
+        defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
+        if defaults | desc["recipe"] != json.loads(json.dumps(r.to_json())):
             raise ValueError(f"--reuse-gmfast: {path} holds recipe {desc['recipe']}; expected {r.to_json()}")
         enc, head = load(path)
         log(f"{data}: gmfast model reused from {path} (trained {desc['metrics'].get('train_seconds', '?')} s)")
         return enc, head, desc["metrics"]
     t = time.perf_counter()
-    enc, _, hist = train(r, Xtr, ytr, progress=False)
-    head = fit_tied_head(enc, Xtr, ytr, r.shrinkage)
+    enc, proto, hist = train(r, Xtr, ytr, progress=False)
+    head = final_head(r, enc, proto, Xtr, ytr)
     info = dict(train_seconds=time.perf_counter() - t, epochs=hist["epochs"])
     save(path, enc, head, r, metrics=info)
     return enc, head, info

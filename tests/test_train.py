@@ -299,6 +299,53 @@ def test_learned_covariance_trains_and_certifies():
     assert (cert.radius >= 0).all()
 
 
+@pytest.mark.parametrize("covariance", ["isotropic", "learned"])
+def test_prototype_head_is_the_trained_classifier(covariance):
+    import copy
+
+    from gmfast.train import final_head
+    from gmfast.train.data import load_split
+
+    Xtr, ytr, Xte, yte = load_split("digits")
+    r = recipe("digits", architecture=mlp_architecture(64, [64], 16), latent=16, epochs=3, covariance=covariance,
+               refit="prototypes")
+    enc, proto, _ = train(r, Xtr, ytr, progress=False)
+    if covariance == "learned":  # make the precision visibly non-isotropic
+        with torch.no_grad():
+            proto.factor.add_(0.2 * torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    head = final_head(r, enc, proto, Xtr, ytr)
+    with torch.no_grad():
+        Z = enc(Xte).double()
+        A, beta = (t.detach() for t in copy.deepcopy(proto).double().linear())
+    cert = head.certify(Z)
+    assert torch.equal(cert.prediction, (Z @ A.T + beta).argmax(1))  # the classifier the loss trained
+    exact = normalised_margins(Z, cert.prediction, A, beta).amin(1)  # its exact latent radius
+    assert (cert.radius.double() <= exact + 1e-12).all()
+    np.testing.assert_allclose(cert.radius.double().numpy(), exact.numpy(), rtol=1e-5, atol=1e-9)
+    # input space: the usual route, attacked
+    c = gmfast.Certifier(enc, head).certify(Xte)
+    assert (c.prediction == yte).float().mean() > 0.5 and int((c.radius > 0).sum()) > 100
+    assert int(pgd_flips(enc, head, Xte, c.prediction, c.radius, steps=20, restarts=1).sum()) == 0
+
+
+def test_margin_objective_warmup_and_clean_term():
+    from gmfast.train.recipe import margin_objective
+
+    g = torch.Generator().manual_seed(1)
+    rj = torch.randn(16, 10, generator=g, dtype=torch.float64)
+    rj[torch.arange(16), torch.arange(16) % 10] = math.inf
+    r = recipe("digits", target=1.0, temperature=4.0, target_warmup=0.5, clean_weight=0.3)
+    ref = lambda target: (margin_loss(rj, target, 4.0) + 0.3 * margin_loss(rj, 0.0, 4.0)).item()  # noqa: E731
+    for progress, target in ((0.0, 0.0), (0.25, 0.5), (0.5, 1.0), (0.9, 1.0)):
+        assert margin_objective(r, rj, progress).item() == pytest.approx(ref(target), rel=1e-12)
+    plain = recipe("digits")
+    assert margin_objective(plain, rj, 0.0).item() == margin_loss(rj, plain.target, plain.temperature).item()
+    for bad, match in ((dict(refit="means"), "refit"), (dict(clean_weight=-1.0), "clean_weight"),
+                       (dict(target_warmup=1.0), "target_warmup")):
+        with pytest.raises(ValueError, match=match):
+            recipe("digits", **bad)
+
+
 def test_checkpoint_resume_continues_the_schedule(tmp_path):
     from gmfast.train.data import load_split
     from gmfast.train.recipe import load_checkpoint

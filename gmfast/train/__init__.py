@@ -4,8 +4,9 @@ A 1-Lipschitz encoder (AOL linear/conv layers, MaxMin activations, isometric
 PixelUnshuffle downsampling: :mod:`gmfast.train.layers`) and a tied Gaussian-mixture head
 are trained jointly with a loss on the head's normalised margin, the exact latent radius of a
 tied head (:mod:`gmfast.train.loss`); the head is then refitted on the trained latents with
-:func:`gmfast.fit_head`, and :class:`gmfast.Certifier` certifies in input space through the
-sound Lipschitz bound of the *trained* weights.
+:func:`gmfast.fit_head` (or, with ``refit="prototypes"``, the trained prototypes are kept),
+and :class:`gmfast.Certifier` certifies in input space through the sound Lipschitz bound of
+the *trained* weights.
 
 * :func:`run` / ``gmfast train --data digits|mnist --out DIR``: the recipe, end to end;
 * :func:`load` ``(DIR) -> (encoder, head)``;
@@ -15,7 +16,8 @@ sound Lipschitz bound of the *trained* weights.
 
 from gmfast.train.layers import AOLConv2d, AOLLinear, GroupSort, MaxMin, build_encoder
 from gmfast.train.loss import TiedPrototypeHead, margin_loss, normalised_margins
-from gmfast.train.recipe import Recipe, certify, fit_tied_head, load, recipe, run, save, train
+from gmfast.train.recipe import (Recipe, certify, final_head, fit_tied_head, load, prototype_head, recipe, run,
+                                 save, train)
 
 
 def digits_recipe(time_budget: float | None = 60.0, *, seed: int = 0, progress: bool = False, log=None):
@@ -36,5 +38,5 @@ def digits_recipe(time_budget: float | None = 60.0, *, seed: int = 0, progress: 
 
 
 __all__ = ["AOLConv2d", "AOLLinear", "GroupSort", "MaxMin", "Recipe", "TiedPrototypeHead", "build_encoder", "certify",
-           "digits_recipe", "fit_tied_head", "load", "margin_loss", "normalised_margins", "recipe", "run", "save",
-           "train"]
+           "digits_recipe", "final_head", "fit_tied_head", "load", "margin_loss", "normalised_margins",
+           "prototype_head", "recipe", "run", "save", "train"]

@@ -20,6 +20,7 @@ from gmfast.train.loss import COVARIANCES, TiedPrototypeHead, margin_loss, norma
 FORMAT = "gmfast-encoder"
 VERSION = 1
 LOSSES = ("margin", "ce")
+REFITS = ("fit_head", "prototypes")
 
 
 @dataclass
@@ -28,9 +29,15 @@ class Recipe:
 
     ``loss="margin"``: the offset cross-entropy on the tied head's normalised margin with
     target radius ``target`` and sharpness ``temperature`` (:mod:`gmfast.train.loss`), the
-    recipe for the closed-form certificate. ``loss="ce"``: cross-entropy on the head's
-    logits, with Gaussian input noise ``noise`` (a randomized-smoothing base classifier).
-    ``shrinkage`` is that of the refitted head (``1.0``: isotropic; ``"ledoit-wolf"``).
+    recipe for the closed-form certificate; ``clean_weight`` adds that weight times the same
+    loss at target 0 (a term for clean accuracy); ``target_warmup`` ramps the target linearly
+    from 0 over that fraction of the steps. ``loss="ce"``: cross-entropy on the head's
+    logits (a randomized-smoothing base classifier). ``noise``: Gaussian input noise of that
+    standard deviation on every training batch (either loss).
+    ``refit``: the head that is certified, ``"fit_head"`` (refitted on the trained latents
+    by :func:`gmfast.fit_head` with ``shrinkage``: ``1.0`` isotropic, ``"ledoit-wolf"``) or
+    ``"prototypes"`` (the trained prototypes themselves as a tied head with equal priors:
+    the classifier the loss trained).
     """
 
     architecture: list
@@ -47,6 +54,9 @@ class Recipe:
     lr: float = 3e-3
     weight_decay: float = 0.0
     shrinkage: object = 1.0
+    refit: str = "fit_head"
+    clean_weight: float = 0.0
+    target_warmup: float = 0.0
     seed: int = 0
     notes: dict = field(default_factory=dict)
 
@@ -66,6 +76,12 @@ class Recipe:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         if not self.noise >= 0:
             raise ValueError(f"noise must be >= 0; got {self.noise!r}")
+        if self.refit not in REFITS:
+            raise ValueError(f"refit must be one of {REFITS}; got {self.refit!r}")
+        if not self.clean_weight >= 0:
+            raise ValueError(f"clean_weight must be >= 0; got {self.clean_weight!r}")
+        if not 0 <= self.target_warmup < 1:
+            raise ValueError(f"target_warmup must be in [0, 1); got {self.target_warmup!r}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"input_shape": list(self.input_shape)}
@@ -105,6 +121,18 @@ def _lr_at(step: int, total: int, lr: float) -> float:
     if step < warm:
         return lr * (step + 1) / warm
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def margin_objective(r: Recipe, r_j, progress: float):
+    """``r``'s loss on the normalised margins ``r_j`` (:func:`normalised_margins`) at
+    ``progress`` (the fraction of the steps done): the offset loss at the target, ramped
+    from 0 over the first ``r.target_warmup`` of the steps, plus ``r.clean_weight`` times
+    the offset loss at target 0."""
+    ramp = min(1.0, progress / r.target_warmup) if r.target_warmup else 1.0
+    loss = margin_loss(r_j, ramp * r.target, r.temperature)
+    if r.clean_weight:
+        loss = loss + r.clean_weight * margin_loss(r_j, 0.0, r.temperature)
+    return loss
 
 
 def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, progress: bool = True,
@@ -150,7 +178,7 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
             if r.loss == "margin":
                 A, beta = head.linear()
                 rj = normalised_margins(z, yb, A, beta)
-                loss = margin_loss(rj, r.target, r.temperature)
+                loss = margin_objective(r, rj, step / (epochs * steps_per_epoch))
                 correct += int((rj.amin(dim=1) > 0).sum())
             else:
                 logits = head(z)
@@ -193,6 +221,34 @@ def fit_tied_head(encoder, X, y, shrinkage, *, batch_size: int = 512, device=Non
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=batch_size)
     return gmfast.fit_head(encoder, loader, covariance_type="tied", shrinkage=shrinkage, progress=False,
                            device=device)
+
+
+def prototype_head(prototypes: TiedPrototypeHead):
+    """The trained prototype head as a fitted tied ``GaussianMixtureHead``: means ``μ_k``,
+    covariance ``I`` (isotropic) or ``P⁻¹`` (learned precision ``P``), equal priors. Its
+    classifier is the one :func:`train` optimised (``ℓ_k = a_kᵀz − ½a_kᵀμ_k``, ``a_k = Pμ_k``)."""
+    from gmfast.head import GaussianMixtureHead
+
+    import copy
+
+    prototypes = copy.deepcopy(prototypes).cpu().double()  # P = LᵀL + δI formed in float64
+    means = prototypes.means.detach()
+    K, d = means.shape
+    P = prototypes.precision()
+    if P is None:
+        cov = torch.eye(d, dtype=torch.float64)
+    else:
+        cov = torch.linalg.inv(P.detach().cpu().double())
+        cov = 0.5 * (cov + cov.T)  # the inverse is symmetric only up to rounding
+    return GaussianMixtureHead.from_params(means, cov, torch.full((K,), 1.0 / K, dtype=torch.float64))
+
+
+def final_head(r: Recipe, encoder, prototypes, X, y, *, device=None):
+    """The head certified with ``encoder``: per ``r.refit``, refitted on ``(X, y)``'s latents
+    (:func:`fit_tied_head`) or the trained prototypes (:func:`prototype_head`)."""
+    if r.refit == "prototypes":
+        return prototype_head(prototypes)
+    return fit_tied_head(encoder, X, y, r.shrinkage, device=device)
 
 
 # ----------------------------------------------------------------------------- files
@@ -310,9 +366,9 @@ def run(data: str, out, *, time_budget: float | None = None, device=None, progre
     Xtr, ytr, Xte, yte = load_split(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    encoder, _, hist = train(r, Xtr, ytr, time_budget=time_budget, device=device, progress=progress,
-                             checkpoint=out / "checkpoint.safetensors", resume=resume, log=log)
-    head = fit_tied_head(encoder, Xtr, ytr, r.shrinkage)
+    encoder, prototypes, hist = train(r, Xtr, ytr, time_budget=time_budget, device=device, progress=progress,
+                                      checkpoint=out / "checkpoint.safetensors", resume=resume, log=log)
+    head = final_head(r, encoder, prototypes, Xtr, ytr)
     cert, sec = certify(encoder, head, Xte)
     bound = gmfast.Certifier(encoder, head).lipschitz_bound(tuple(Xte.shape[1:]), points=Xte[:8])
     radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.58)
