@@ -117,8 +117,9 @@ from gmfast._fp import U64, gamma, norm_upper
 from gmfast.lipschitz.graph import check_same_function, trace
 from gmfast.lipschitz.linearize import _F64, _TINY, _Builder, _down, _up
 from gmfast.lipschitz.local_search import LinearBound, box_radius, margin_radius
-from gmfast.lipschitz.local_steps import (act_back, act_interval, act_jacobian_back, act_relax, prod_back,
-                                          prod_interval, prod_relax, rowdot, unary_back, unary_interval, unary_relax)
+from gmfast.lipschitz.local_steps import (act_back, act_interval, act_jacobian_back, act_jacobian_back_shared,
+                                          act_relax, prod_back, prod_interval, prod_relax, row_support, rowdot,
+                                          unary_back, unary_interval, unary_relax)
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -173,6 +174,10 @@ class LocalBounds:
                 self.affine_only.add(n)
         #: (input, neuron) pairs refined per backward pass: bounds the working memory
         self.row_chunk = 4096
+        #: refinement rows shared down to a first-layer activation are taken in their support
+        #: (:meth:`_refine_shared`) when it is at most this fraction of the width (0: never); the
+        #: largest temporary of that step, in entries
+        self.sparse_ratio, self.sparse_chunk, self._support = 0.25, 2**21, {}
         #: radius search (:meth:`margin_radius`): the first ball as a fraction of the
         #: linearisation's estimate, and the growth after passes that all passed (at least
         #: ``growth[0]``×, at most ``growth[1]``× the best radius, else the new estimate)
@@ -226,7 +231,7 @@ class LocalBounds:
         w = r + 4.0 * U64 * (c.abs() + r) + _TINY
         return _down(c - w), _up(c + w)
 
-    def _backward(self, start, lam, ctx, key=None, select=None, raw=False):
+    def _backward(self, start, lam, ctx, key=None, select=None, raw=False, split=False):
         """Lower bounds (B, R) of ``Σ lam·start`` over the ball (``lam`` (1 or B, R, *shape)).
 
         ``select`` (B, S): with a shared ``lam`` (batch dim 1), input ``b`` keeps only the rows
@@ -234,7 +239,8 @@ class LocalBounds:
         the shared part is computed, and cached under ``key``, once); the result is then
         (B, S). A node that is an affine function of the input with a Jacobian in the context
         (:meth:`_exact`) ends the pass there: one product with that matrix and its
-        precomputed charges instead of the ops below it.
+        precomputed charges instead of the ops below it. ``split`` (shared rows): return where the
+        rows stop being shared instead, as ``(node, lam, c, err, pending branches)``.
         """
         B = ctx["x"].shape[0]
         R = lam.shape[1]
@@ -253,6 +259,8 @@ class LocalBounds:
             lam = lams.pop(n)
             op = self.ops[n]
             jac = n in J and n is not start
+            if split and (n is inp or jac or op.kind in ("act", "unary", "prod")):
+                return n, lam, c, err, lams
             if select is not None and (n is inp or jac or op.kind in ("act", "unary", "prod")):
                 # the rows stop being shared here: each input keeps its selected rows
                 lam = lam[0][select]
@@ -480,6 +488,13 @@ class LocalBounds:
         S = int(count.max())
         if S == 0:
             return ctx["I"][n]
+        got = self._refine_shared(n, ctx, unstable)
+        if got is not None:
+            cols, low, up = got
+            lo_c, hi_c, u_c = lo[:, cols], hi[:, cols], unstable[:, cols]
+            lo[:, cols] = torch.where(u_c, torch.maximum(lo_c, low), lo_c)
+            hi[:, cols] = torch.where(u_c, torch.minimum(hi_c, -up), hi_c)
+            return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
         # per input, its unstable neurons first (stable ones after them are padding, left as they are)
         first = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :S]
         valid = torch.arange(S).unsqueeze(0) < count.unsqueeze(1)
@@ -495,6 +510,46 @@ class LocalBounds:
             lo.scatter_(1, sel, torch.where(v, torch.maximum(lo_s, out[:, :m]), lo_s))
             hi.scatter_(1, sel, torch.where(v, torch.minimum(hi_s, -out[:, m:]), hi_s))
         return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
+
+    def _refine_shared(self, n, ctx, unstable):
+        """The refinement pass of ``n`` when its rows ``±e_i`` stay shared by the batch down to
+        an activation on a node with a kept Jacobian (a second layer's pre-activations) and are
+        sparse there (a convolution's receptive field): the rows of every neuron unstable on
+        some input, for all inputs at once in the rows' support (:func:`act_jacobian_back_shared`),
+        instead of each input's rows padded to the batch's most. Returns the neurons (k',) and
+        the lower bounds (B, k') of ``z`` and ``−z``, or None when the pass is not of that form."""
+        shape = self.shapes[n]
+        k = math.prod(shape)
+        if self.sparse_ratio <= 0 or self._support.get(n, ()) is None:
+            return None
+        m, L, c, err, pending = self._backward(n, torch.eye(k, dtype=_F64).reshape((1, k) + shape), ctx,
+                                               key=(n, 1), split=True)
+        op = self.ops[m]
+        if pending or op.kind != "act" or op.src is n:
+            self._support[n] = None  # the graph's form: not for this node
+        if self._support.get(n, ()) is None or op.src not in ctx["J"]:
+            return None
+        Lf = L.reshape(k, -1)
+        sup = self._support.get(n)
+        if sup is None or sup[0] is not L:  # the shared rows come from the transpose cache
+            idx, vals = row_support(Lf)
+            sup = self._support[n] = (L, idx, vals) if idx.shape[1] <= self.sparse_ratio * Lf.shape[1] else None
+            if sup is None:
+                return None
+        idx, vals = sup[1], sup[2]
+        rel, jac, W = ctx["relax"][m], ctx["J"][op.src], self._fused_charges(op.src, ctx)
+        B = unstable.shape[0]
+        cols = unstable.any(0).nonzero().reshape(-1)
+        step = max(1, self.sparse_chunk // (2 * B * max(idx.shape[1], self.n_in + 1)))
+        low, up = [], []
+        for j in range(0, cols.numel(), step):
+            cc = cols[j:j + step]
+            c2, e2 = torch.cat([c[:, cc], -c[:, cc]], 1), torch.cat([err[:, cc], err[:, cc]], 1)
+            rows, tt, e = act_jacobian_back_shared(Lf[cc], (idx[cc], vals[cc]), rel, jac, W, c2)
+            out = self._concretize(rows.reshape((B, -1) + self.input_shape), c2 + tt, e2 + e, ctx)
+            low.append(out[:, :cc.numel()])
+            up.append(out[:, cc.numel():])
+        return cols, torch.cat(low, 1), torch.cat(up, 1)
 
     def lower(self, lam, ctx, c0=None):
         """Lower bounds (B, R) of ``lam·f(x') + c0`` over each ball; ``lam`` (B or 1, R, d)

@@ -98,6 +98,52 @@ def act_jacobian_back(lam, rel, jac, W, c):
     return nf @ Jh, tt, err
 
 
+def row_support(L: torch.Tensor):
+    """Each row's nonzero columns of rows ``L`` (k, w): ``idx`` (k, p) and ``vals = L[idx]``,
+    ``p`` the most nonzeros of a row (shorter rows padded with columns where they are 0)."""
+    nz = L != 0
+    p = max(int(nz.sum(1).max()), 1)
+    idx = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)[:, :p]
+    return idx, L.gather(1, idx)
+
+
+def act_jacobian_back_shared(L, support, rel, jac, W, c):
+    """:func:`act_jacobian_back` for the rows ``L`` and ``−L`` (k, w) shared by the batch
+    (the refinement rows ``±e_i`` of a node, after the affine ops above the activation),
+    with each row's nonzeros given by ``support = (idx, vals)`` (:func:`row_support`).
+
+    The same float operations as :func:`act_jacobian_back` on the support: off it ``Λ_j = 0``,
+    so the exact terms ``Λ_j σ(z_j)`` vanish whatever the neuron's lines, and the products
+    ``new·Ĵ``, ``new·b̂`` sum the same nonzero terms in another order (Higham's bound holds for
+    any order; the charges, with ``γ`` of the full width, are the same). (A NaN slope comes
+    with a NaN offset, which the dense ``t1`` below still meets: the bound is then −∞, as in
+    the dense step.) ``−L`` gives exactly the negated products. ``t1 = Λ⁻·t`` and ``|Λ|·W``
+    are GEMMs with the shared rows.
+    Returns the rows on the input (B, 2k, n_in) (the rows ``L`` first), ``tt`` and the
+    charge (B, 2k)."""
+    alpha, s, t = rel
+    B = alpha.shape[0]
+    k, w = L.shape
+    idx, vals = support
+    Jh, cv = jac[0], jac[1]
+    n_in = Jh.shape[1]
+    ag, sg = alpha.reshape(B, w)[:, idx], s.reshape(B, w)[:, idx]  # (B, k, p)
+    new_lo = vals * torch.where(vals < 0, sg, ag)
+    new_hi = -(vals * torch.where(vals > 0, sg, ag))
+    G = torch.cat([Jh, cv.unsqueeze(1)], 1)[idx]  # (k, p, n_in + 1): the rows of Ĵ and b̂ each row meets
+    P = torch.cat([new_lo, new_hi], 0).permute(1, 0, 2)  # (k, 2B, p)
+    out = torch.bmm(P, G).permute(1, 0, 2).reshape(2, B, k, n_in + 1)
+    rows = torch.cat([out[0, :, :, :n_in], out[1, :, :, :n_in]], 1)
+    t2 = torch.cat([out[0, :, :, n_in], out[1, :, :, n_in]], 1)
+    tf = t.reshape(B, w).T
+    t1 = torch.cat([(L.clamp(max=0.0) @ tf).T, -(L.clamp(min=0.0) @ tf).T], 1)  # (−L)⁻ = −(L⁺): exact
+    tt = t1 + t2
+    ch = (L.abs() @ W.reshape(B, w).T).T
+    err = torch.cat([ch, ch], 1) + gamma(w + 1, U64) * t1.abs() \
+        + U64 * (c.abs() + 2.0 * (t1.abs() + t2.abs()) + tt.abs())
+    return rows, tt, err
+
+
 # ----------------------------------------------------------------------------- f(z) elementwise
 
 
