@@ -2,7 +2,8 @@
 against randomized smoothing, on the same held-out images (issue 17).
 
     python benchmarks/certified_accuracy.py [--data digits,mnist] [--out DIR] [--quick] [--reuse-smoothing]
-    python benchmarks/certified_accuracy.py --data mnist --select '[{"target": 1.0}, ...]'
+    python benchmarks/certified_accuracy.py --data mnist --select '[{"target": 1.0}, ...]' \
+        [--select-heads fit_head,prototypes]
 
 ``--select``: recipe selection only, on the validation split carved from the training split
 (:func:`gmfast.train.data.validation_split`; the held-out split is not read), written to
@@ -98,12 +99,13 @@ def max_radius(sigma, n, alpha=ALPHA):
     return sigma * norm.ppf(alpha ** (1.0 / n))
 
 
-def select(data: str, grid: list[dict], out: Path, log) -> dict:
+def select(data: str, grid: list[dict], out: Path, log, heads=None) -> dict:
     """Recipe selection on the validation split carved from the training split
     (:func:`gmfast.train.data.validation_split`; the held-out split is not read): per setting
     of ``grid`` (overrides of :func:`gmfast.train.recipe`), train on the rest of the training
-    split, refit the head, certify the validation images; appends the rows to
-    ``select_<data>.json`` (written after each setting)."""
+    split, build the head (``heads``: each of these ``refit`` choices on the same trained
+    encoder, one row each; default the recipe's), certify the validation images; appends
+    the rows to ``select_<data>.json`` (written after each setting)."""
     from gmfast.train.data import validation_split
 
     Xfit, yfit, Xval, yval = validation_split(data)
@@ -118,13 +120,15 @@ def select(data: str, grid: list[dict], out: Path, log) -> dict:
         r = recipe(data, **overrides)
         t = time.perf_counter()
         enc, proto, hist = train(r, Xfit, yfit, progress=False)
-        head = final_head(r, enc, proto, Xfit, yfit)
-        cert, _ = certify(enc, head, Xval)
-        ca = gmfast.certified_accuracy(cert, yval, radii)
-        rows.append(dict(overrides=overrides, accuracy=ca.tolist(), seconds=time.perf_counter() - t,
-                         epochs=hist["epochs"]))
-        log(f"{data} validation ({len(yval)} images, trained on {len(yfit)}): {overrides}: CA {fmt(ca)} "
-            f"({rows[-1]['seconds']:.0f} s)")
+        seconds = time.perf_counter() - t
+        for refit in heads or [r.refit]:
+            head = final_head(r.replace(refit=refit), enc, proto, Xfit, yfit)
+            cert, _ = certify(enc, head, Xval)
+            ca = gmfast.certified_accuracy(cert, yval, radii)
+            row_overrides = overrides if heads is None else overrides | dict(refit=refit)
+            rows.append(dict(overrides=row_overrides, accuracy=ca.tolist(), seconds=seconds, epochs=hist["epochs"]))
+            log(f"{data} validation ({len(yval)} images, trained on {len(yfit)}): {row_overrides}: CA {fmt(ca)} "
+                f"({seconds:.0f} s training)")
         res = dict(data=data, radii=radii, n_fit=len(yfit), n_validation=len(yval), rows=earlier + rows,
                    machine=machine())
         if note:
@@ -373,6 +377,9 @@ def main(argv=None) -> int:
     ap.add_argument("--select", default=None,
                     help="instead of the benchmark: recipe selection on the validation split, a JSON list of "
                          "recipe overrides, e.g. '[{\"target\": 0.4}, {\"target\": 0.6}]'")
+    ap.add_argument("--select-heads", default=None,
+                    help="with --select: certify each of these refit choices (comma list of fit_head,prototypes) "
+                         "on every trained encoder, one row each")
     args = ap.parse_args(argv)
     PER_CLASS.update(digits=args.digits_per_class, mnist=args.mnist_per_class)
     SMOOTHING_N.update(digits=args.smoothing_n, mnist=args.smoothing_n)
@@ -388,7 +395,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.select is not None:
         for data in args.data.split(","):
-            select(data, json.loads(args.select), out, lambda s: print(s, flush=True))
+            select(data, json.loads(args.select), out, lambda s: print(s, flush=True),
+                   heads=args.select_heads.split(",") if args.select_heads else None)
         return 0
     t0 = time.perf_counter()
     results = dict(machine_before=machine(), quick=args.quick, data={})
