@@ -7,12 +7,17 @@ certified radius, the median tightness ratio *certified radius / smallest advers
 distance found by PGD* (bisection over the radius, restarts), and ms/input beside one
 encoder forward and randomized smoothing (``gmfast.smoothing``) on the same encoder + head.
 
-    python benchmarks/input_certificates.py [--n 100] [--epochs 80] [--weights PATH]
+    python benchmarks/input_certificates.py [--n 100] [--epochs 80] [--weights PATH] [--threads T]
+                                            [--compare OLD.json]
 
 ``--weights``: a ``torch.save``\\ d dict ``{"cnn": state_dict, "lip": state_dict}`` of encoders
 trained by :func:`gmfast.demo.train_encoder` with the demo's settings (written there when
 absent, so a rerun skips the training). Results go to
-``benchmarks/results_input_certificates.json``; the markdown table is printed.
+``benchmarks/results_input_certificates.json`` (with every input's radius per route); the
+markdown table is printed. ``--threads``: torch's intra-op threads (the issue's cost target
+is per input on 2 cores; CPU ms with 1 thread bounds it without the other sessions' load).
+``--compare``: an earlier results file of the same inputs and weights: per route, how many
+radii went down or up and by how much at most (a faster engine must not certify less).
 """
 
 from __future__ import annotations
@@ -67,8 +72,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--smoothing-n", type=int, default=10_000)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--compare", default=None, help="earlier results JSON: per-input radius changes per route")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results_input_certificates.json")))
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     encs, (Xtr, ytr, Xte, yte) = encoders(args.epochs, args.weights)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr), batch_size=256)
@@ -95,7 +104,8 @@ def main():
             row["routes"][route] = dict(
                 ms=ms, cpu_ms=cpu_ms, clean=float(ok.double().mean()),
                 certified_accuracy={str(r): float((ok & (cert.radius >= r)).double().mean()) for r in RADII},
-                median_radius=float(cert.radius[ok].median()) if bool(ok.any()) else 0.0)
+                median_radius=float(cert.radius[ok].median()) if bool(ok.any()) else 0.0,
+                radii=cert.radius.tolist())
         g = row["routes"]["lipschitz"]["median_radius"]
         for route in ROUTES:
             row["routes"][route]["median_vs_global"] = row["routes"][route]["median_radius"] / g if g > 0 else None
@@ -126,6 +136,25 @@ def main():
     machine["load_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results))
+    if args.compare:
+        print(compare(json.loads(Path(args.compare).read_text()), results))
+
+
+def compare(old, new) -> str:
+    """Per encoder and route, the radii of ``new`` against ``old`` (same inputs, input by input)."""
+    lines = []
+    for name, row in new["encoders"].items():
+        for route, r in row["routes"].items():
+            prev = old["encoders"].get(name, {}).get("routes", {}).get(route, {}).get("radii")
+            if prev is None or len(prev) != len(r["radii"]):
+                lines.append(f"{name}/{route}: no per-input radii of the same inputs to compare")
+                continue
+            a, b = torch.tensor(prev, dtype=torch.float64), torch.tensor(r["radii"], dtype=torch.float64)
+            rel = (b - a) / a.clamp_min(1e-300)
+            lines.append(f"{name}/{route}: lower on {int((b < a).sum())}, higher on {int((b > a).sum())}, "
+                         f"equal on {int((b == a).sum())} of {len(a)}; relative change in "
+                         f"[{float(rel.min()):.3g}, {float(rel.max()):.3g}]")
+    return "\n".join(lines)
 
 
 def table(res) -> str:

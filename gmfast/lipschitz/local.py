@@ -48,9 +48,17 @@ input:
 
 Pre-activation bounds ``l, u`` (of the inputs of activations, of ``f`` and of both factors
 of a product) come from the same backward pass started at the pre-activation node with
-``Λ = ±I`` (full CROWN, in topological order, so every activation below is already relaxed). The bound holds for every ``x' ∈ B``, so the same
-bound is valid for every smaller ball: certifying by bisection on ``ε`` and returning the
-largest ``ε`` that *passed* is sound whatever the bisection does.
+``Λ = ±I`` (full CROWN, in topological order, so every activation below is already
+relaxed). The bound holds for every ``x' ∈ B``, so the same bound is valid for every
+smaller ball: certifying by bisection on ``ε`` and returning the largest ``ε`` that *passed*
+is sound whatever the bisection does.
+
+Where the rows ``±e_i`` of a pass stay the same for every input down to an activation on
+a node affine in the input (a second layer's pre-activations: only affine ops between), the
+pass is computed for all inputs at once: the shared rows ``L`` once, then, per input, the
+activation step and the product with the first layer's Jacobian on each row's nonzero
+columns only (a convolution's receptive field; :meth:`LocalBounds._refine_shared`). The
+same bounds: the same products, summed in another order, with the same charges.
 
 Floating point
 --------------
@@ -117,20 +125,13 @@ from gmfast._fp import U64, gamma, norm_upper
 from gmfast.lipschitz.graph import check_same_function, trace
 from gmfast.lipschitz.linearize import _F64, _TINY, _Builder, _down, _up
 from gmfast.lipschitz.local_search import LinearBound, box_radius, margin_radius
-from gmfast.lipschitz.local_steps import (act_back, act_interval, act_jacobian_back, act_jacobian_back_shared,
-                                          act_relax, prod_back, prod_interval, prod_relax, row_support, rowdot,
-                                          unary_back, unary_interval, unary_relax)
+from gmfast.lipschitz.local_steps import (SharedRows, act_back, act_interval, act_jacobian_back,
+                                          act_jacobian_back_shared, act_relax, jacobian_back, no_nan,
+                                          prod_back, prod_interval, prod_relax, rowdot, unary_back, unary_interval,
+                                          unary_relax)
 
 
 # ----------------------------------------------------------------------------- bounds
-
-
-def _no_nan(lo: torch.Tensor, hi: torch.Tensor):
-    """NaN in an interval (``inf − inf``, ``0·inf`` after an overflow, e.g. of ``exp`` on a
-    large ball) becomes the trivial bound ``∓inf``: the exact value is a finite real, so
-    ``(−inf, inf)`` encloses it, while a NaN would poison every later ball that reuses these
-    intervals as its prior (``torch.maximum`` propagates NaN)."""
-    return torch.where(torch.isnan(lo), -math.inf, lo), torch.where(torch.isnan(hi), math.inf, hi)
 
 
 class LocalBounds:
@@ -239,8 +240,9 @@ class LocalBounds:
         the shared part is computed, and cached under ``key``, once); the result is then
         (B, S). A node that is an affine function of the input with a Jacobian in the context
         (:meth:`_exact`) ends the pass there: one product with that matrix and its
-        precomputed charges instead of the ops below it. ``split`` (shared rows): return where the
-        rows stop being shared instead, as ``(node, lam, c, err, pending branches)``.
+        precomputed charges instead of the ops below it.
+        ``split`` (shared rows): return where the rows stop being shared instead, as
+        ``(node, lam, c, err, pending branches)``.
         """
         B = ctx["x"].shape[0]
         R = lam.shape[1]
@@ -274,7 +276,7 @@ class LocalBounds:
             if jac or op.kind in ("act", "unary", "prod"):
                 shared = False
             if jac:
-                new, tt, e = self._through_jacobian(lam, c, J[n])
+                new, tt, e = jacobian_back(lam, c, J[n], self.input_shape)
                 c, err_ref = c + tt, [err + e]
                 self._accumulate(lams, inp, new, M, err_ref)
                 err = err_ref[0]
@@ -335,24 +337,6 @@ class LocalBounds:
             M = ctx["M"][n].reshape(E.shape)
             W = ctx["W"][n] = 2.0 * U64 * M + E + gamma(k + 2, U64) * JM + gamma(k + 1, U64) * cv.abs().unsqueeze(0)
         return W
-
-    def _through_jacobian(self, lam, c, jac):
-        """The step from a node ``v = J x + b`` (affine in the input) straight to the input,
-        with ``Ĵ, b̂, E`` from the rows ``e_i`` (:meth:`_exact`): ``|e_iᵀv(x') − (Ĵ_i x' + b̂_i)|``
-        is within the charges ``E_i`` for every ``x'`` of the ball, so for rows ``Λ`` (by
-        linearity) within ``|Λ|ᵀE``. Computed: ``fl(ΛĴ)`` (``k`` terms: ``γ_k|Λ|ᵀ(|Ĵ|M₀)``) and
-        ``fl(Λᵀb̂)`` (``γ_{k+1}|Λ|ᵀ|b̂| + u(|c| + |Λᵀb̂|)``). Returns the rows on the input, the
-        constant's increment and the charge."""
-        Jh, cv, E, JM = jac
-        Bl, R = lam.shape[:2]
-        lf = lam.reshape(Bl, R, -1)
-        k = lf.shape[2]
-        new = (lf @ Jh).reshape((Bl, R) + self.input_shape)
-        tt = lf @ cv
-        la = lam.abs()
-        e = rowdot(la, E) + gamma(k + 2, U64) * rowdot(la, JM) + gamma(k + 1, U64) * rowdot(la, cv.abs().unsqueeze(0)) \
-            + U64 * (c.abs() + tt.abs())
-        return new, tt, e
 
     @staticmethod
     def _accumulate(lams, node, new, M, err_ref):
@@ -431,14 +415,14 @@ class LocalBounds:
                 ctx["relax"][n] = prod_relax(I[op.a], I[op.b], M[op.a], M[op.b])
             elif op.kind == "affine":
                 ctx["V"][n] = self._charges(n, M)
-            I[n] = _no_nan(*self._intervals(n, ctx))
+            I[n] = no_nan(*self._intervals(n, ctx))
             if prior is not None and n in pre:
                 inside = (eps <= prior["eps"]).reshape((B,) + (1,) * len(self.shapes[n]))
                 plo, phi = prior["I"][n]
                 I[n] = (torch.where(inside, torch.maximum(I[n][0], plo), I[n][0]),
                         torch.where(inside, torch.minimum(I[n][1], phi), I[n][1]))
             if n in pre:
-                I[n] = _no_nan(*(self._exact(n, ctx) if n in self.affine_only else self._refine(n, ctx)))
+                I[n] = no_nan(*(self._exact(n, ctx) if n in self.affine_only else self._refine(n, ctx)))
             M[n] = torch.maximum(I[n][0].abs(), I[n][1].abs())
         return ctx
 
@@ -459,7 +443,7 @@ class LocalBounds:
         the rows ``−e_i`` give exactly the negated pass (negation is exact). The pass — the
         computed Jacobian ``Ĵ``, constants ``b̂`` and charges ``E`` — is kept in the context
         (when ``Ĵ`` has at most ``jacobian_limit`` entries), so later passes end at ``n``
-        (:meth:`_through_jacobian`)."""
+        (:func:`jacobian_back`)."""
         shape = self.shapes[n]
         k = math.prod(shape)
         B = ctx["x"].shape[0]
@@ -488,12 +472,7 @@ class LocalBounds:
         S = int(count.max())
         if S == 0:
             return ctx["I"][n]
-        got = self._refine_shared(n, ctx, unstable)
-        if got is not None:
-            cols, low, up = got
-            lo_c, hi_c, u_c = lo[:, cols], hi[:, cols], unstable[:, cols]
-            lo[:, cols] = torch.where(u_c, torch.maximum(lo_c, low), lo_c)
-            hi[:, cols] = torch.where(u_c, torch.minimum(hi_c, -up), hi_c)
+        if self._refine_shared(n, ctx, unstable, lo, hi):
             return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
         # per input, its unstable neurons first (stable ones after them are padding, left as they are)
         first = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :S]
@@ -511,45 +490,49 @@ class LocalBounds:
             hi.scatter_(1, sel, torch.where(v, torch.minimum(hi_s, -out[:, m:]), hi_s))
         return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
 
-    def _refine_shared(self, n, ctx, unstable):
+    def _refine_shared(self, n, ctx, unstable, lo, hi):
         """The refinement pass of ``n`` when its rows ``±e_i`` stay shared by the batch down to
         an activation on a node with a kept Jacobian (a second layer's pre-activations) and are
-        sparse there (a convolution's receptive field): the rows of every neuron unstable on
-        some input, for all inputs at once in the rows' support (:func:`act_jacobian_back_shared`),
-        instead of each input's rows padded to the batch's most. Returns the neurons (k',) and
-        the lower bounds (B, k') of ``z`` and ``−z``, or None when the pass is not of that form."""
+        sparse there (a convolution's receptive field): for all inputs at once, in the rows'
+        support (:func:`act_jacobian_back_shared`), instead of each input's rows padded to the
+        batch's most. Intersects the bounds into ``lo``, ``hi`` (B, k) of the unstable neurons;
+        False (nothing done) when the pass is not of that form."""
         shape = self.shapes[n]
         k = math.prod(shape)
         if self.sparse_ratio <= 0 or self._support.get(n, ()) is None:
-            return None
+            return False
         m, L, c, err, pending = self._backward(n, torch.eye(k, dtype=_F64).reshape((1, k) + shape), ctx,
                                                key=(n, 1), split=True)
         op = self.ops[m]
         if pending or op.kind != "act" or op.src is n:
             self._support[n] = None  # the graph's form: not for this node
         if self._support.get(n, ()) is None or op.src not in ctx["J"]:
-            return None
-        Lf = L.reshape(k, -1)
-        sup = self._support.get(n)
-        if sup is None or sup[0] is not L:  # the shared rows come from the transpose cache
-            idx, vals = row_support(Lf)
-            sup = self._support[n] = (L, idx, vals) if idx.shape[1] <= self.sparse_ratio * Lf.shape[1] else None
-            if sup is None:
-                return None
-        idx, vals = sup[1], sup[2]
-        rel, jac, W = ctx["relax"][m], ctx["J"][op.src], self._fused_charges(op.src, ctx)
+            return False
+        if n not in self._support or self._support[n][0] is not L:  # the shared rows come from the transpose cache
+            sh = SharedRows(L.reshape(k, -1))
+            self._support[n] = (L, sh) if sh.p <= self.sparse_ratio * sh.w else None
+            if self._support[n] is None:
+                return False
+        sh = self._support[n][1]
+        (alpha, s, t), jac = ctx["relax"][m], ctx["J"][op.src]
         B = unstable.shape[0]
-        cols = unstable.any(0).nonzero().reshape(-1)
-        step = max(1, self.sparse_chunk // (2 * B * max(idx.shape[1], self.n_in + 1)))
-        low, up = [], []
-        for j in range(0, cols.numel(), step):
-            cc = cols[j:j + step]
-            c2, e2 = torch.cat([c[:, cc], -c[:, cc]], 1), torch.cat([err[:, cc], err[:, cc]], 1)
-            rows, tt, e = act_jacobian_back_shared(Lf[cc], (idx[cc], vals[cc]), rel, jac, W, c2)
+        slopes = torch.cat([alpha.reshape(B, -1), s.reshape(B, -1)], 1).T.contiguous()
+        tT, WT = t.reshape(B, -1).T, self._fused_charges(op.src, ctx).reshape(B, -1).T
+        G = sh.gathered(jac[0], jac[1])
+        # per neuron: 2B rows of p entries, p rows of Ĵ, 2B rows on the input
+        step = max(1, self.sparse_chunk // max(2 * B * sh.p, sh.p * (self.n_in + 1), 2 * B * (self.n_in + 1)))
+        for j in range(0, k, step):
+            sl = slice(j, min(j + step, k))
+            u = unstable[:, sl]
+            if not bool(u.any()):
+                continue
+            c2, e2 = torch.cat([c[:, sl], -c[:, sl]], 1), torch.cat([err[:, sl], err[:, sl]], 1)
+            rows, tt, e = act_jacobian_back_shared(sh, sl, slopes, tT, WT, G, c2)
             out = self._concretize(rows.reshape((B, -1) + self.input_shape), c2 + tt, e2 + e, ctx)
-            low.append(out[:, :cc.numel()])
-            up.append(out[:, cc.numel():])
-        return cols, torch.cat(low, 1), torch.cat(up, 1)
+            kc = sl.stop - j
+            lo[:, sl] = torch.where(u, torch.maximum(lo[:, sl], out[:, :kc]), lo[:, sl])
+            hi[:, sl] = torch.where(u, torch.minimum(hi[:, sl], -out[:, kc:]), hi[:, sl])
+        return True
 
     def lower(self, lam, ctx, c0=None):
         """Lower bounds (B, R) of ``lam·f(x') + c0`` over each ball; ``lam`` (B or 1, R, d)

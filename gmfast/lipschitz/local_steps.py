@@ -1,6 +1,8 @@
 """The nonlinear steps of the local route (:mod:`gmfast.lipschitz.local`): for each kind of
 linearised op that is not affine, its sound interval, its relaxation on the pre-activation
-bounds, and its step of the backward pass with the rounding charges.
+bounds, and its step of the backward pass with the rounding charges; and the step through a
+first layer's kept Jacobian, alone or fused with the activation above it (per input, or for
+rows shared by the batch: :class:`SharedRows`).
 
 Each ``*_back`` function takes the rows ``lam`` (Bl, R, *shape) on the op's output, the
 relaxation computed by ``*_relax`` (tensors (B, *shape)) and the running constant ``c``
@@ -42,6 +44,14 @@ def _per_input(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(1)  # (B, *shape) -> (B, 1, *shape): broadcasts over the rows
 
 
+def no_nan(lo: torch.Tensor, hi: torch.Tensor):
+    """NaN in an interval (``inf − inf``, ``0·inf`` after an overflow, e.g. of ``exp`` on a
+    large ball) becomes the trivial bound ``∓inf``: the exact value is a finite real, so
+    ``(−inf, inf)`` encloses it, while a NaN would poison every later ball that reuses these
+    intervals as its prior (``torch.maximum`` propagates NaN)."""
+    return torch.where(torch.isnan(lo), -math.inf, lo), torch.where(torch.isnan(hi), math.inf, hi)
+
+
 # ----------------------------------------------------------------------------- max(z, a z)
 
 
@@ -77,9 +87,29 @@ def act_back(lam, rel, M_src, c):
     return new, tt, err
 
 
+def jacobian_back(lam, c, jac, input_shape):
+    """The step from a node ``v = J x + b`` (affine in the input) straight to the input,
+    with ``Ĵ, b̂, E`` from the rows ``e_i`` (:meth:`LocalBounds._exact`):
+    ``|e_iᵀv(x') − (Ĵ_i x' + b̂_i)|`` is within the charges ``E_i`` for every ``x'`` of the
+    ball, so for rows ``Λ`` (by linearity) within ``|Λ|ᵀE``. Computed: ``fl(ΛĴ)`` (``k``
+    terms: ``γ_k|Λ|ᵀ(|Ĵ|M₀)``) and ``fl(Λᵀb̂)`` (``γ_{k+1}|Λ|ᵀ|b̂| + u(|c| + |Λᵀb̂|)``).
+    Returns the rows on the input (shaped ``input_shape``), the constant's increment and the
+    charge."""
+    Jh, cv, E, JM = jac
+    Bl, R = lam.shape[:2]
+    lf = lam.reshape(Bl, R, -1)
+    k = lf.shape[2]
+    new = (lf @ Jh).reshape((Bl, R) + tuple(input_shape))
+    tt = lf @ cv
+    la = lam.abs()
+    e = rowdot(la, E) + gamma(k + 2, U64) * rowdot(la, JM) + gamma(k + 1, U64) * rowdot(la, cv.abs().unsqueeze(0)) \
+        + U64 * (c.abs() + tt.abs())
+    return new, tt, e
+
+
 def act_jacobian_back(lam, rel, jac, W, c):
     """An activation whose input ``z = J x + b`` is affine in the input (the first layer):
-    the activation step and :meth:`LocalBounds._through_jacobian` fused, in one pass over
+    the activation step and :func:`jacobian_back` fused, in one pass over
     the rows. ``new = fl(Λ ∘ slope)`` with slopes in ``[0, 1]``, so ``|new| ≤ |Λ|`` entrywise
     and every charge of both steps is at most ``|Λ|ᵀW`` with the per-input
     ``W = 2u M_z + E + γ_{k+2}|Ĵ|M₀ + γ_{k+1}|b̂|`` (:meth:`LocalBounds._fused_charges`), plus
@@ -98,48 +128,68 @@ def act_jacobian_back(lam, rel, jac, W, c):
     return nf @ Jh, tt, err
 
 
-def row_support(L: torch.Tensor):
-    """Each row's nonzero columns of rows ``L`` (k, w): ``idx`` (k, p) and ``vals = L[idx]``,
-    ``p`` the most nonzeros of a row (shorter rows padded with columns where they are 0)."""
-    nz = L != 0
-    p = max(int(nz.sum(1).max()), 1)
-    idx = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)[:, :p]
-    return idx, L.gather(1, idx)
+class SharedRows:
+    """Rows ``L`` (k, w) shared by the batch (the refinement rows ``±e_i`` of a node after the
+    affine ops above a first-layer activation) in their support: ``idx`` (k, p), each row's
+    nonzero columns (``p`` the most of a row; shorter rows padded with columns where they
+    are 0) and ``vals = L[idx]``; which slope each entry takes in a lower-bound row (``L``)
+    and an upper-bound row (``−L``), as indices into ``[α; s]``; ``L⁻``, ``L⁺``, ``|L|``; and
+    the rows of ``[Ĵ b̂]`` each row meets (:meth:`gathered`), kept while they are the same."""
+
+    def __init__(self, L: torch.Tensor):
+        k, w = L.shape
+        nz = L != 0
+        p = max(int(nz.sum(1).max()), 1)
+        self.k, self.w, self.p = k, w, p
+        self.idx = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)[:, :p]
+        self.vals = L.gather(1, self.idx)
+        self.pick_lo = self.idx + w * (self.vals < 0)  # Λ⁺α + Λ⁻s, Λ = L
+        self.pick_hi = self.idx + w * (self.vals > 0)  # Λ = −L: its negative entries are L's positive ones
+        self.L_neg, self.L_pos, self.L_abs = L.clamp(max=0.0), L.clamp(min=0.0), L.abs()
+        self._jac = None
+
+    def gathered(self, Jh: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
+        """``[Ĵ b̂][idx]`` transposed, (k, n_in + 1, p)."""
+        if self._jac is None or not (torch.equal(self._jac[0], Jh) and torch.equal(self._jac[1], cv)):
+            G = torch.cat([Jh, cv.unsqueeze(1)], 1)[self.idx]
+            self._jac = (Jh, cv, G.transpose(1, 2).contiguous())
+        return self._jac[2]
 
 
-def act_jacobian_back_shared(L, support, rel, jac, W, c):
-    """:func:`act_jacobian_back` for the rows ``L`` and ``−L`` (k, w) shared by the batch
-    (the refinement rows ``±e_i`` of a node, after the affine ops above the activation),
-    with each row's nonzeros given by ``support = (idx, vals)`` (:func:`row_support`).
+def act_jacobian_back_shared(sh: SharedRows, sl: slice, slopes, tT, WT, G, c):
+    """:func:`act_jacobian_back` for the rows ``sl`` of the shared rows ``sh`` and their
+    negatives, for every input at once: ``slopes`` (2w, B) is ``[α; s]`` of the activation,
+    ``tT`` (w, B) its offsets, ``WT`` (w, B) the fused charges per unit of ``|Λ|``
+    (:meth:`LocalBounds._fused_charges`), ``G`` from :meth:`SharedRows.gathered`, ``c`` (1, 2kc)
+    the rows' constants.
 
     The same float operations as :func:`act_jacobian_back` on the support: off it ``Λ_j = 0``,
     so the exact terms ``Λ_j σ(z_j)`` vanish whatever the neuron's lines, and the products
     ``new·Ĵ``, ``new·b̂`` sum the same nonzero terms in another order (Higham's bound holds for
     any order; the charges, with ``γ`` of the full width, are the same). (A NaN slope comes
     with a NaN offset, which the dense ``t1`` below still meets: the bound is then −∞, as in
-    the dense step.) ``−L`` gives exactly the negated products. ``t1 = Λ⁻·t`` and ``|Λ|·W``
-    are GEMMs with the shared rows.
-    Returns the rows on the input (B, 2k, n_in) (the rows ``L`` first), ``tt`` and the
-    charge (B, 2k)."""
-    alpha, s, t = rel
-    B = alpha.shape[0]
-    k, w = L.shape
-    idx, vals = support
-    Jh, cv = jac[0], jac[1]
-    n_in = Jh.shape[1]
-    ag, sg = alpha.reshape(B, w)[:, idx], s.reshape(B, w)[:, idx]  # (B, k, p)
-    new_lo = vals * torch.where(vals < 0, sg, ag)
-    new_hi = -(vals * torch.where(vals > 0, sg, ag))
-    G = torch.cat([Jh, cv.unsqueeze(1)], 1)[idx]  # (k, p, n_in + 1): the rows of Ĵ and b̂ each row meets
-    P = torch.cat([new_lo, new_hi], 0).permute(1, 0, 2)  # (k, 2B, p)
-    out = torch.bmm(P, G).permute(1, 0, 2).reshape(2, B, k, n_in + 1)
-    rows = torch.cat([out[0, :, :, :n_in], out[1, :, :, :n_in]], 1)
-    t2 = torch.cat([out[0, :, :, n_in], out[1, :, :, n_in]], 1)
-    tf = t.reshape(B, w).T
-    t1 = torch.cat([(L.clamp(max=0.0) @ tf).T, -(L.clamp(min=0.0) @ tf).T], 1)  # (−L)⁻ = −(L⁺): exact
+    the dense step.) For ``−L``, ``fl((−v)·s) = −fl(v·s)``: exactly the dense step's rows.
+    ``t1 = Λ⁻·t`` and ``|Λ|·W`` are GEMMs with the shared rows. Returns the rows on the input
+    (B, 2kc, n_in) (the rows of ``L`` first), ``tt`` and the charge (B, 2kc)."""
+    B = tT.shape[1]
+    v = sh.vals[sl].unsqueeze(2)
+    kc = v.shape[0]
+    n_in = G.shape[1] - 1
+    new = torch.empty((kc, sh.p, 2 * B), dtype=v.dtype)  # fl(Λ ∘ slope) of both signs, per input
+    torch.mul(v, slopes[sh.pick_lo[sl]], out=new[:, :, :B])
+    torch.mul(-v, slopes[sh.pick_hi[sl]], out=new[:, :, B:])
+    out = torch.bmm(G[sl], new)  # (kc, n_in + 1, 2B): new·Ĵ and new·b̂
+
+    def per_input(t):  # (kc, ..., 2B) -> (B, 2kc, ...): the rows of L, then those of −L
+        t = t.movedim(-1, 0).reshape((2, B) + t.shape[:-1])
+        return t.transpose(0, 1).reshape((B, 2 * kc) + t.shape[3:])
+
+    rows = per_input(out[:, :n_in])
+    t2 = per_input(out[:, n_in])
+    t1 = torch.cat([(sh.L_neg[sl] @ tT).T, -(sh.L_pos[sl] @ tT).T], 1)  # (−L)⁻ = −(L⁺): exact
     tt = t1 + t2
-    ch = (L.abs() @ W.reshape(B, w).T).T
-    err = torch.cat([ch, ch], 1) + gamma(w + 1, U64) * t1.abs() \
+    ch = (sh.L_abs[sl] @ WT).T
+    err = torch.cat([ch, ch], 1) + gamma(sh.w + 1, U64) * t1.abs() \
         + U64 * (c.abs() + 2.0 * (t1.abs() + t2.abs()) + tt.abs())
     return rows, tt, err
 
