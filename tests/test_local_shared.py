@@ -184,3 +184,17 @@ def test_shared_rows_extreme_balls_agree_and_stay_finite_or_trivial():
                 inf = ~torch.isfinite(b)
                 assert torch.equal(a[inf], b[inf])
                 assert rel_diff(a, b, ~inf) < 1e-12
+
+
+@pytest.mark.slow
+def test_shared_rows_pgd_sweep():
+    """Thousands of (input, encoder) pairs on conv encoders whose second layer takes the step,
+    both norms, PGD with 6 restarts: no flip inside a local radius."""
+    total = 0
+    for seed in range(20, 26):
+        enc = conv_encoder(seed, c1=4 + seed % 3 * 4, c2=6 + seed % 2 * 4)
+        head, X = fitted_head(enc, SHAPE, K=4, seed=seed)
+        for norm in (2, math.inf):
+            _, n = _attack_check(enc, head, X[:120], norm, "local", domain=(0.0, 1.0), n_restarts=6)
+            total += n
+    assert total >= 1000, total
