@@ -193,6 +193,9 @@ PYBIND11_MODULE(_C, m) {
         gmfast::set_gemm_policy(static_cast<gmfast::GemmPolicy>(p));
       },
       py::arg("policy"));
+  m.def("set_margin_screen", &gmfast::set_margin_screen, py::arg("on"),
+        "Screen the many-class tied epilogue's classes in float32 first (default on; same radii either way).");
+  m.def("margin_screen", &gmfast::margin_screen);
   m.def("max_threads", []() { return omp_get_max_threads(); });
   // The ISA builds of the kernels (csrc/cpu/dispatch.h); gmfast/ops/_cpu.py: cpu_info, set_cpu_isa.
   m.def("cpu_isas", []() {

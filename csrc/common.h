@@ -74,6 +74,12 @@ enum class GemmPolicy : int { kAuto = 0, kBlas = 1, kPortable = 2, kMicro = 3, k
 void set_gemm_policy(GemmPolicy p);
 GemmPolicy gemm_policy();
 
+// Whether the many-class tied epilogue screens its classes in float32 before the float64 work
+// (csrc/cpu/tied.cpp: screened_min; on by default). The radii are the same bits either way;
+// off only for the tests that check exactly that, and for benchmarks.
+void set_margin_screen(bool on);
+bool margin_screen();
+
 // C (m x n, row-major, leading dim ldc) = X (m x k, row-major, ldx) * Y^T, with Y (n x k,
 // row-major, ldy); C is overwritten. Any summation order: the rounding-error bounds of the
 // callers (gamma_{k+2}) hold for every order, with or without FMA.

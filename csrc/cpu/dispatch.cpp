@@ -21,6 +21,7 @@ namespace {
 std::atomic<GmfastSgemm> g_sgemm{nullptr};
 std::atomic<GmfastDgemm> g_dgemm{nullptr};
 std::atomic<int> g_policy{static_cast<int>(gmfast::GemmPolicy::kAuto)};
+std::atomic<int> g_screen{1};
 
 const GmfastIsaTable* const kTables[] = {
 #if defined(GMFAST_HAVE_AVX512)
@@ -69,6 +70,7 @@ extern "C" {
 GmfastSgemm gmfast_state_sgemm(void) { return g_sgemm.load(std::memory_order_relaxed); }
 GmfastDgemm gmfast_state_dgemm(void) { return g_dgemm.load(std::memory_order_relaxed); }
 int gmfast_state_policy(void) { return g_policy.load(std::memory_order_relaxed); }
+int gmfast_state_screen(void) { return g_screen.load(std::memory_order_relaxed); }
 }
 
 namespace gmfast {
@@ -80,6 +82,8 @@ void set_blas(sgemm_fn s, dgemm_fn d) {
 bool have_blas() { return g_sgemm.load() != nullptr && g_dgemm.load() != nullptr; }
 void set_gemm_policy(GemmPolicy p) { g_policy.store(static_cast<int>(p)); }
 GemmPolicy gemm_policy() { return static_cast<GemmPolicy>(g_policy.load()); }
+void set_margin_screen(bool on) { g_screen.store(on ? 1 : 0); }
+bool margin_screen() { return g_screen.load() != 0; }
 
 int isa_count() { return kCount; }
 const char* isa_name(int i) { return kTables[i]->name; }

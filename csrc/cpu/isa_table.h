@@ -23,6 +23,7 @@ typedef void (*GmfastDgemm)(const char*, const char*, const int*, const int*, co
 GmfastSgemm gmfast_state_sgemm(void);
 GmfastDgemm gmfast_state_dgemm(void);
 int gmfast_state_policy(void);
+int gmfast_state_screen(void);  // common.h: margin_screen
 
 // One ISA build's entry points; the signatures are those of kernels.h with the kind passed as
 // int and the rounding constants (constants.h: PerClassConsts, a struct of packed doubles) as

@@ -20,6 +20,7 @@
 // and skip j = c; the min over classes is exact in any order.
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -27,40 +28,285 @@
 
 #include <omp.h>
 
+#include "cpu/isa_table.h"
 #include "cpu/kernels.h"
 #include "cpu/microkernel.h"
 
 namespace gmfast {
 namespace {
 
+// The certified value of each pair (row, j): max(0, num_j * inv[c, j]) with
+// num_j = m_j - ((e_c + alpha_j ||z|| + eps_j) up + 2u|m_j|), m_j = l_c - l_j in float64
+// (without alpha: num_j = m_j), and its min over j in [j0, j1). A non-positive numerator gives
+// 0 (a tie or an uncertain margin: not certified), written max(0, num * inv) so that GCC
+// vectorises it on AVX2 and SSE2 too (it will not if-convert `num > 0 ? ... : 0` under
+// -ftrapping-math): num <= 0 makes the product <= 0, or NaN for 0 * inf, and max(0, .) returns
+// 0 for both; num > 0 with an infinite reciprocal gives +inf (that class can never win). Every
+// caller evaluates the pairs through this one function (inlined: the same operations, so the
+// same values, wherever it runs), and the min over classes is exact in any order.
+template <class T>
+struct PairMin {
+  const T* l;
+  double lc;
+  const double *row, *alpha, *eps;
+  double ec, zn;
+  __attribute__((always_inline)) double operator()(index_t j0, index_t j1) const {
+    double r = kInf;
+    const T* __restrict lp = l;
+    const double* __restrict rp = row;
+    if (alpha != nullptr) {
+      const double* __restrict ap = alpha;
+      const double* __restrict ep = eps;
+      const double up = slack_up(4);
+#pragma omp simd reduction(min : r)
+      for (index_t j = j0; j < j1; ++j) {
+        const double m = lc - static_cast<double>(lp[j]);
+        const double num = m - ((ec + ap[j] * zn + ep[j]) * up + 2.0 * kU64 * std::fabs(m));
+        r = std::min(r, std::max(0.0, num * rp[j]));
+      }
+    } else {
+#pragma omp simd reduction(min : r)
+      for (index_t j = j0; j < j1; ++j) {
+        const double m = lc - static_cast<double>(lp[j]);
+        r = std::min(r, std::max(0.0, m * rp[j]));
+      }
+    }
+    return r;
+  }
+};
+
+// Screening of the many-class epilogue (float32 logits only; docs/DESIGN.md §1.5.5 has the
+// argument). The classes are cut into chunks of kScreenChunk; a chunk whose largest logit is
+// low enough cannot hold the minimum and is skipped, the others are evaluated exactly by
+// PairMin, so the radius is bit for bit the one of the full loop (the min of the same values
+// over a set that provably contains the minimiser). The test, for a chunk q with largest logit
+// l_q and the running minimum H of the values evaluated so far:
+//   x_q = fl32(fl32(min(fl32(l_c - l_q), FLT_MAX) - E32) * w_c) > H32  =>  skip q,
+// with w_c <= min_{j != c} inv[c, j] (rounded down to float32), E32 >= (e_c + max_j alpha_j
+// ||z|| + max_j eps_j) up, inflated by 2^-19 and rounded up to float32, H32 >= H (1 + 2^-19)
+// rounded up to float32 and one float32 ulp more. Proof sketch: every float32 operation is
+// monotone, so x_j >= x_q for every j of the chunk; if x_j > H32 > 0 then s_lo = fl32(s - E32)
+// > 0, and (Higham's model for each float32 and float64 rounding, the error term E_j <= E32
+// (1 - 2^-20) + 2u|m_j|(1 + u)^4) num_j >= s_lo (1 - 2^-22), so num_j inv[c, j] >= s_lo w_c
+// (1 - 2^-22) > H32 (1 - 2^-22) >= H, hence fl64(num_j inv[c, j]) >= H: the pair cannot be
+// below the minimum. Chunks are visited by decreasing largest logit, so the first chunk that
+// fails the test ends the search (every later one has a larger x). The chunk of c itself is
+// always evaluated (its largest logit is l_c).
+constexpr index_t kScreenChunk = 32;
+bool margin_screen() { return gmfast_state_screen() != 0; }
+constexpr index_t kScreenMinClasses = 4 * kScreenChunk;
+
+struct ScreenCtx {
+  bool on;
+  const float* wmin;   // (K) w_c, float32 rounded down; null: no screen
+  double amax, emax;   // max_j alpha_j, max_j eps_j (0 without the error model)
+  float* chunk_max;    // per-thread scratch, ceil(K / kScreenChunk)
+};
+
+// float32 >= y (y >= 0), and <= y for the rounded-down variant
+inline float f32_up(double y) {
+  float f = static_cast<float>(y);
+  if (static_cast<double>(f) < y) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+inline float f32_down(double y) {
+  float f = static_cast<float>(y);
+  if (static_cast<double>(f) > y) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
+  return f;
+}
+
+// max over the lanes: log2(L) steps, each a constant shuffle (lane l takes lane l ^ k) and a max
+template <int k>
+inline vfloat hmax_step(vfloat v) {
+  typedef int32_t M __attribute__((vector_size(kVecBytes)));
+  M m;
+  for (int l = 0; l < lanes<float>(); ++l) m[l] = l ^ k;
+  const vfloat w = __builtin_shuffle(v, m);
+  return w > v ? w : v;
+}
+inline float hmax(vfloat v) {
+  constexpr int L = lanes<float>();
+  if constexpr (L >= 16) v = hmax_step<8>(v);
+  if constexpr (L >= 8) v = hmax_step<4>(v);
+  v = hmax_step<2>(v);
+  v = hmax_step<1>(v);
+  return v[0];
+}
+
+template <class T>
+double screened_min(const PairMin<T>& pairs, const T* logits, index_t K, index_t c, const ScreenCtx& sc) {
+  if constexpr (!std::is_same_v<T, float>) {
+    (void)logits; (void)sc;
+    return std::min(pairs(0, c), pairs(c + 1, K));
+  } else {
+    constexpr index_t C = kScreenChunk;
+    using V = vfloat;
+    constexpr int L = lanes<float>();
+    static_assert(C % L == 0, "whole vectors per chunk");
+    const index_t nq = (K + C - 1) / C, qc = c / C;
+    // The table rows of the chunks evaluated are read at random places (the inv row of c is
+    // 8 KiB at K = 1000 and rarely in L1/L2): ask for them before the work that precedes them.
+    auto prefetch = [&](index_t q) {
+      for (index_t j = q * C; j < std::min(K, q * C + C); j += 64 / static_cast<index_t>(sizeof(double))) {
+        __builtin_prefetch(pairs.row + j);
+        if (pairs.alpha != nullptr) {
+          __builtin_prefetch(pairs.alpha + j);
+          __builtin_prefetch(pairs.eps + j);
+        }
+      }
+    };
+    prefetch(qc);
+    float* cmax = sc.chunk_max;
+    for (index_t q = 0; q < nq; ++q) {
+      const index_t j0 = q * C, j1 = std::min(K, j0 + C);
+      float m = -std::numeric_limits<float>::infinity();
+      if (j1 - j0 == C) {
+        V v = vload<V>(logits + j0);
+        for (index_t j = j0 + L; j < j1; j += L) {
+          const V w = vload<V>(logits + j);
+          v = w > v ? w : v;
+        }
+        m = hmax(v);
+      } else {
+        for (index_t j = j0; j < j1; ++j) m = logits[j] > m ? logits[j] : m;
+      }
+      cmax[q] = m;
+    }
+    cmax[qc] = -std::numeric_limits<float>::infinity();  // evaluated first, below
+    auto next = [&]() {
+      index_t q = -1;
+      float best = -std::numeric_limits<float>::infinity();
+      for (index_t i = 0; i < nq; ++i)
+        if (cmax[i] > best) {
+          best = cmax[i];
+          q = i;
+        }
+      return q;
+    };
+    index_t q = next();
+    if (q >= 0) prefetch(q);
+    double H = std::min(pairs(qc * C, c), pairs(c + 1, std::min(K, qc * C + C)));
+    const double ybar = (pairs.ec + sc.amax * pairs.zn + sc.emax) * slack_up(4);
+    const float e32 = f32_up((ybar * (1.0 + 0x1p-40) + 0x1p-1000) * (1.0 + 0x1p-19));
+    const float w = sc.wmin[c], lc = logits[c];
+    const float fmax = std::numeric_limits<float>::max();
+    while (q >= 0 && H > 0.0) {
+      const float h32 = std::nextafter(f32_up(H * (1.0 + 0x1p-19)), std::numeric_limits<float>::infinity());
+      const float s = std::min(lc - cmax[q], fmax);
+      const float x = (s - e32) * w;
+      if (x > h32) break;
+      cmax[q] = -std::numeric_limits<float>::infinity();
+      const index_t q1 = next();
+      if (q1 >= 0) prefetch(q1);
+      H = std::min(H, pairs(q * C, std::min(K, q * C + C)));
+      q = q1;
+    }
+    return H;
+  }
+}
+
+// The per-call part of the screen: w_c for every class (rounded down to float32; 0, which
+// disables the screen for that class, if a row of the table holds a NaN or a negative entry)
+// and the error model's maxima. Built only where the screen runs (float32 logits, K >=
+// kScreenMinClasses, radii wanted): K^2 reads, once per call.
+struct ScreenTables {
+  std::vector<float> wmin;
+  double amax = 0.0, emax = 0.0;
+  index_t nq = 0;
+  bool on = false;
+  ScreenTables(bool is_float, index_t K, const double* inv, const double* alpha, const double* eps) {
+    on = is_float && inv != nullptr && K >= kScreenMinClasses && margin_screen();
+    if (!on) return;
+    nq = (K + kScreenChunk - 1) / kScreenChunk;
+    wmin.resize(K);
+    if (alpha != nullptr)
+      for (index_t k = 0; k < K; ++k) {
+        amax = std::max(amax, alpha[k]);
+        emax = std::max(emax, eps[k]);
+      }
+#pragma omp parallel for schedule(static)
+    for (index_t c = 0; c < K; ++c) {
+      const double* row = inv + c * K;
+      double m = kInf;
+      int bad = 0;
+#pragma omp simd reduction(min : m) reduction(| : bad)
+      for (index_t j = 0; j < K; ++j) {
+        const double v = j == c ? kInf : row[j];
+        bad |= !(v >= 0.0);
+        m = std::min(m, v);
+      }
+      wmin[c] = bad ? 0.0f : f32_down(m);
+    }
+  }
+  // the context of one thread (scratch: nq floats of its own)
+  ScreenCtx ctx(std::vector<float>& scratch) const {
+    scratch.resize(static_cast<size_t>(nq));
+    return ScreenCtx{on, on ? wmin.data() : nullptr, amax, emax, scratch.data()};
+  }
+};
+
 // ss: fl(||z||^2) accumulated in T by the GEMM (used only when alpha is non-null). beta
 // non-null: the logits are still without it, and the first pass adds it in place (one pass
 // over the row instead of two: the same fl(l + beta) values).
 template <class T>
 void row_epilogue(T* logits, const T* beta, index_t K, T ss, index_t d, const double* inv, const double* alpha,
-                  const double* eps, int64_t* pred, double* radius) {
-  // argmax in two vectorised passes (a scalar pass here cost as much as a d = 128 GEMM): the
-  // max and whether any logit is NaN/Inf (x - x is 0 for finite x, NaN otherwise, and a sum
-  // of them is NaN iff one is, in any order), then the first index attaining the max (lowest
-  // index wins ties, as torch.argmax) as a min-reduction.
-  if (beta != nullptr) logits[0] += beta[0];
-  T best = logits[0], probe = 0;
-  if (beta != nullptr) {
-#pragma omp simd reduction(max : best) reduction(+ : probe)
-    for (index_t k = 1; k < K; ++k) {
-      const T v = logits[k] + beta[k];
-      logits[k] = v;
-      best = v > best ? v : best;
-      probe += v - v;
+                  const double* eps, int64_t* pred, double* radius, const ScreenCtx* screen = nullptr) {
+  // argmax in one vectorised pass (a scalar pass here cost as much as a d = 128 GEMM): per
+  // vector lane the running max and the index of its first occurrence (strict >), then across
+  // lanes the max with the lowest index (lowest index wins ties, as torch.argmax; the lanes'
+  // indices interleave, so the lowest index among the lanes that attain the max is the first
+  // occurrence overall), then the tail. The index is carried as a T (exact: K < 2^24 is
+  // checked at the binding) so every select is a plain vector blend on every ISA. Alongside,
+  // whether any logit is NaN/Inf (x - x is 0 for finite x, NaN otherwise, and a sum of them
+  // is NaN iff one is, in any order): such a row abstains, whatever the argmax says.
+  using V = typename VecOf<T>::type;
+  constexpr int L = lanes<T>();
+  T best, bi, probe = 0;
+  index_t k = 0;
+  if (K >= 2 * L) {
+    V vb = vload<V>(logits), cur{}, vp{};
+    for (int l = 0; l < L; ++l) cur[l] = static_cast<T>(l);
+    if (beta != nullptr) {
+      vb += vload<V>(beta);
+      std::memcpy(logits, &vb, sizeof(V));
     }
-    probe += logits[0] - logits[0];
+    V vi = cur;
+    vp = vb - vb;
+    for (k = L; k + L <= K; k += L) {
+      V v = vload<V>(logits + k);
+      if (beta != nullptr) {
+        v += vload<V>(beta + k);
+        std::memcpy(logits + k, &v, sizeof(V));
+      }
+      cur += static_cast<T>(L);
+      const auto gt = v > vb;
+      vb = gt ? v : vb;
+      vi = gt ? cur : vi;
+      vp += v - v;
+    }
+    best = vb[0];
+    bi = vi[0];
+    for (int l = 1; l < L; ++l)
+      if (vb[l] > best || (vb[l] == best && vi[l] < bi)) {
+        best = vb[l];
+        bi = vi[l];
+      }
+    for (int l = 0; l < L; ++l) probe += vp[l];
   } else {
-#pragma omp simd reduction(max : best) reduction(+ : probe)
-    for (index_t k = 0; k < K; ++k) {
-      const T v = logits[k];
-      best = v > best ? v : best;
-      probe += v - v;
+    if (beta != nullptr) logits[0] += beta[0];
+    best = logits[0];
+    bi = 0;
+    probe = best - best;
+    k = 1;
+  }
+  for (; k < K; ++k) {
+    if (beta != nullptr) logits[k] += beta[k];
+    const T v = logits[k];
+    if (v > best) {
+      best = v;
+      bi = static_cast<T>(k);
     }
+    probe += v - v;
   }
   const bool finite = probe == probe;
   if (!finite) {
@@ -68,51 +314,23 @@ void row_epilogue(T* logits, const T* beta, index_t K, T ss, index_t d, const do
     if (inv != nullptr) *radius = 0.0;
     return;
   }
-  // the index as a T (exact: K < 2^24 is checked at the boundary) so the min-reduction is a
-  // plain vector min on every ISA (SSE2 and AVX2 have no 64-bit integer min)
-  T cf = static_cast<T>(K);
-#pragma omp simd reduction(min : cf)
-  for (index_t k = 0; k < K; ++k) cf = std::min(cf, logits[k] == best ? static_cast<T>(k) : static_cast<T>(K));
-  const index_t c = static_cast<index_t>(cf);
+  const index_t c = static_cast<index_t>(bi);
   *pred = c;
   if (inv == nullptr) return;
   const double lc = static_cast<double>(logits[c]);
   const double* row = inv + c * K;
-  double r = kInf;
-  // j = c is skipped by splitting the range. A non-positive numerator gives 0 (a tie or an
-  // uncertain margin: not certified), written max(0, num * inv) so that GCC vectorises it on
-  // AVX2 and SSE2 too (it will not if-convert `num > 0 ? ... : 0` under -ftrapping-math):
-  // num <= 0 makes the product <= 0, or NaN for 0 * inf, and max(0, .) returns 0 for both;
-  // num > 0 with an infinite reciprocal gives +inf (that class can never win).
-  if (alpha != nullptr) {
-    // ||z||^2 was accumulated in the working precision inside the GEMM;
-    // norm_up_from_ss<T> carries the matching rounding bound.
-    const double zn = norm_up_from_ss<T>(ss, d);
-    const double ec = alpha[c] * zn + eps[c];
-    const double up = slack_up(4);
-    auto part = [&](index_t j0, index_t j1) {
-#pragma omp simd reduction(min : r)
-      for (index_t j = j0; j < j1; ++j) {
-        const double m = lc - static_cast<double>(logits[j]);
-        const double num = m - ((ec + alpha[j] * zn + eps[j]) * up + 2.0 * kU64 * std::fabs(m));
-        r = std::min(r, std::max(0.0, num * row[j]));
-      }
-    };
-    part(0, c);
-    part(c + 1, K);
-    r *= slack_down(4);
-  } else {
-    auto part = [&](index_t j0, index_t j1) {
-#pragma omp simd reduction(min : r)
-      for (index_t j = j0; j < j1; ++j) {
-        const double m = lc - static_cast<double>(logits[j]);
-        r = std::min(r, std::max(0.0, m * row[j]));
-      }
-    };
-    part(0, c);
-    part(c + 1, K);
-  }
-  *radius = r;
+  const bool fp = alpha != nullptr;
+  // ||z||^2 was accumulated in the working precision inside the GEMM; norm_up_from_ss<T>
+  // carries the matching rounding bound.
+  const double zn = fp ? norm_up_from_ss<T>(ss, d) : 0.0;
+  const double ec = fp ? alpha[c] * zn + eps[c] : 0.0;
+  const PairMin<T> pairs{logits, lc, row, alpha, eps, ec, zn};
+  double r;
+  if (screen != nullptr && screen->on)
+    r = screened_min(pairs, logits, K, c, *screen);
+  else
+    r = std::min(pairs(0, c), pairs(c + 1, K));
+  *radius = fp ? r * slack_down(4) : r;
 }
 
 // beta null: the logits without it (the caller adds it)
@@ -142,7 +360,8 @@ static_assert(kMicroRows % kMR == 0, "whole strips per block");
 
 template <class T>
 void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* A, const T* beta, index_t K,
-                        const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius) {
+                        const double* inv, const double* alpha, const double* eps, int64_t* pred, double* radius,
+                        const ScreenTables& screen) {
   using V = typename VecOf<T>::type;
   constexpr index_t NR = tile_width<T>();
   constexpr int L = lanes<T>();
@@ -159,6 +378,8 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
 #pragma omp parallel
   {
     std::vector<T> zp(static_cast<size_t>(mb) * kMicroKc), Lg(static_cast<size_t>(mb) * Kp), ss(mb);
+    std::vector<float> chunks;
+    const ScreenCtx sc = screen.ctx(chunks);
 #pragma omp for schedule(dynamic, 1)
     for (index_t b = 0; b < nblocks; ++b) {
       const index_t r0 = b * mb, rows = std::min(mb, B - r0);
@@ -191,7 +412,7 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
       }
       for (index_t r = 0; r < rows; ++r) {
         T* l = Lg.data() + r * Kp;
-        row_epilogue<T>(l, beta, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+        row_epilogue<T>(l, beta, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r, &sc);
       }
     }
   }
@@ -226,6 +447,7 @@ struct Transpose {
       lo[l] = (l & k) ? L + l - k : l;  // row i: lanes with bit k set come from row i + k
       hi[l] = (l & k) ? L + l : l + k;  // row i + k: lanes with bit k clear come from row i
     }
+#pragma GCC unroll 16
     for (int i = 0; i < L; ++i)
       if (!(i & k)) {
         const V a = r[i], b = r[i + k];
@@ -264,10 +486,13 @@ inline void pack_panels(const T* Z, index_t rows, index_t kc, index_t ldz, T* ds
     index_t t = 0;
     if (live == NR) {
       for (; t + L <= kc; t += L)
+#pragma GCC unroll 2
         for (int v = 0; v < kNV; ++v) {
           V r[L];
+#pragma GCC unroll 16
           for (int i = 0; i < L; ++i) r[i] = vload<V>(src + (v * L + i) * ldz + t);
           Transpose<T>::run(r);
+#pragma GCC unroll 16
           for (int q = 0; q < L; ++q) std::memcpy(out + (t + q) * NR + v * L, &r[q], sizeof(V));
         }
     }
@@ -283,10 +508,11 @@ inline void pack_panels(const T* Z, index_t rows, index_t kc, index_t ldz, T* ds
 // are written as max/min (under -ftrapping-math GCC will not if-convert `num > 0 ? ...`).
 template <class T>
 struct LanesScratch {
-  std::vector<T> best, probe;
+  std::vector<T> best, probe, ci;
   std::vector<int64_t> c;
   std::vector<double> zn, ec, rad, iv, skip;
-  explicit LanesScratch(index_t n) : best(n), probe(n), c(n), zn(n), ec(n), rad(n), iv(n), skip(n) {}
+  // n: a multiple of lanes<T>() (the argmax works on whole vectors of rows)
+  explicit LanesScratch(index_t n) : best(n), probe(n), ci(n), c(n), zn(n), ec(n), rad(n), iv(n), skip(n) {}
 };
 
 template <class T>
@@ -295,33 +521,35 @@ void lanes_epilogue(const T* __restrict Lt, index_t ld, index_t rows, index_t K,
                     int64_t* __restrict pred, double* __restrict radius, LanesScratch<T>& s) {
   T* __restrict best = s.best.data();
   T* __restrict probe = s.probe.data();
+  T* __restrict ci = s.ci.data();
   int64_t* __restrict c = s.c.data();
   double* __restrict zn = s.zn.data();
   double* __restrict ec = s.ec.data();
   double* __restrict rad = s.rad.data();
   double* __restrict iv = s.iv.data();
   double* __restrict skip = s.skip.data();
-  // argmax as in row_epilogue: the max and a NaN/Inf probe, then the lowest index attaining
-  // the max (classes in descending order, the last match wins)
-#pragma omp simd
-  for (index_t r = 0; r < rows; ++r) {
-    best[r] = Lt[r];
-    probe[r] = Lt[r] - Lt[r];
-  }
-  for (index_t k = 1; k < K; ++k) {
-    const T* l = Lt + k * ld;
-#pragma omp simd
-    for (index_t r = 0; r < rows; ++r) {
-      best[r] = l[r] > best[r] ? l[r] : best[r];
-      probe[r] += l[r] - l[r];
+  // argmax as in row_epilogue, one vector of rows at a time: the running max, the index of its
+  // first occurrence (strict >, classes in increasing order: the lowest index wins ties) as a
+  // T, and the NaN/Inf probe. Whole vectors: the buffers hold a multiple of lanes<T>() rows
+  // (rows past `rows` are padding, computed and ignored).
+  {
+    using V = typename VecOf<T>::type;
+    constexpr int L = lanes<T>();
+    for (index_t r = 0; r < rows; r += L) {
+      V vb = vload<V>(Lt + r), vi{};
+      V vp = vb - vb;
+      for (index_t k = 1; k < K; ++k) {
+        const V v = vload<V>(Lt + k * ld + r);
+        const auto gt = v > vb;
+        vb = gt ? v : vb;
+        vi = gt ? V{} + static_cast<T>(k) : vi;
+        vp += v - v;
+      }
+      std::memcpy(best + r, &vb, sizeof(V));
+      std::memcpy(probe + r, &vp, sizeof(V));
+      std::memcpy(ci + r, &vi, sizeof(V));
     }
-  }
-#pragma omp simd
-  for (index_t r = 0; r < rows; ++r) c[r] = 0;
-  for (index_t k = K - 1; k > 0; --k) {
-    const T* l = Lt + k * ld;
-#pragma omp simd
-    for (index_t r = 0; r < rows; ++r) c[r] = l[r] == best[r] ? k : c[r];
+    for (index_t r = 0; r < rows; ++r) c[r] = static_cast<int64_t>(ci[r]);
   }
   // non-finite rows keep c = 0 (a valid index for the table reads below) and are
   // overwritten at the end
@@ -456,9 +684,10 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
     tied_certify_lanes<T>(Z, B, d, ldz, A, beta, K, inv, alpha, eps, pred, radius);
     return;
   }
+  const ScreenTables screen(std::is_same_v<T, float>, K, inv, alpha, eps);
   if (!blas_blocks && (policy == GemmPolicy::kMicro ||
                        (policy == GemmPolicy::kAuto && (K >= kMicroMinClasses || d <= kMicroMaxShortRow)))) {
-    tied_certify_micro<T>(Z, B, d, ldz, A, beta, K, inv, alpha, eps, pred, radius);
+    tied_certify_micro<T>(Z, B, d, ldz, A, beta, K, inv, alpha, eps, pred, radius, screen);
     return;
   }
   // Block rows so a block of logits (and of Z, reread by the epilogue) stays in L2; the row
@@ -474,12 +703,15 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
     {
       std::vector<T> L(static_cast<size_t>(mb * K)), ss(static_cast<size_t>(mb));
       T* ssp = alpha != nullptr ? ss.data() : nullptr;
+      std::vector<float> chunks;
+      const ScreenCtx sc = screen.ctx(chunks);
 #pragma omp for schedule(dynamic, 1)
       for (index_t b = 0; b < nblocks; ++b) {
         const index_t r0 = b * mb, rows = std::min(mb, B - r0);
         logits_block<T>(Z + r0 * ldz, rows, d, ldz, A, beta, K, L.data(), ssp);
         for (index_t r = 0; r < rows; ++r)
-          row_epilogue<T>(L.data() + r * K, nullptr, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+          row_epilogue<T>(L.data() + r * K, nullptr, K, ss[r], d, inv, alpha, eps, pred + r0 + r, radius + r0 + r,
+                          &sc);
       }
     }
   } else {
@@ -544,10 +776,15 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
         }
         continue;
       }
-#pragma omp parallel for schedule(static)
-      for (index_t r = 0; r < rows; ++r) {
-        const T ss = alpha != nullptr ? sum_squares<T>(Zb + r * ldb, d) : T(0);
-        row_epilogue<T>(L.get() + r * K, beta, K, ss, d, inv, alpha, eps, pred + r0 + r, radius + r0 + r);
+#pragma omp parallel
+      {
+        std::vector<float> chunks;
+        const ScreenCtx sc = screen.ctx(chunks);
+#pragma omp for schedule(static)
+        for (index_t r = 0; r < rows; ++r) {
+          const T ss = alpha != nullptr ? sum_squares<T>(Zb + r * ldb, d) : T(0);
+          row_epilogue<T>(L.get() + r * K, beta, K, ss, d, inv, alpha, eps, pred + r0 + r, radius + r0 + r, &sc);
+        }
       }
     }
   }

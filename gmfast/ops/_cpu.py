@@ -109,6 +109,13 @@ def set_gemm_policy(policy: str) -> None:
     _state["policy"] = policy
 
 
+def _set_margin_screen(on: bool) -> None:
+    """Whether the many-class tied epilogue screens its classes in float32 before the float64
+    work (``csrc/cpu/tied.cpp``: ``screened_min``; on by default). The radii are the same
+    bits either way: off only for the tests that check exactly that, and for benchmarks."""
+    _load().set_margin_screen(bool(on))
+
+
 def _select_isa(C, name: str, source: str) -> None:
     names = [n for n, _ in C.cpu_isas()]
     if name == "auto":

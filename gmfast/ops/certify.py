@@ -113,8 +113,8 @@ def in_range(run, Z: torch.Tensor, p):
     if not p.cast_ok:
         return run(Z.to(torch.float64), p.widened())
     pred, radius = run(Z, p)
-    redo = (pred < 0).nonzero().reshape(-1)
-    if redo.numel():
+    if pred.numel() and int(pred.min()) < 0:  # a reduction first: nonzero costs more on a batch
+        redo = (pred < 0).nonzero().reshape(-1)
         pred_w, radius_w = run(Z.index_select(0, redo).to(torch.float64), p.widened())
         pred[redo] = pred_w
         if radius is not None:
