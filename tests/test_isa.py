@@ -154,6 +154,75 @@ def test_tied_sound_near_the_boundary(isa, dtype, norm):
     tied_near_boundary("cpu", dtype, norm)
 
 
+def _many_near_ties(K=200, d=8, seed=5):
+    """A tied head whose classes all meet at the origin (unit covariance, means on a sphere,
+    uniform priors: every logit offset is equal), and points z = t·u at scales t from far below
+    to far above the float32 rounding of the logits: near the origin the top class has many
+    competitors at almost the same radius, in every chunk of the screened epilogue
+    (``csrc/cpu/tied.cpp``: ``screened_min``), which is what can make a wrong skip visible."""
+    from gmfast import GaussianMixtureHead
+
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(K, d, generator=g, dtype=torch.float64)
+    mu = 3.0 * mu / mu.norm(dim=1, keepdim=True)
+    head = GaussianMixtureHead.from_params(mu, torch.eye(d, dtype=torch.float64),
+                                           torch.full((K,), 1.0 / K, dtype=torch.float64), "tied")
+    u = torch.randn(64, d, generator=g, dtype=torch.float64)
+    u /= u.norm(dim=1, keepdim=True)
+    t = torch.tensor([1e-8, 1e-6, 1e-4, 1e-2, 1.0, 3.0], dtype=torch.float64)
+    Z = (t[:, None, None] * u[None]).reshape(-1, d)
+    # and points on the perpendicular bisector of two random classes, pushed off it slightly
+    i, j = torch.randint(0, K, (2, 64), generator=g)
+    mid = 0.5 * (mu[i] + mu[j]) + 1e-5 * torch.randn(64, d, generator=g, dtype=torch.float64)
+    return head, torch.cat([Z, mid]).float()
+
+
+@pytest.mark.parametrize("norm", [2, 1, float("inf")])
+def test_screened_epilogue_is_bit_identical(isa, norm):
+    """The float32 screen of the many-class epilogue skips only classes that provably cannot
+    hold the minimum, so with it the radii are the same bits as the full float64 loop, under
+    every GEMM that runs the per-row epilogue, with and without the rounding-error terms, on
+    points where many classes are near the minimum."""
+    head, Z = _many_near_ties()
+    for policy in ("auto", "micro", "portable", "blas"):
+        _cpu.set_gemm_policy(policy)
+        for fp_sound in (True, False):
+            try:
+                _cpu._set_margin_screen(False)
+                want = head.certify(Z, norm=norm, backend="cpu", fp_sound=fp_sound)
+            finally:
+                _cpu._set_margin_screen(True)
+            got = head.certify(Z, norm=norm, backend="cpu", fp_sound=fp_sound)
+            what = f"{isa} policy={policy} norm={norm} fp_sound={fp_sound}"
+            assert torch.equal(got.prediction, want.prediction), what
+            assert torch.equal(got.radius, want.radius), \
+                f"{what}: {(got.radius != want.radius).sum().item()} radii differ"
+            if fp_sound:
+                assert (got.radius > 0).sum() > Z.shape[0] // 4, f"{what}: too few certified rows to test anything"
+    _cpu.set_gemm_policy("auto")
+
+
+def test_screened_epilogue_sound_against_mpmath(isa):
+    """The screened epilogue's radii against the exact radius of the float64 classifier at the
+    exact input point (50-digit mpmath), on the near-tie points of ``_many_near_ties``."""
+    import mpmath
+    from helpers import mp_linear_radius
+
+    head, Z = _many_near_ties(K=160, d=6, seed=9)
+    A, b = head.classifier_params.A.numpy(), head.classifier_params.beta.numpy()
+    rows = torch.arange(0, Z.shape[0], 5)
+    for policy in ("auto", "blas"):
+        _cpu.set_gemm_policy(policy)
+        cert = head.certify(Z, backend="cpu")
+        for i in rows.tolist():
+            c_ex, r_ex = mp_linear_radius(Z[i].double().numpy(), A, b, 2)
+            r = mpmath.mpf(cert.radius[i].item())
+            assert r <= r_ex, f"{isa} policy={policy} point {i}: returned {r} > exact {r_ex}"
+            if cert.prediction[i].item() != c_ex:
+                assert cert.radius[i].item() == 0.0
+    _cpu.set_gemm_policy("auto")
+
+
 def test_cholesky_sound_near_the_boundary(isa):
     chol_near_boundary()
 
