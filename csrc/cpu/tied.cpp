@@ -509,10 +509,10 @@ inline void pack_panels(const T* Z, index_t rows, index_t kc, index_t ldz, T* ds
 template <class T>
 struct LanesScratch {
   std::vector<T> best, probe, ci;
-  std::vector<int64_t> c;
-  std::vector<double> zn, ec, rad, iv, skip;
+  std::vector<int64_t> c, off;
+  std::vector<double> cd, zn, ec, rad, iv;
   // n: a multiple of lanes<T>() (the argmax works on whole vectors of rows)
-  explicit LanesScratch(index_t n) : best(n), probe(n), ci(n), c(n), zn(n), ec(n), rad(n), iv(n), skip(n) {}
+  explicit LanesScratch(index_t n) : best(n), probe(n), ci(n), c(n), off(n), cd(n), zn(n), ec(n), rad(n), iv(n) {}
 };
 
 template <class T>
@@ -527,7 +527,8 @@ void lanes_epilogue(const T* __restrict Lt, index_t ld, index_t rows, index_t K,
   double* __restrict ec = s.ec.data();
   double* __restrict rad = s.rad.data();
   double* __restrict iv = s.iv.data();
-  double* __restrict skip = s.skip.data();
+  double* __restrict cd = s.cd.data();
+  int64_t* __restrict off = s.off.data();
   // argmax as in row_epilogue, one vector of rows at a time: the running max, the index of its
   // first occurrence (strict >, classes in increasing order: the lowest index wins ties) as a
   // T, and the NaN/Inf probe. Whole vectors: the buffers hold a multiple of lanes<T>() rows
@@ -549,7 +550,11 @@ void lanes_epilogue(const T* __restrict Lt, index_t ld, index_t rows, index_t K,
       std::memcpy(probe + r, &vp, sizeof(V));
       std::memcpy(ci + r, &vi, sizeof(V));
     }
-    for (index_t r = 0; r < rows; ++r) c[r] = static_cast<int64_t>(ci[r]);
+    for (index_t r = 0; r < rows; ++r) {
+      c[r] = static_cast<int64_t>(ci[r]);
+      off[r] = c[r] * K;
+      cd[r] = static_cast<double>(ci[r]);
+    }
   }
   // non-finite rows keep c = 0 (a valid index for the table reads below) and are
   // overwritten at the end
@@ -564,10 +569,8 @@ void lanes_epilogue(const T* __restrict Lt, index_t ld, index_t rows, index_t K,
       for (index_t r = 0; r < rows; ++r) ec[r] = alpha[c[r]] * zn[r] + eps[c[r]];
     }
     for (index_t j = 0; j < K; ++j) {
-      for (index_t r = 0; r < rows; ++r) {
-        iv[r] = inv[c[r] * K + j];
-        skip[r] = j == c[r] ? kInf : 0.0;  // j = c is not a competitor
-      }
+      for (index_t r = 0; r < rows; ++r) iv[r] = inv[off[r] + j];
+      const double jd = static_cast<double>(j);  // j = c is not a competitor: its value is +inf
       const T* l = Lt + j * ld;
       if (fp) {
         const double aj = alpha[j], ej = eps[j];
@@ -576,14 +579,14 @@ void lanes_epilogue(const T* __restrict Lt, index_t ld, index_t rows, index_t K,
           const double m = static_cast<double>(best[r]) - static_cast<double>(l[r]);
           const double num = m - ((ec[r] + aj * zn[r] + ej) * up + 2.0 * kU64 * std::fabs(m));
           // num > 0 ? num * iv : 0 (num <= 0 gives a product <= 0 or NaN (0 * inf): 0)
-          const double v = std::max(std::max(0.0, num * iv[r]), skip[r]);
+          const double v = std::max(std::max(0.0, num * iv[r]), cd[r] == jd ? kInf : 0.0);
           rad[r] = std::min(rad[r], v);
         }
       } else {
 #pragma GCC ivdep
         for (index_t r = 0; r < rows; ++r) {
           const double m = static_cast<double>(best[r]) - static_cast<double>(l[r]);
-          const double v = std::max(std::max(0.0, m * iv[r]), skip[r]);
+          const double v = std::max(std::max(0.0, m * iv[r]), cd[r] == jd ? kInf : 0.0);
           rad[r] = std::min(rad[r], v);
         }
       }
@@ -669,6 +672,29 @@ void tied_certify_lanes(const T* Z, index_t B, index_t d, index_t ldz, const T* 
   }
 }
 
+// A 64-byte-aligned buffer of at least n values kept by the calling thread between calls
+// (Slot tells the buffers of one call apart). The MKL-block path's logits and row copies (up
+// to 32 + 8 MiB): fresh pages of that size, zeroed by the kernel on first touch, cost up to a
+// sixth of a call (measured at (16384, 128, 100)) each time the allocator had given them back.
+// Bounded like the buffers themselves; freed when the thread ends.
+template <class T, int Slot>
+T* reusable(size_t n) {
+  struct Buf {
+    T* p = nullptr;
+    size_t n = 0;
+    ~Buf() { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  thread_local Buf b;
+  if (b.n < n) {
+    ::operator delete[](b.p, std::align_val_t(64));
+    b.p = nullptr;
+    b.n = 0;
+    b.p = static_cast<T*>(::operator new[](sizeof(T) * n, std::align_val_t(64)));
+    b.n = n;
+  }
+  return b.p;
+}
+
 }  // namespace
 
 template <class T>
@@ -718,39 +744,37 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
     // One multithreaded GEMM per block shares A's packed panels between threads, then the
     // epilogue runs in parallel over the block's rows, with ||z||^2 summed there. Large
     // blocks (logits <= 32 MiB): MKL repacks A on every call (8 MiB at K = 1000, d = 2048), and
-    // each block costs two fork/joins, which are slow on a shared machine; but Z's block
-    // <= 8 MiB, so that the epilogue's second pass over it (the norms) reads the cache, not
-    // memory (at (65536, 512, 10) a 32 MiB block made the norms cost a quarter of the call).
+    // each block costs two fork/joins, which are slow on a shared machine; but Z's block is
+    // small enough that the epilogue's second pass over it (the norms) reads the cache, not
+    // memory (at (65536, 512, 10) a 32 MiB block made the norms cost a quarter of the call):
+    // 1 MiB (L2) unless A is larger (then up to 8 MiB, L3: each call repacks A), which took
+    // 10-25% off the MKL path at d = 128 (K = 10 to 1000) against 8 MiB blocks.
     const index_t s32 = (index_t{32} << 20) / static_cast<index_t>(sizeof(T));
-    const index_t s8 = (index_t{8} << 20) / static_cast<index_t>(sizeof(T));
+    const index_t s8 = std::clamp<index_t>(K * d, (index_t{1} << 20) / static_cast<index_t>(sizeof(T)),
+                                           (index_t{8} << 20) / static_cast<index_t>(sizeof(T)));
     // (a multiple of 64 rows: every block of a contiguous Z starts as aligned as Z itself)
     const index_t mbig =
         std::clamp<index_t>(std::min(s8 / std::max<index_t>(d, 1), s32 / K), 512, 16384) / 64 * 64;
-    // not value-initialised: zeroing up to 32 MiB per call cost as much as the epilogue
-    std::unique_ptr<T[]> L(new T[static_cast<size_t>(std::min(mbig, B) * K)]);
+    // not value-initialised: zeroing up to 32 MiB per call cost as much as the epilogue; and
+    // kept by the thread between calls (reusable)
+    T* const Lbuf = reusable<T, 0>(static_cast<size_t>(std::min(mbig, B) * K));
     // MKL's summation order depends on the leading dimension (and on alignment): rows with a
     // stride are copied into a contiguous, 64-byte-aligned block first, so that the results
     // are bit-identical to those of a contiguous (freshly allocated) Z, as on the other GEMMs.
     const bool gather = B > 1 && ldz != d;
-    struct Aligned {
-      void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
-    };
-    std::unique_ptr<T[], Aligned> zbuf(
-        gather ? static_cast<T*>(::operator new[](sizeof(T) * static_cast<size_t>(std::min(mbig, B) * d),
-                                                  std::align_val_t(64)))
-               : nullptr);
+    T* const zbuf = gather ? reusable<T, 1>(static_cast<size_t>(std::min(mbig, B) * d)) : nullptr;
     for (index_t r0 = 0; r0 < B; r0 += mbig) {
       const index_t rows = std::min(mbig, B - r0);
       const T* Zb = Z + r0 * ldz;
       index_t ldb = ldz;
       if (gather) {
 #pragma omp parallel for schedule(static)
-        for (index_t r = 0; r < rows; ++r) std::memcpy(zbuf.get() + r * d, Zb + r * ldz, sizeof(T) * d);
-        Zb = zbuf.get();
+        for (index_t r = 0; r < rows; ++r) std::memcpy(zbuf + r * d, Zb + r * ldz, sizeof(T) * d);
+        Zb = zbuf;
         ldb = d;
       }
       // beta is added by the epilogues (in the same pass as their first read of the logits)
-      logits_block<T>(Zb, rows, d, ldb, A, nullptr, K, L.get(), nullptr, /*prefer_blas=*/true);
+      logits_block<T>(Zb, rows, d, ldb, A, nullptr, K, Lbuf, nullptr, /*prefer_blas=*/true);
       if (K <= kLanesMaxClasses) {
         // few classes: the per-row epilogue's fixed cost dominates; transpose the logits of
         // 256 rows at a time (K x 256, cheap next to the GEMM) and run the across-rows one
@@ -766,7 +790,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
           for (index_t q = 0; q < nsub; ++q) {
             const index_t q0 = q * sub, n = std::min(sub, rows - q0);
             for (index_t r = 0; r < n; ++r) {
-              const T* l = L.get() + (q0 + r) * K;
+              const T* l = Lbuf + (q0 + r) * K;
               for (index_t k = 0; k < K; ++k) Lt[k * ldt + r] = l[k] + beta[k];
               if (alpha != nullptr) ss[r] = sum_squares<T>(Zb + (q0 + r) * ldb, d);
             }
@@ -783,7 +807,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
 #pragma omp for schedule(static)
         for (index_t r = 0; r < rows; ++r) {
           const T ss = alpha != nullptr ? sum_squares<T>(Zb + r * ldb, d) : T(0);
-          row_epilogue<T>(L.get() + r * K, beta, K, ss, d, inv, alpha, eps, pred + r0 + r, radius + r0 + r, &sc);
+          row_epilogue<T>(Lbuf + r * K, beta, K, ss, d, inv, alpha, eps, pred + r0 + r, radius + r0 + r, &sc);
         }
       }
     }
