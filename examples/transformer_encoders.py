@@ -158,6 +158,37 @@ class MiniLMFromEmbeddings(nn.Module):
         return s
 
 
+class TokenPerturbation(nn.Module):
+    """``encoder`` as a function of the embeddings (B, k, d) of the tokens at ``positions`` of
+    one fixed sequence ``e`` (1, T, d); the other tokens are constants. The threat model of
+    the text-verification literature (Shi et al. 2020 perturb one or two word positions):
+    the ball is over those tokens' embeddings only. Written as ``S @ x + rest`` with a
+    constant 0/1 placement matrix ``S`` (T, k), which the local route treats as a linear
+    layer (exact: each output entry is one input entry or 0)."""
+
+    def __init__(self, encoder, e, positions):
+        super().__init__()
+        T = e.shape[1]
+        positions = [int(p) % T for p in positions]
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"positions {positions} repeat a token")
+        S = torch.zeros(T, len(positions), dtype=e.dtype)
+        S[positions, torch.arange(len(positions))] = 1.0
+        rest = e[0].detach().clone()
+        rest[positions] = 0.0
+        self.register_buffer("S", S)
+        self.register_buffer("rest", rest)
+        self.positions = positions
+        self.encoder = encoder
+
+    def tokens(self, e):
+        """The perturbed tokens' embeddings (B, k, d) of full sequences ``e`` (B, T, d)."""
+        return e[:, self.positions]
+
+    def forward(self, x):
+        return self.encoder(self.S @ x + self.rest)
+
+
 def load_minilm():
     """The bundled all-MiniLM-L6-v2 (SentenceTransformer), strictly offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -356,3 +356,133 @@ def test_minilm_from_embeddings_matches_and_bounds():
     lb = LocalBounds(enc, tuple(e.shape[1:]))
     lo, hi, ys, _ = _box_holds(enc, lb, e, 1e-3, 2, n=200)
     assert float((hi - lo).max()) < 10 * float((ys.amax(0) - ys.amin(0)).max()) + 1e-6
+
+
+# ----------------------------------------------------------------------------- cuts (local_cut)
+
+
+def test_cut_step_against_exact_rationals():
+    """:meth:`CutLinear.step` in exact rational arithmetic: for points ``x'`` and boundary
+    values ``h`` anywhere between the two linear bounds (their extremes included), the rows
+    on the input, the constant and the charge (doubled, as the engine does) give a lower
+    bound on ``Λᵀh`` (coefficients over 16 orders of magnitude, so the roundings are real)."""
+    from fractions import Fraction as Fr
+
+    from gmfast.lipschitz.local_cut import CutLinear
+
+    g = torch.Generator().manual_seed(4)
+    B, k, n, R = 2, 5, 3, 4
+    Al = torch.randn(B, k, n, generator=g, dtype=F64) * torch.logspace(-8, 8, n, dtype=F64)
+    Au = Al + torch.rand(B, k, n, generator=g, dtype=F64)
+    al = torch.randn(B, k, generator=g, dtype=F64) * 1e8
+    au = al + 1.0 + 2.0 * (Au - Al).sum(-1)  # the upper line above the lower one on [-2, 2]^n
+    M0 = torch.full((B, n), 2.0, dtype=F64)
+    D = torch.full((B, k), 1e-9, dtype=F64)
+    cl = CutLinear.from_bounds((n,), Al, al, Au, au, D, M0)
+    lam = torch.randn(B, R, k, generator=g, dtype=F64) * torch.logspace(-4, 4, k, dtype=F64)
+    c = torch.randn(B, R, generator=g, dtype=F64)
+    new, tt, err = cl.step(lam, c)
+    assert new.shape == (B, R, n) and bool((err > 0).all())
+    for b in range(B):
+        for trial in range(6):
+            xp = [Fr(float(v)) for v in (torch.rand(n, generator=g, dtype=F64) * 4 - 2)]
+            for r in range(R):
+                exact = Fr(0)
+                for i in range(k):
+                    d = Fr(float(D[b, i]))
+                    lo = sum(Fr(float(Al[b, i, j])) * xp[j] for j in range(n)) + Fr(float(al[b, i])) - d
+                    hi = sum(Fr(float(Au[b, i, j])) * xp[j] for j in range(n)) + Fr(float(au[b, i])) + d
+                    t = Fr(trial % 3, 2)  # h at the lower end, the middle and the upper end
+                    exact += Fr(float(lam[b, r, i])) * (lo + t * (hi - lo))
+                exact += Fr(float(c[b, r]))
+                got = sum(Fr(float(new[b, r, j])) * xp[j] for j in range(n)) + Fr(float(c[b, r])) \
+                    + Fr(float(tt[b, r])) - 2 * Fr(float(err[b, r]))
+                assert got <= exact, (b, r, float(got - exact))
+
+
+def _cut_boundaries_tiny():
+    return ["block.ln1", "block.ln2", "ln"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm, eps", [(2, 1e-3), (2, 3e-2), (math.inf, 2e-2)])
+def test_cut_bounds_box_vs_samples_pgd_and_mpmath(norm, eps):
+    """Passes stopping at the LayerNorm outputs (not separators of a pre-LN block: the
+    residual stream goes around them): the output box holds every sample, PGD extreme and the
+    mpmath value at those extremes; each boundary's interval holds the boundary's value at
+    every sample; at a small radius the box is within 1.5x of full CROWN's."""
+    from gmfast.lipschitz.local_cut import CutBounds
+
+    mpmath.mp.prec = 120
+    m = _tiny()
+    x = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    lb = CutBounds(m, (3, 4), _cut_boundaries_tiny())
+    assert lb.cuts and all(len(s) == 1 for s in lb.cuts.values())
+    lo, hi, ys, E = _box_holds(m, lb, x, eps, norm)
+    for b in range(2):
+        for j in (0, 3):
+            y = _mp_tiny(m, E[0, j, b])
+            assert all(mpmath.mpf(lo[b, c].item()) <= y[c] <= mpmath.mpf(hi[b, c].item()) for c in range(4))
+    # the boundaries' own intervals against their values on samples (forward hooks)
+    ctx = lb.prepare(x, eps, norm)
+    seen = {}
+    hooks = [mod.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+             for name, mod in ((n, m.get_submodule(n)) for n in _cut_boundaries_tiny())]
+    P = _ball_points(x, eps, norm, 500, seed=2).reshape(-1, 3, 4)
+    with torch.no_grad():
+        m(P)
+    for h in hooks:
+        h.remove()
+    for node in lb.boundaries:
+        v = seen[node.name].reshape(500, 2, -1)
+        blo, bhi = (t.reshape(1, 2, -1) for t in ctx["I"][node])
+        assert bool((v >= blo).all() & (v <= bhi).all()), node
+    if eps == 1e-3:
+        full = LocalBounds(m, (3, 4))
+        flo, fhi = full.output_box(full.prepare(x, eps, norm))
+        assert float(((hi - lo) / (fhi - flo)).max()) < 1.5
+
+
+def test_cut_bounds_refusals_and_defaults():
+    from gmfast.lipschitz.local_cut import CutBounds
+
+    m = _tiny()
+    with pytest.raises(ValueError, match="no node named 'block.nope'.*block.ln1"):
+        CutBounds(m, (3, 4), ["block.nope"])
+    with pytest.raises(ValueError, match="window must be a positive int; got 0"):
+        CutBounds(m, (3, 4), ["ln"], window=0)
+    # the hook is off by default: plain LocalBounds has no cuts and its passes never stop
+    assert LocalBounds(m, (3, 4)).cuts is None
+
+
+@pytest.mark.slow
+def test_cut_certified_radii_survive_pgd():
+    """Tied head on the tiny transformer, radii from :class:`CutBounds` (window 1): PGD (ℓ2
+    and ℓ∞, restarts) at 0.999x the radius never flips; radii are not vacuous."""
+    from gmfast.lipschitz.local_cut import CutBounds, tied_margin_radius
+
+    m, head, X, y = _tiny_problem(3.0)
+    lb = CutBounds(m, (3, 4), _cut_boundaries_tiny())
+    for norm in (2, math.inf):
+        pred, r = tied_margin_radius(lb, m, head, X[::10], norm)
+        ok = (pred == y[::10]) & (r > 0)
+        assert int(ok.sum()) >= 8, r
+        idx = ok.nonzero().reshape(-1)
+        margin, _ = pgd_min_margin(m, head, X[::10][idx], pred[idx], r[idx] * 0.999, norm, steps=40, restarts=4)
+        assert bool((margin > 0).all()), (margin.min(), r[idx])
+        assert float(r[idx].median()) > 1e-2
+
+
+def test_token_perturbation_is_the_encoder():
+    """The one-token wrapper equals the encoder on the full sequence, and its local bounds
+    hold on samples of that token's ball."""
+    m = _tiny()
+    e = torch.randn(1, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(8))
+    w = te.TokenPerturbation(m, e, [1]).double().eval()
+    x = w.tokens(e)
+    assert x.shape == (1, 1, 4)
+    with torch.no_grad():
+        assert torch.equal(w(x), m(e))
+    with pytest.raises(ValueError, match="repeat"):
+        te.TokenPerturbation(m, e, [1, -2])
+    _box_holds(w, LocalBounds(w, (1, 4)), x, 1e-2, 2, n=500)

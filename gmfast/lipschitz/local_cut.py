@@ -1,0 +1,224 @@
+"""Cheaper intermediate bounds for the local route: backward passes that stop at a cut.
+
+Full CROWN (:class:`gmfast.lipschitz.local.LocalBounds`) bounds every input of a nonlinear op
+by a backward pass down to the input: on MiniLM that is ~4·10⁵ rows per sentence, each
+through up to six layers. Shi et al. 2020 ("Robustness verification for transformers")
+combine a forward pass (linear bounds of every node in terms of the input) with backward
+passes that stop at an earlier layer and substitute that layer's forward bounds; DeepPoly
+(Singh et al. 2019) back-substitutes the same way. :class:`CutBounds` does this at chosen
+*boundary* nodes ``h`` (e.g. each LayerNorm output of a post-LN BERT, the residual stream
+between the blocks of a pre-LN ViT):
+
+* each boundary ``h`` (``k`` entries) is refined by the rows ``±e_i`` and the pass is kept
+  raw: for every ``x'`` in the ball,
+  ``Â_l,i x' + â_l,i − D_l,i ≤ h_i(x') ≤ Â_u,i x' + â_u,i + D_u,i`` with the computed rows
+  and constants (``Â``, ``â``: exactly the floats kept) and ``D = 2E + 2⁻⁹⁶⁰`` rounded up,
+  ``E`` the pass's charged rounding total (the engine doubles it for the same reason:
+  :mod:`gmfast.lipschitz.local`, "Floating point"); its interval is that pass concretised;
+* every other refined node's pass (and the next boundary's) stops at the ``window``-th
+  boundary below it: rows ``Λ`` on ``h`` become rows on the input by
+  ``Λᵀh(x') ≥ (Λ⁺Â_l + Λ⁻Â_u) x' + Λ⁺â_l + Λ⁻â_u − Σ|Λ|·max(D_l, D_u)``, an exact consequence
+  of the two inequalities (``Λ⁺ ≥ 0`` takes the lower one, ``Λ⁻ ≤ 0`` the upper one), and
+  the pass continues at the input (branches that do not pass through ``h`` — a residual
+  connection around it — continue down as before, so a cut that does not separate the
+  graph is still sound). Only the intermediate bounds use cuts; the final pass (the
+  margins) is full depth.
+
+Each pass is then one block deep instead of the whole encoder, and the number of rows is
+that of full CROWN plus the boundaries'. What is lost against full CROWN is only the
+relaxation *below* the cut being fixed per boundary entry (its lower and upper rows are
+chosen for ``±e_i``, not for the rows arriving there).
+
+Floating point of the substitution (:meth:`CutLinear.step`): ``fl(Λ⁺Â_l) + fl(Λ⁻Â_u)`` rounded
+once more: within ``γ_{2k+2}Σ|Λ_i|(|Â_i|M₀)`` of the exact rows applied to any ``|x'| ≤ M₀``;
+``Λ⁺â_l + Λ⁻â_u`` within ``γ_{2k+2}|Λ|ᵀmax(|â_l|, |â_u|)``; its addition to ``c``
+``u(|c| + |tt|)``; an infinite constant met by a nonzero coefficient gives ``−∞`` (never
+NaN). ``|Â|M₀`` is a computed sum of nonnegative products, inflated by ``1 + 2γ_{n+2}`` plus
+``2⁻⁹⁶⁰``. Every charge joins the pass's error total, doubled and subtracted with
+``nextafter`` at the end as for every other step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gmfast._fp import U64, gamma
+from gmfast.lipschitz.linearize import _F64, _TINY, _up
+from gmfast.lipschitz.local import LocalBounds
+from gmfast.lipschitz.local_steps import rowdot
+
+
+class CutLinear:
+    """Linear bounds of a boundary's entries in the input, per input ``b`` of the batch:
+    ``Al[b] x' + al[b] − D ≤ h(x') ≤ Au[b] x' + au[b] + D`` on the ball, with ``W`` (B, k) the
+    charge per unit of ``|Λ|`` of :meth:`step` (``max(D_l, D_u)`` and the roundings), and
+    ``bad_l``/``bad_u`` (B, k) marking infinite constants (stored as 0) or None."""
+
+    def __init__(self, input_shape, Al, al, Au, au, W, bad_l=None, bad_u=None):
+        self.input_shape = tuple(input_shape)
+        self.Al, self.al, self.Au, self.au, self.W, self.bad_l, self.bad_u = Al, al, Au, au, W, bad_l, bad_u
+
+    @classmethod
+    def from_bounds(cls, input_shape, Al, al, Au, au, D, M0):
+        """From the kept rows ``Al, Au`` (B, k, n), constants ``al, au`` (B, k), gaps ``D``
+        (B, k) and ``M0 ≥ |x'|`` on the ball (B, n): the charge per unit of ``|Λ|`` is
+        ``max(D) + γ_{2k+2}(max(|Al|M0, |Au|M0) + max(|al|, |au|))`` (module docstring), with
+        ``|A|M0`` inflated by ``1 + 2γ_{n+2}`` plus ``2⁻⁹⁶⁰``; infinite constants are stored as 0
+        and marked."""
+        k, n = Al.shape[1], Al.shape[2]
+        Mc = M0.reshape(M0.shape[0], n, 1)
+        JM = torch.maximum(Al.abs() @ Mc, Au.abs() @ Mc).squeeze(2) * (1.0 + 2.0 * gamma(n + 2, U64)) + _TINY
+        fl, fu = torch.isfinite(al), torch.isfinite(au)
+        Cm = torch.where(fl & fu, torch.maximum(al.abs(), au.abs()), 0.0)
+        W = torch.where(torch.isnan(D), math.inf, D) + gamma(2 * k + 2, U64) * (JM + Cm)
+        finite = bool(fl.all() and fu.all())
+        return cls(input_shape, Al, torch.where(fl, al, 0.0), Au, torch.where(fu, au, 0.0), W,
+                   None if finite else (~fl).to(_F64), None if finite else (~fu).to(_F64))
+
+    def step(self, lam, c):
+        """Rows ``lam`` (Bl, R, *shape) on the boundary to rows on the input (B, R, *input), the
+        constant's increment ``tt`` (B, R) and the charge (B, R) (module docstring)."""
+        Bl, R = lam.shape[:2]
+        lf = lam.reshape(Bl, R, -1)
+        pos, neg = lf.clamp(min=0.0), lf.clamp(max=0.0)
+        new = pos @ self.Al + neg @ self.Au
+        tt = rowdot(pos, self.al) + rowdot(neg, self.au)
+        if self.bad_l is not None:  # a nonzero coefficient on an infinite constant: −∞, not NaN
+            hit = rowdot((lf > 0).to(_F64), self.bad_l) + rowdot((lf < 0).to(_F64), self.bad_u)
+            tt = torch.where(hit > 0, -math.inf, tt)
+        err = rowdot(lf.abs(), self.W) + U64 * (c.abs() + tt.abs())
+        new = new.reshape(new.shape[:2] + self.input_shape)
+        return new, tt, torch.where(torch.isnan(err), math.inf, err)
+
+
+def node_named(lb, name: str):
+    """The node of the linearisation computing the traced node ``name`` (a module path such as
+    ``"layers.0.ln2"``, a function node such as ``"add_2"``, or a step ``"name/what"``)."""
+    for n in lb.order[1:]:
+        if getattr(n, "name", None) == name:
+            return n
+    names = sorted({getattr(n, "name", "").split("/")[0] for n in lb.order[1:]})
+    raise ValueError(f"no node named {name!r}; the traced nodes are {names}")
+
+
+class CutBounds(LocalBounds):
+    """:class:`LocalBounds` whose intermediate passes stop at ``boundaries`` (nodes or their
+    names, :func:`node_named`) and substitute their linear bounds (see the module docstring).
+
+    ``window``: the pass of a node stops at the ``window``-th boundary below it (``1``: the
+    nearest; nodes with fewer boundaries below keep full-depth passes). Boundaries that are
+    affine in the input are dropped (their exact Jacobian already ends every pass there).
+    """
+
+    def __init__(self, encoder, input_shape, boundaries, window: int = 1, affine_by_interval: bool = False):
+        super().__init__(encoder, input_shape)
+        if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+            raise ValueError(f"window must be a positive int; got {window!r}")
+        pos = {n: i for i, n in enumerate(self.order)}
+        nodes = []
+        for b in boundaries:
+            n = node_named(self, b) if isinstance(b, str) else b
+            if n not in pos or n is self.order[0]:
+                raise ValueError(f"boundary {b!r} is not a step of this linearisation")
+            if n not in self.affine_only and n not in nodes:
+                nodes.append(n)
+        nodes.sort(key=pos.__getitem__)
+        self.boundaries, self.window = nodes, window
+        self.pre = self.pre + [b for b in nodes if b not in self.pre]
+        self.pre_all = self.pre_all | set(nodes)
+        self.n_neurons = sum(math.prod(self.shapes[n]) for n in set(self.pre))
+        self.cuts, last = {}, {}
+        for n in set(self.pre) - self.affine_only:
+            below = [b for b in nodes if pos[b] < pos[n]]
+            if len(below) >= window:
+                b = below[-window]
+                self.cuts[n] = frozenset((b,))
+                last[b] = max(last.get(b, -1), pos[n])
+        if affine_by_interval:  # nodes whose passes would stay affine down to their cut: not refined
+            skip = {n for n, b in self.cuts.items() if n not in nodes and self._affine_down_to(n, b)}
+            self.pre = [n for n in self.pre if n not in skip]
+            self.pre_all = self.pre_all - skip
+            self.n_neurons = sum(math.prod(self.shapes[n]) for n in set(self.pre))
+            self.cuts = {n: b for n, b in self.cuts.items() if n not in skip}
+            last = {}
+            for n, (b,) in self.cuts.items():
+                last[b] = max(last.get(b, -1), pos[n])
+        #: after refining node n, the boundaries no later node stops at (their bounds are freed)
+        self._free = {}
+        for b, p in last.items():
+            self._free.setdefault(self.order[p], []).append(b)
+
+    def _affine_down_to(self, n, stop) -> bool:
+        """Whether every path down from ``n`` is affine until it meets ``stop``."""
+        seen, todo = set(), [n]
+        while todo:
+            m = todo.pop()
+            if m in seen or m is self.order[0] or (m in stop and m is not n):
+                continue
+            seen.add(m)
+            op = self.ops[m]
+            if op.kind not in ("affine", "sum"):
+                return False
+            todo.extend(self._srcs(m))
+        return True
+
+    def _refine(self, n, ctx):
+        ctx.setdefault("L", {})
+        try:
+            if n in self.pre_all and n in set(self.boundaries):
+                return self._refine_boundary(n, ctx)
+            return super()._refine(n, ctx)
+        finally:
+            for b in self._free.get(n, ()):
+                ctx["L"].pop(b, None)
+
+    def _refine_boundary(self, n, ctx):
+        """All entries of boundary ``n`` by the rows ``±e_i`` (passes stopping at the boundary
+        below, if any), kept raw as linear bounds in the input in ``ctx["L"][n]``."""
+        lo0, hi0 = ctx["I"][n]
+        B = lo0.shape[0]
+        shape = self.shapes[n]
+        k = math.prod(shape)
+        stop = self.cuts.get(n)
+        eye = torch.eye(k, dtype=_F64)
+        Al, Au = torch.empty((B, k, self.n_in), dtype=_F64), torch.empty((B, k, self.n_in), dtype=_F64)
+        al, au, D = (torch.empty((B, k), dtype=_F64) for _ in range(3))
+        lo, hi = torch.empty((B, k), dtype=_F64), torch.empty((B, k), dtype=_F64)
+        step = max(1, self.row_chunk // (2 * B))
+        for j in range(0, k, step):
+            e = eye[j:j + step]
+            m = e.shape[0]
+            lam0, c, err = self._backward(n, torch.cat([e, -e]).reshape((1, 2 * m) + shape), ctx, raw=True, stop=stop)
+            lam0 = lam0.reshape(lam0.shape[0], 2 * m, -1).expand(B, 2 * m, self.n_in)
+            c = c.expand(B, 2 * m)
+            out = self._concretize(lam0.reshape((B, 2 * m) + self.input_shape), c, err, ctx)
+            lo[:, j:j + m], hi[:, j:j + m] = out[:, :m], -out[:, m:]
+            Al[:, j:j + m], Au[:, j:j + m] = lam0[:, :m], -lam0[:, m:]
+            al[:, j:j + m], au[:, j:j + m] = c[:, :m], -c[:, m:]
+            d = _up(2.0 * err + _TINY)
+            D[:, j:j + m] = torch.maximum(d[:, :m], d[:, m:])
+        ctx["L"][n] = CutLinear.from_bounds(self.input_shape, Al, al, Au, au, D, ctx["M"][self.order[0]].reshape(B, -1))
+        return (torch.maximum(lo, lo0.reshape(B, k)).reshape((B,) + shape),
+                torch.minimum(hi, hi0.reshape(B, k)).reshape((B,) + shape))
+
+
+def tied_margin_radius(lb, encoder, head, x, norm, domain=None, steps: int = 4):
+    """Predictions and local certified radii (B,) of a tied ``head`` on ``encoder`` (``lb`` its
+    :class:`LocalBounds`, with
+    or without cuts): the margins ``(a_c − a_j)ᵀh(x') + β_c − β_j`` started from the computed
+    differences, each within ``u|·|`` of the exact one (charged), as ``Certifier``'s local
+    route does. The prediction is the head's on ``encoder(x)``; a radius is 0 where the
+    exact margins at ``x`` are not all positive."""
+    params = head.classifier_params
+    A, beta = params.A.cpu().double(), params.beta.cpu().double()
+    with torch.no_grad():
+        pred = head.predict(encoder(x)).cpu()
+    K = A.shape[0]
+    others = torch.stack([torch.cat([torch.arange(k), torch.arange(k + 1, K)]) for k in range(K)])[pred]
+    lam = A[pred][:, None, :] - A[others]
+    c0 = beta[pred][:, None] - beta[others]
+    r = lb.margin_radius(x.detach().cpu().double(), lam, c0, norm, domain, steps=steps, lam_err=U64 * lam.abs(),
+                         c0_err=U64 * c0.abs())
+    return pred, r
