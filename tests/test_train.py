@@ -274,6 +274,18 @@ def test_cli_contract(tmp_path):
     np.testing.assert_array_equal(np.asarray(rows["predict"]), cert.prediction.numpy())
     np.testing.assert_array_equal(np.asarray(rows["radius"]), cert.radius.numpy())
     assert main(["train", "--data", "cifar", "--out", str(out)]) == 2
+    # --refit prototypes: the head written is the trained prototype head (equal priors, the
+    # checkpoint's prototypes as means), not a refit (digits' empirical priors are unequal)
+    out2 = tmp_path / "proto"
+    assert main(["train", "--data", "digits", "--out", str(out2), "--epochs", "1", "--refit", "prototypes",
+                 "--no-progress"]) == 0
+    from safetensors.torch import load_file
+
+    _, head2 = load(out2)
+    np.testing.assert_array_equal(head2.priors_.numpy(), np.full(10, 0.1))
+    np.testing.assert_array_equal(head2.means_.numpy(),
+                                  load_file(str(out2 / "checkpoint.safetensors"))["head.means"].double().numpy())
+    assert not np.allclose(head.priors_.numpy(), 0.1)
 
 
 def test_pgd_never_flips_inside_certified_radius():

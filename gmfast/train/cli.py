@@ -3,7 +3,8 @@
     gmfast train --data digits --out runs/digits [--time-budget 120] [--seed 0] [--device cpu]
 
 writes ``encoder.safetensors`` + ``encoder.json`` (weights and the architecture that rebuilds
-them; no pickle), ``head.safetensors`` (the refitted tied head), ``certificates.tsv`` (input
+them; no pickle), ``head.safetensors`` (the tied head: refitted, or the trained prototypes
+with ``refit="prototypes"``, the MNIST recipe's), ``certificates.tsv`` (input
 certificates of the held-out split, ``idx label predict radius correct time``) and
 ``checkpoint.safetensors`` (the last epoch's weights). ``gmfast.train.load(DIR)`` returns
 ``(encoder, head)``.
@@ -16,6 +17,7 @@ def add_parser(sub) -> None:
     """Register the ``train`` subcommand on an argparse subparsers object."""
     from gmfast.train.data import DATASETS
     from gmfast.train.loss import COVARIANCES
+    from gmfast.train.recipe import REFITS
 
     p = sub.add_parser("train", help="train a 1-Lipschitz encoder + Gaussian-mixture head for certified radii",
                        description="Train the recipe for a bundled data set (1-Lipschitz AOL/MaxMin encoder, tied "
@@ -27,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--target", type=float, default=None, help="target radius of the margin loss")
     p.add_argument("--covariance", choices=COVARIANCES, default=None, help="training covariance")
+    p.add_argument("--refit", choices=REFITS, default=None,
+                   help="the certified head: refitted by fit_head, or the trained prototypes (default: the recipe's)")
     p.add_argument("--resume", default=None, help="continue from a checkpoint.safetensors of the same recipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -40,7 +44,7 @@ def cmd_train(args) -> int:
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be > 0 seconds; got {args.time_budget}")
     overrides = dict(seed=args.seed)
-    for name in ("epochs", "target", "covariance"):
+    for name in ("epochs", "target", "covariance", "refit"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.covariance == "learned":
