@@ -177,13 +177,14 @@ def _many_near_ties(K=200, d=8, seed=5):
     return head, torch.cat([Z, mid]).float()
 
 
+@pytest.mark.parametrize("K", [70, 200])
 @pytest.mark.parametrize("norm", [2, 1, float("inf")])
-def test_screened_epilogue_is_bit_identical(isa, norm):
+def test_screened_epilogue_is_bit_identical(isa, norm, K):
     """The float32 screen of the many-class epilogue skips only classes that provably cannot
     hold the minimum, so with it the radii are the same bits as the full float64 loop, under
     every GEMM that runs the per-row epilogue, with and without the rounding-error terms, on
     points where many classes are near the minimum."""
-    head, Z = _many_near_ties()
+    head, Z = _many_near_ties(K=K)
     for policy in ("auto", "micro", "portable", "blas"):
         _cpu.set_gemm_policy(policy)
         for fp_sound in (True, False):
@@ -193,7 +194,7 @@ def test_screened_epilogue_is_bit_identical(isa, norm):
             finally:
                 _cpu._set_margin_screen(True)
             got = head.certify(Z, norm=norm, backend="cpu", fp_sound=fp_sound)
-            what = f"{isa} policy={policy} norm={norm} fp_sound={fp_sound}"
+            what = f"{isa} K={K} policy={policy} norm={norm} fp_sound={fp_sound}"
             assert torch.equal(got.prediction, want.prediction), what
             assert torch.equal(got.radius, want.radius), \
                 f"{what}: {(got.radius != want.radius).sum().item()} radii differ"

@@ -44,8 +44,8 @@ constexpr int kNV = 2;  // vectors per tile row
 
 // The GEMM policy `auto` of this path (common.h: GemmPolicy), from the crossover tables measured
 // per path (benchmarks/RESULTS.md). The tied logits take MKL in large multithreaded blocks when
-// kAutoBlas (the portable path: MKL's own AVX2 code beats 128-bit vectors everywhere; for
-// K <= kLanesMaxClasses its epilogue then runs across rows), else the lanes kernel of tied.cpp
+// kAutoBlas (the portable path: MKL's own code beats 128-bit vectors everywhere; for
+// K <= kBlasLanesMaxClasses its epilogue then runs across rows), else the lanes kernel of tied.cpp
 // (rows in vector lanes, the epilogue across rows) when K <= kLanesMaxClasses, else the
 // microkernel when K >= kMicroMinClasses or d <= kMicroMaxShortRow, else the portable
 // dot-product tiles of gemm.cpp (norm-fused, Z unpacked).
@@ -65,6 +65,10 @@ constexpr index_t kMicroMinClasses = 64;
 #endif
 constexpr index_t kMicroMaxShortRow = 64, kPortableMinInner = 256, kBlasMinCols = 64;
 constexpr index_t kLanesMaxClasses = 128;
+// On the MKL-block path the across-rows epilogue pays a transposition and a per-(row, class)
+// table gather; the per-row one, with its screen from 64 classes on, is faster from about
+// 32 classes (SSE2: 1.15x at K = 32, 1.25x at K = 100, equal at K = 20, one thread).
+constexpr index_t kBlasLanesMaxClasses = 24;
 
 typedef float vfloat __attribute__((vector_size(kVecBytes)));
 typedef double vdouble __attribute__((vector_size(kVecBytes)));

@@ -94,7 +94,7 @@ struct PairMin {
 // always evaluated (its largest logit is l_c).
 constexpr index_t kScreenChunk = 32;
 bool margin_screen() { return gmfast_state_screen() != 0; }
-constexpr index_t kScreenMinClasses = 4 * kScreenChunk;
+constexpr index_t kScreenMinClasses = 2 * kScreenChunk;
 
 struct ScreenCtx {
   bool on;
@@ -775,7 +775,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
       }
       // beta is added by the epilogues (in the same pass as their first read of the logits)
       logits_block<T>(Zb, rows, d, ldb, A, nullptr, K, Lbuf, nullptr, /*prefer_blas=*/true);
-      if (K <= kLanesMaxClasses) {
+      if (K <= kBlasLanesMaxClasses) {
         // few classes: the per-row epilogue's fixed cost dominates; transpose the logits of
         // 256 rows at a time (K x 256, cheap next to the GEMM) and run the across-rows one
         // class rows of Lt padded by a cache line: a power-of-two stride would put the K
