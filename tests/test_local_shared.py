@@ -81,6 +81,23 @@ def test_shared_rows_match_the_dense_pass(norm):
         assert rel_diff(lf, ld, torch.ones_like(ld, dtype=torch.bool)) < 1e-12
 
 
+def test_shared_rows_in_small_chunks_without_the_kept_jacobian_rows():
+    """Bounded memory: neurons in chunks of a few, the Jacobian rows gathered per chunk
+    instead of kept (as for large inputs) give the same bounds as the defaults, across
+    passes whose Jacobian rows are reused."""
+    net = conv_encoder(2)
+    small, default = LocalBounds(net, SHAPE), LocalBounds(net, SHAPE)
+    small.sparse_chunk, small.sparse_keep = 5000, 0
+    x = inputs(5, 3)
+    for eps in (0.3, 0.1):
+        cs, cd = small.prepare(x, eps, 2), default.prepare(x, eps, 2)
+        assert small._support[second_pre(small)][1]._jac is None
+        assert default._support[second_pre(default)][1]._jac is not None
+        for ns, nd in zip(small.order, default.order):
+            for a, b in zip(cs["I"][ns], cd["I"][nd]):
+                assert rel_diff(a, b, torch.isfinite(b)) < 1e-12
+
+
 @pytest.mark.parametrize("norm", [2, math.inf])
 def test_shared_rows_bounds_hold_on_points_of_the_ball(norm):
     """The refined second-layer bounds contain the pre-activations at random points of the

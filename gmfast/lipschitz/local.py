@@ -175,12 +175,10 @@ class LocalBounds:
                 self.affine_only.add(n)
         #: (input, neuron) pairs refined per backward pass: bounds the working memory
         self.row_chunk = 4096
-        #: optional {refined node: nodes where its pass stops} (:mod:`gmfast.lipschitz.local_cut`)
-        self.cuts = None
         #: refinement rows shared down to a first-layer activation are taken in their support
         #: (:meth:`_refine_shared`) when it is at most this fraction of the width (0: never); the
-        #: largest temporary of that step, in entries
-        self.sparse_ratio, self.sparse_chunk, self._support = 0.25, 2**21, {}
+        #: largest temporary of that step, and the most Jacobian entries it keeps, in entries
+        self.sparse_ratio, self.sparse_chunk, self.sparse_keep, self._support = 0.25, 2**21, 2**23, {}
         #: radius search (:meth:`margin_radius`): the first ball as a fraction of the
         #: linearisation's estimate, and the growth after passes that all passed (at least
         #: ``growth[0]``×, at most ``growth[1]``× the best radius, else the new estimate)
@@ -234,7 +232,7 @@ class LocalBounds:
         w = r + 4.0 * U64 * (c.abs() + r) + _TINY
         return _down(c - w), _up(c + w)
 
-    def _backward(self, start, lam, ctx, key=None, select=None, raw=False, stop=None, split=False):
+    def _backward(self, start, lam, ctx, key=None, select=None, raw=False, split=False):
         """Lower bounds (B, R) of ``Σ lam·start`` over the ball (``lam`` (1 or B, R, *shape)).
 
         ``select`` (B, S): with a shared ``lam`` (batch dim 1), input ``b`` keeps only the rows
@@ -242,9 +240,7 @@ class LocalBounds:
         the shared part is computed, and cached under ``key``, once); the result is then
         (B, S). A node that is an affine function of the input with a Jacobian in the context
         (:meth:`_exact`) ends the pass there: one product with that matrix and its
-        precomputed charges instead of the ops below it. A node of ``stop`` (not ``start``) with
-        linear bounds in the input in ``ctx["L"]`` ends its branch: its rows go to the input
-        through those bounds (:meth:`gmfast.lipschitz.local_cut.CutLinear.step`).
+        precomputed charges instead of the ops below it.
         ``split`` (shared rows): return where the rows stop being shared instead, as
         ``(node, lam, c, err, pending branches)``.
         """
@@ -265,10 +261,9 @@ class LocalBounds:
             lam = lams.pop(n)
             op = self.ops[n]
             jac = n in J and n is not start
-            cut = stop is not None and n in stop and n is not start and n in ctx.get("L", ())
-            if split and (n is inp or jac or cut or op.kind in ("act", "unary", "prod")):
+            if split and (n is inp or jac or op.kind in ("act", "unary", "prod")):
                 return n, lam, c, err, lams
-            if select is not None and (n is inp or jac or cut or op.kind in ("act", "unary", "prod")):
+            if select is not None and (n is inp or jac or op.kind in ("act", "unary", "prod")):
                 # the rows stop being shared here: each input keeps its selected rows
                 lam = lam[0][select]
                 lams = {k: v[0][select] for k, v in lams.items()}  # pending branches of a fork
@@ -277,12 +272,6 @@ class LocalBounds:
                 select, shared = None, False
             if n is inp:
                 return (lam, c, err) if raw else self._concretize(lam, c, err, ctx)
-            if cut:
-                new, tt, e = ctx["L"][n].step(lam, c)
-                c, err_ref = c + tt, [err + e]
-                self._accumulate(lams, inp, new, M, err_ref)
-                err = err_ref[0]
-                continue
             Bl, R = lam.shape[:2]
             if jac or op.kind in ("act", "unary", "prod"):
                 shared = False
@@ -483,8 +472,7 @@ class LocalBounds:
         S = int(count.max())
         if S == 0:
             return ctx["I"][n]
-        stop = self.cuts.get(n) if self.cuts else None
-        if stop is None and self._refine_shared(n, ctx, unstable, lo, hi):
+        if self._refine_shared(n, ctx, unstable, lo, hi):
             return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
         # per input, its unstable neurons first (stable ones after them are padding, left as they are)
         first = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :S]
@@ -495,7 +483,7 @@ class LocalBounds:
         step = max(1, self.row_chunk // (2 * B))
         for j in range(0, S, step):
             sel, v = first[:, j:j + step], valid[:, j:j + step]
-            out = self._backward(n, both, ctx, key=(n, 0), select=torch.cat([sel, sel + k], 1), stop=stop)
+            out = self._backward(n, both, ctx, key=(n, 0), select=torch.cat([sel, sel + k], 1))
             m = sel.shape[1]
             lo_s, hi_s = lo.gather(1, sel), hi.gather(1, sel)
             lo.scatter_(1, sel, torch.where(v, torch.maximum(lo_s, out[:, :m]), lo_s))
@@ -529,8 +517,7 @@ class LocalBounds:
         (alpha, s, t), jac = ctx["relax"][m], ctx["J"][op.src]
         B = unstable.shape[0]
         slopes = torch.cat([alpha.reshape(B, -1), s.reshape(B, -1)], 1).T.contiguous()
-        tT, WT = t.reshape(B, -1).T, self._fused_charges(op.src, ctx).reshape(B, -1).T
-        G = sh.gathered(jac[0], jac[1])
+        side = sh.side_products(t.reshape(B, -1), self._fused_charges(op.src, ctx).reshape(B, -1))
         # per neuron: 2B rows of p entries, p rows of Ĵ, 2B rows on the input
         step = max(1, self.sparse_chunk // max(2 * B * sh.p, sh.p * (self.n_in + 1), 2 * B * (self.n_in + 1)))
         for j in range(0, k, step):
@@ -539,7 +526,8 @@ class LocalBounds:
             if not bool(u.any()):
                 continue
             c2, e2 = torch.cat([c[:, sl], -c[:, sl]], 1), torch.cat([err[:, sl], err[:, sl]], 1)
-            rows, tt, e = act_jacobian_back_shared(sh, sl, slopes, tT, WT, G, c2)
+            G = sh.jacobian_rows(jac[0], jac[1], sl, self.sparse_keep)
+            rows, tt, e = act_jacobian_back_shared(sh, sl, slopes, side, G, c2)
             out = self._concretize(rows.reshape((B, -1) + self.input_shape), c2 + tt, e2 + e, ctx)
             kc = sl.stop - j
             lo[:, sl] = torch.where(u, torch.maximum(lo[:, sl], out[:, :kc]), lo[:, sl])

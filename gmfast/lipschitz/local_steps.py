@@ -133,8 +133,9 @@ class SharedRows:
     affine ops above a first-layer activation) in their support: ``idx`` (k, p), each row's
     nonzero columns (``p`` the most of a row; shorter rows padded with columns where they
     are 0) and ``vals = L[idx]``; which slope each entry takes in a lower-bound row (``L``)
-    and an upper-bound row (``−L``), as indices into ``[α; s]``; ``L⁻``, ``L⁺``, ``|L|``; and
-    the rows of ``[Ĵ b̂]`` each row meets (:meth:`gathered`), kept while they are the same."""
+    and an upper-bound row (``−L``), as indices into ``[α; s]``; ``[L⁻; (−L)⁻ = −L⁺]`` and
+    ``|L|`` as sparse matrices (:meth:`side_products`); and the rows of ``[Ĵ b̂]`` each row
+    meets (:meth:`jacobian_rows`)."""
 
     def __init__(self, L: torch.Tensor):
         k, w = L.shape
@@ -145,40 +146,56 @@ class SharedRows:
         self.vals = L.gather(1, self.idx)
         self.pick_lo = self.idx + w * (self.vals < 0)  # Λ⁺α + Λ⁻s, Λ = L
         self.pick_hi = self.idx + w * (self.vals > 0)  # Λ = −L: its negative entries are L's positive ones
-        self.L_neg, self.L_pos, self.L_abs = L.clamp(max=0.0), L.clamp(min=0.0), L.abs()
+        r = torch.arange(k).unsqueeze(1).expand(k, p)
+        neg, pos = self.vals < 0, self.vals > 0  # the nonzeros only (padding left out)
+        ij = torch.stack([torch.cat([r[neg], r[pos] + k]), torch.cat([self.idx[neg], self.idx[pos]])])
+        self.neg_rows = torch.sparse_coo_tensor(ij, torch.cat([self.vals[neg], -self.vals[pos]]), (2 * k, w),
+                                                check_invariants=True).coalesce()
+        nz = neg | pos
+        self.abs_rows = torch.sparse_coo_tensor(torch.stack([r[nz], self.idx[nz]]), self.vals[nz].abs(), (k, w),
+                                                check_invariants=True).coalesce()
         self._jac = None
 
-    def gathered(self, Jh: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
-        """``[Ĵ b̂][idx]`` transposed, (k, n_in + 1, p)."""
+    def side_products(self, t: torch.Tensor, W: torch.Tensor):
+        """``Λ⁻·t`` for the rows ``L`` then ``−L`` (2k, B) and ``|L|·W`` (k, B), for the
+        activation's offsets ``t`` and the fused charges ``W`` (each (B, w))."""
+        return torch.sparse.mm(self.neg_rows, t.T), torch.sparse.mm(self.abs_rows, W.T)
+
+    def jacobian_rows(self, Jh: torch.Tensor, cv: torch.Tensor, sl: slice, keep: int) -> torch.Tensor:
+        """``[Ĵ b̂][idx[sl]]`` transposed, (kc, n_in + 1, p): for all rows at once and kept
+        while ``Ĵ``, ``b̂`` are the same (the later passes') when that is at most ``keep``
+        entries, else gathered for ``sl`` only (bounded memory)."""
+        if self.k * self.p * (Jh.shape[1] + 1) > keep:
+            return torch.cat([Jh, cv.unsqueeze(1)], 1)[self.idx[sl]].transpose(1, 2)
         if self._jac is None or not (torch.equal(self._jac[0], Jh) and torch.equal(self._jac[1], cv)):
             G = torch.cat([Jh, cv.unsqueeze(1)], 1)[self.idx]
             self._jac = (Jh, cv, G.transpose(1, 2).contiguous())
-        return self._jac[2]
+        return self._jac[2][sl]
 
 
-def act_jacobian_back_shared(sh: SharedRows, sl: slice, slopes, tT, WT, G, c):
+def act_jacobian_back_shared(sh: SharedRows, sl: slice, slopes, side, G, c):
     """:func:`act_jacobian_back` for the rows ``sl`` of the shared rows ``sh`` and their
     negatives, for every input at once: ``slopes`` (2w, B) is ``[α; s]`` of the activation,
-    ``tT`` (w, B) its offsets, ``WT`` (w, B) the fused charges per unit of ``|Λ|``
-    (:meth:`LocalBounds._fused_charges`), ``G`` from :meth:`SharedRows.gathered`, ``c`` (1, 2kc)
-    the rows' constants.
+    ``side`` from :meth:`SharedRows.side_products` with its offsets ``t`` and the fused
+    charges ``W`` per unit of ``|Λ|`` (:meth:`LocalBounds._fused_charges`), ``G`` from
+    :meth:`SharedRows.jacobian_rows`, ``c`` (1, 2kc) the rows' constants.
 
-    The same float operations as :func:`act_jacobian_back` on the support: off it ``Λ_j = 0``,
-    so the exact terms ``Λ_j σ(z_j)`` vanish whatever the neuron's lines, and the products
-    ``new·Ĵ``, ``new·b̂`` sum the same nonzero terms in another order (Higham's bound holds for
-    any order; the charges, with ``γ`` of the full width, are the same). (A NaN slope comes
-    with a NaN offset, which the dense ``t1`` below still meets: the bound is then −∞, as in
-    the dense step.) For ``−L``, ``fl((−v)·s) = −fl(v·s)``: exactly the dense step's rows.
-    ``t1 = Λ⁻·t`` and ``|Λ|·W`` are GEMMs with the shared rows. Returns the rows on the input
-    (B, 2kc, n_in) (the rows of ``L`` first), ``tt`` and the charge (B, 2kc)."""
-    B = tT.shape[1]
+    The same float operations as :func:`act_jacobian_back` on the support; off it ``Λ_j = 0``,
+    so the exact terms ``Λ_j σ(z_j)`` vanish whatever the neuron's lines (they are left out,
+    also where a line is infinite or NaN: the dense step's ``0·∞`` would give NaN, hence the
+    bound −∞, where this one may give a finite, sound bound). The products ``new·Ĵ``,
+    ``new·b̂``, ``Λ⁻·t`` and ``|Λ|·W`` sum the same nonzero terms in another order (Higham's
+    bound holds for any order; the charges, with ``γ`` of the full width, are the same). For
+    ``−L``, ``fl((−v)·s) = −fl(v·s)``: exactly the dense step's rows. Returns the rows on the
+    input (B, 2kc, n_in) (the rows of ``L`` first), ``tt`` and the charge (B, 2kc)."""
+    B = slopes.shape[1]
     v = sh.vals[sl].unsqueeze(2)
     kc = v.shape[0]
     n_in = G.shape[1] - 1
     new = torch.empty((kc, sh.p, 2 * B), dtype=v.dtype)  # fl(Λ ∘ slope) of both signs, per input
     torch.mul(v, slopes[sh.pick_lo[sl]], out=new[:, :, :B])
     torch.mul(-v, slopes[sh.pick_hi[sl]], out=new[:, :, B:])
-    out = torch.bmm(G[sl], new)  # (kc, n_in + 1, 2B): new·Ĵ and new·b̂
+    out = torch.bmm(G, new)  # (kc, n_in + 1, 2B): new·Ĵ and new·b̂
 
     def per_input(t):  # (kc, ..., 2B) -> (B, 2kc, ...): the rows of L, then those of −L
         t = t.movedim(-1, 0).reshape((2, B) + t.shape[:-1])
@@ -186,9 +203,9 @@ def act_jacobian_back_shared(sh: SharedRows, sl: slice, slopes, tT, WT, G, c):
 
     rows = per_input(out[:, :n_in])
     t2 = per_input(out[:, n_in])
-    t1 = torch.cat([(sh.L_neg[sl] @ tT).T, -(sh.L_pos[sl] @ tT).T], 1)  # (−L)⁻ = −(L⁺): exact
+    t1 = torch.cat([side[0][sl].T, side[0][sh.k + sl.start:sh.k + sl.stop].T], 1)
     tt = t1 + t2
-    ch = (sh.L_abs[sl] @ WT).T
+    ch = side[1][sl].T
     err = torch.cat([ch, ch], 1) + gamma(sh.w + 1, U64) * t1.abs() \
         + U64 * (c.abs() + 2.0 * (t1.abs() + t2.abs()) + tt.abs())
     return rows, tt, err
