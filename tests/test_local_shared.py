@@ -79,6 +79,9 @@ def test_shared_rows_match_the_dense_pass(norm):
                 assert rel_diff(a, b, torch.isfinite(b)) < 1e-12, (eps, nf)
         lf, ld = fast.lower(lam, cf), dense.lower(lam, cd)
         assert rel_diff(lf, ld, torch.ones_like(ld, dtype=torch.bool)) < 1e-12
+        # an input alone (a batch of one) gets its bounds in the batch
+        alone = fast.lower(lam[3:4], fast.prepare(x[3:4], eps, norm, domain))
+        assert rel_diff(alone[0], lf[3], torch.ones_like(lf[3], dtype=torch.bool)) < 1e-12
 
 
 def test_shared_rows_in_small_chunks_without_the_kept_jacobian_rows():
