@@ -21,8 +21,9 @@ Per data set (splits: :mod:`gmfast.train.data`):
   maximum of the routes). ``--reuse-gmfast`` loads
   the model an earlier run saved (same recipe, checked) instead of training;
 * **randomized smoothing** (Cohen et al. 2019, :mod:`gmfast.smoothing`): base classifiers of
-  the same architecture (encoder + tied prototype head) and the same training budget
-  (epochs, batch, learning rate), trained with cross-entropy under Gaussian input noise;
+  the same architecture (encoder + tied prototype head), the same training budget
+  (epochs, batch, learning rate) and the same data pipeline (the recipe's ``augment``
+  translations), trained with cross-entropy under Gaussian input noise;
   CERTIFY with ``n0 = 100``, ``n = 10⁵`` (``--smoothing-n``), ``α = 0.001``. digits: σ =
   0.25 on the whole held-out split (or the first ``--digits-per-class`` images of each
   digit); MNIST: σ ∈ {0.25, 0.5, 1.0} on the first ``--mnist-per-class`` (default 20)
@@ -256,10 +257,13 @@ def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reu
             if not (np.array_equal(tsv["idx"], sub.numpy()) and np.array_equal(tsv["label"], yte[sub].numpy())):
                 raise ValueError(f"--reuse-smoothing: {data}_smoothing_sigma{sigma}.tsv is not on the held-out "
                                  f"images {len(sub)} of this run")
-            budget = {k: previous["methods"][name].get(k) for k in ("epochs", "batch_size")}
-            if budget != dict(epochs=r.epochs, batch_size=r.batch_size):
+            # a record written before augmentation existed trained without it
+            budget = {k: previous["methods"][name].get(k, 0 if k == "augment" else None)
+                      for k in ("epochs", "batch_size", "augment")}
+            if budget != dict(epochs=r.epochs, batch_size=r.batch_size, augment=r.augment):
                 raise ValueError(f"--reuse-smoothing: {name}'s base model was trained with {budget}; the recipe "
-                                 f"trains {r.epochs} epochs at batch {r.batch_size} (same budget required)")
+                                 f"trains {r.epochs} epochs at batch {r.batch_size}, augment {r.augment} (same "
+                                 "budget and data pipeline required)")
             ca = gmfast.certified_accuracy((torch.from_numpy(tsv["predict"]), torch.from_numpy(tsv["radius"])),
                                            yte[sub], radii)
             res["methods"][name] = previous["methods"][name] | dict(accuracy_subset=ca.tolist(), reused=True)
@@ -283,7 +287,8 @@ def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reu
         write_certification_tsv(out / f"{data}_smoothing_sigma{sigma}.tsv", sc, yte[sub], idx=sub, seconds=sec)
         res["methods"][name] = dict(accuracy_subset=ca.tolist(), seconds_per_input=sec, evaluations=N0 + n,
                                     max_radius=max_radius(sigma, n), train_seconds=train_s,
-                                    base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size)
+                                    base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size,
+                                    augment=rs.augment)
         # one file per σ as soon as it is done, so σ's can run in separate processes (--sigmas)
         (out / f"{data}_smoothing_sigma{sigma}.json").write_text(json.dumps(
             dict(smoothing_subset=res["smoothing_subset"], methods={name: res["methods"][name]}, machine=machine()),

@@ -33,7 +33,11 @@ class Recipe:
     loss at target 0 (a term for clean accuracy); ``target_warmup`` ramps the target linearly
     from 0 over that fraction of the steps. ``loss="ce"``: cross-entropy on the head's
     logits (a randomized-smoothing base classifier). ``noise``: Gaussian input noise of that
-    standard deviation on every training batch (either loss).
+    standard deviation on every training batch (either loss). ``augment``: the largest random
+    translation in pixels (an int, 0 = off): every training image is shifted by integers
+    ``(dy, dx)`` drawn uniformly from ``[-augment, augment]`` per image and batch, with zero
+    fill, from the recipe's seeded generator (either loss, so smoothing's base classifiers see
+    the same data pipeline; the noise is added after the shift).
     ``refit``: the head that is certified, ``"fit_head"`` (refitted on the trained latents
     by :func:`gmfast.fit_head` with ``shrinkage``: ``1.0`` isotropic, ``"ledoit-wolf"``) or
     ``"prototypes"`` (the trained prototypes themselves as a tied head with equal priors:
@@ -49,6 +53,7 @@ class Recipe:
     temperature: float = 8.0
     covariance: str = "isotropic"
     noise: float = 0.0
+    augment: int = 0
     epochs: int = 100
     batch_size: int = 128
     lr: float = 3e-3
@@ -76,6 +81,11 @@ class Recipe:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         if not self.noise >= 0:
             raise ValueError(f"noise must be >= 0; got {self.noise!r}")
+        if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
+            raise ValueError(f"augment must be an int >= 0 (pixels of random translation); got {self.augment!r}")
+        if self.augment and (len(self.input_shape) != 3 or self.augment >= min(self.input_shape[1:])):
+            raise ValueError(f"augment needs images (C, H, W) larger than the shift: input_shape "
+                             f"{self.input_shape}, augment {self.augment}")
         if self.refit not in REFITS:
             raise ValueError(f"refit must be one of {REFITS}; got {self.refit!r}")
         if not self.clean_weight >= 0:
@@ -125,6 +135,23 @@ def _lr_at(step: int, total: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def translate(x, a: int, generator):
+    """Each image of ``x`` (n, C, H, W) shifted by integers ``(dy, dx)`` drawn uniformly from
+    ``[-a, a]`` (one pair per image, from ``generator``), zero fill: the content moves by
+    ``(dy, dx)``, pixels that leave the frame are dropped. ``a = 0`` returns ``x``."""
+    if a == 0:
+        return x
+    if x.dim() != 4 or a >= min(x.shape[2:]):
+        raise ValueError(f"translate: expected images (n, C, H, W) larger than the shift {a}; got {tuple(x.shape)}")
+    n, _, H, W = x.shape
+    shift = torch.randint(-a, a + 1, (n, 2), generator=generator).to(x.device)
+    xp = F.pad(x, (a, a, a, a))  # zero fill
+    rows = (a - shift[:, 0])[:, None, None] + torch.arange(H, device=x.device)[None, :, None]
+    cols = (a - shift[:, 1])[:, None, None] + torch.arange(W, device=x.device)[None, None, :]
+    b = torch.arange(n, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
 def margin_objective(r: Recipe, r_j, progress: float):
     """``r``'s loss on the normalised margins ``r_j`` (:func:`normalised_margins`) at
     ``progress`` (the fraction of the steps done): the offset loss at the target, ramped
@@ -172,6 +199,8 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
         for i in range(0, n, r.batch_size):
             idx = perm[i:i + r.batch_size]
             xb, yb = X[idx], y[idx]
+            if r.augment:
+                xb = translate(xb, r.augment, g)
             if r.noise:
                 xb = xb + r.noise * torch.randn(xb.shape, generator=g).to(dev)
             for group in opt.param_groups:

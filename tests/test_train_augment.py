@@ -1,0 +1,185 @@
+"""gmfast.train's data augmentation (``Recipe.augment``: random integer translations, zero
+fill): each output is a shift of its input within the range, against an independent numpy
+reference; seeded; off by default without touching the training path; bad values refused;
+and the benchmark's ``--reuse-smoothing`` refuses base models trained with another pipeline."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gmfast.train import recipe, train
+from gmfast.train.layers import mlp_architecture
+from gmfast.train.recipe import translate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _shifted(x, dy, dx):
+    """numpy reference: out[i, j] = x[i - dy, j - dx] where that pixel exists, else 0."""
+    C, H, W = x.shape
+    out = np.zeros_like(x)
+    for i in range(H):
+        for j in range(W):
+            if 0 <= i - dy < H and 0 <= j - dx < W:
+                out[:, i, j] = x[:, i - dy, j - dx]
+    return out
+
+
+def _images(n, C=2, H=7, W=9, seed=0):
+    # distinct positive values, so the shift that produced an output is identifiable
+    g = torch.Generator().manual_seed(seed)
+    return 0.05 + 0.9 * torch.rand(n, C, H, W, generator=g)
+
+
+@pytest.mark.parametrize("a", [1, 2, 3])
+def test_translate_is_a_shift_within_range_with_zero_fill(a):
+    x = _images(200)
+    out = translate(x, a, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert float(out.min()) >= 0.0 and float(out.max()) <= float(x.max())  # no new pixel values
+    seen = set()
+    for xi, oi in zip(x.numpy(), out.numpy()):
+        match = [(dy, dx) for dy in range(-a, a + 1) for dx in range(-a, a + 1)
+                 if np.array_equal(oi, _shifted(xi, dy, dx))]
+        assert len(match) == 1, "each output is exactly one shift of its own input"
+        seen.add(match[0])
+        assert set(np.unique(oi)) <= set(np.unique(xi)) | {0.0}
+    # 200 draws of a uniform choice among (2a+1)^2 shifts: all of them appear (a = 3: 49
+    # shifts, P(some shift missed) < 49 (48/49)^200 ~ 0.8%; fixed seed, so deterministic)
+    assert seen == {(dy, dx) for dy in range(-a, a + 1) for dx in range(-a, a + 1)}
+
+
+def test_translate_is_seeded_and_zero_is_the_identity():
+    x = _images(64)
+    o1 = translate(x, 2, torch.Generator().manual_seed(5))
+    o2 = translate(x, 2, torch.Generator().manual_seed(5))
+    o3 = translate(x, 2, torch.Generator().manual_seed(6))
+    assert torch.equal(o1, o2) and not torch.equal(o1, o3)
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    assert translate(x, 0, g) is x and torch.equal(g.get_state(), state)  # no draw when off
+    with pytest.raises(ValueError, match=r"\(n, C, H, W\).*got \(64, 126\)"):
+        translate(x.reshape(64, -1), 1, g)
+    with pytest.raises(ValueError, match="shift 7"):
+        translate(x, 7, g)
+
+
+def test_augment_values_are_checked():
+    assert recipe("digits").augment == 0 and recipe("mnist").augment == 0  # off by default
+    assert recipe("mnist", augment=2).augment == 2
+    for bad in (-1, 1.5, True, "2", None):
+        with pytest.raises(ValueError, match=r"augment must be an int >= 0.*got"):
+            recipe("digits", augment=bad)
+    with pytest.raises(ValueError, match=r"input_shape \(1, 8, 8\), augment 8"):
+        recipe("digits", augment=8)
+    with pytest.raises(ValueError, match=r"input_shape \(64,\), augment 1"):
+        recipe("digits", input_shape=(64,), augment=1)
+
+
+def _small(**kw):
+    from gmfast.train.data import load_split
+
+    Xtr, ytr, _, _ = load_split("digits")
+    r = recipe("digits", architecture=mlp_architecture(64, [32], 8), latent=8, **(dict(epochs=2) | kw))
+    return r, Xtr[:300], ytr[:300]
+
+
+def _weights(enc, proto):
+    return [t.detach().clone() for t in list(enc.state_dict().values()) + list(proto.state_dict().values())]
+
+
+@pytest.mark.parametrize("loss", ["margin", "ce"])
+def test_training_with_augment_is_seeded_and_off_leaves_training_unchanged(loss, monkeypatch):
+    r, X, y = _small(loss=loss, noise=0.1 if loss == "ce" else 0.0)
+    base = _weights(*train(r, X, y, progress=False)[:2])
+    aug = _weights(*train(r.replace(augment=1), X, y, progress=False)[:2])
+    aug2 = _weights(*train(r.replace(augment=1), X, y, progress=False)[:2])
+    assert all(torch.equal(a, b) for a, b in zip(aug, aug2))  # same seed, same weights
+    assert not all(torch.equal(a, b) for a, b in zip(base, aug))  # it changes the training data
+
+    # off (the default): the training path never reaches the augmentation, so no generator
+    # draw moves and the weights are those of the unaugmented loop, bit for bit
+    import sys
+
+    recipe_module = sys.modules["gmfast.train.recipe"]  # the module (gmfast.train.recipe is the function)
+
+    def refuse(*args, **kw):
+        raise AssertionError("translate called with augment = 0")
+
+    monkeypatch.setattr(recipe_module, "translate", refuse)
+    again = _weights(*train(r, X, y, progress=False)[:2])
+    assert all(torch.equal(a, b) for a, b in zip(base, again))
+    with pytest.raises(AssertionError, match="augment = 0"):
+        train(r.replace(augment=1), X, y, progress=False)
+
+
+def test_recipe_json_keeps_augment(tmp_path):
+    from gmfast.train import load, save
+    from gmfast.train.recipe import Recipe
+
+    r, X, y = _small(augment=1, epochs=1)
+    assert Recipe(**r.to_json()) == r
+    enc, proto, _ = train(r, X, y, progress=False)
+    import gmfast
+
+    save(tmp_path, enc, gmfast.train.fit_tied_head(enc, X, y, r.shrinkage), r)
+    assert json.loads((tmp_path / "encoder.json").read_text())["recipe"]["augment"] == 1
+    load(tmp_path)
+
+
+def _benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "certified_accuracy.py"
+    if not path.is_file():
+        pytest.skip(f"benchmarks/certified_accuracy.py not in this checkout ({path})")
+    spec = importlib.util.spec_from_file_location("certified_accuracy_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reuse_smoothing_requires_the_same_augmentation(tmp_path, monkeypatch):
+    """``--reuse-smoothing`` compares the stored base model's budget and data pipeline with the
+    recipe: a record without ``augment`` (written before the option) counts as 0."""
+    from gmfast.tsv import write_certification_tsv
+
+    bench = _benchmark()
+    monkeypatch.setitem(bench.PER_CLASS, "mnist", 2)
+    monkeypatch.setattr(bench, "RUN_SIGMAS", [0.25])
+    yte = torch.arange(10).repeat_interleave(3)
+    sub = bench.subset(yte, 2)
+    plan = dict(per_class=2, size=len(sub), n=100_000, n0=bench.N0, alpha=bench.ALPHA)
+    write_certification_tsv(tmp_path / "mnist_smoothing_sigma0.25.tsv", (yte[sub], torch.full((len(sub),), 0.3)),
+                            yte[sub], idx=sub, seconds=1.0)
+    r = recipe("mnist")
+
+    def record(**extra):
+        m = dict(accuracy_subset=[1.0], seconds_per_input=1.0, evaluations=100_100, max_radius=0.95,
+                 base_clean_accuracy=1.0, epochs=r.epochs, batch_size=r.batch_size) | extra
+        (tmp_path / "mnist_smoothing_sigma0.25.json").write_text(json.dumps(
+            dict(smoothing_subset=plan, methods={"smoothing σ=0.25": m})))
+
+    def rows(rr):
+        res = dict(methods={})
+        bench.smoothing_rows("mnist", rr, None, None, None, yte, tmp_path, False, lambda s: None, res, {}, True)
+        return res
+
+    record()  # an old record: trained without augmentation
+    assert rows(r)["methods"]["smoothing σ=0.25"]["reused"]
+    with pytest.raises(ValueError, match=r"trained with \{.*'augment': 0\}.*augment 2"):
+        rows(r.replace(augment=2))
+    record(augment=2)
+    assert rows(r.replace(augment=2))["methods"]["smoothing σ=0.25"]["accuracy_subset"][0] == 1.0
+    with pytest.raises(ValueError, match=r"'augment': 2\}.*augment 0"):
+        rows(r)
+    with pytest.raises(ValueError, match=r"'epochs': 200.*trains 100 epochs"):
+        rows(r.replace(augment=2, epochs=100))
