@@ -69,6 +69,10 @@ constexpr index_t kLanesMaxClasses = 128;
 // table gather; the per-row one, with its screen from 64 classes on, is faster from about
 // 32 classes (SSE2: 1.15x at K = 32, 1.25x at K = 100, equal at K = 20, one thread).
 constexpr index_t kBlasLanesMaxClasses = 24;
+// Where kAutoBlas, rows this short (d < kAutoBlasMinInner) still take the lanes kernel when
+// K <= kLanesMaxClasses: MKL's per-call and the epilogue's per-row costs dominate there (SSE2
+// lanes 1.69x the floor vs 1.97x in MKL blocks at (8192, 32, 10), one thread).
+constexpr index_t kAutoBlasMinInner = 33;
 
 typedef float vfloat __attribute__((vector_size(kVecBytes)));
 typedef double vdouble __attribute__((vector_size(kVecBytes)));

@@ -704,7 +704,9 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
   const GemmPolicy policy = gemm_policy();
   // Which GEMM (microkernel.h: the crossover of this ISA path). MKL is used only in large
   // multithreaded blocks: many small per-thread calls cost up to 8x the floor (measured).
-  const bool blas_blocks = have_blas() && (policy == GemmPolicy::kBlas || (policy == GemmPolicy::kAuto && kAutoBlas));
+  const bool blas_blocks =
+      have_blas() && (policy == GemmPolicy::kBlas ||
+                      (policy == GemmPolicy::kAuto && kAutoBlas && (d >= kAutoBlasMinInner || K > kLanesMaxClasses)));
   if (!blas_blocks && (policy == GemmPolicy::kLanes ||
                        (policy == GemmPolicy::kAuto && K <= kLanesMaxClasses))) {
     tied_certify_lanes<T>(Z, B, d, ldz, A, beta, K, inv, alpha, eps, pred, radius);
