@@ -504,7 +504,7 @@ class LocalBounds:
         m, L, c, err, pending = self._backward(n, torch.eye(k, dtype=_F64).reshape((1, k) + shape), ctx,
                                                key=(n, 1), split=True)
         op = self.ops[m]
-        if pending or op.kind != "act" or op.src is n:
+        if pending or op is None or op.kind != "act" or op.src is n:
             self._support[n] = None  # the graph's form: not for this node
         if self._support.get(n, ()) is None or op.src not in ctx["J"]:
             return False
