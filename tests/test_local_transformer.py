@@ -409,15 +409,17 @@ def _cut_boundaries_tiny():
 def test_cut_bounds_box_vs_samples_pgd_and_mpmath(norm, eps):
     """Passes stopping at the LayerNorm outputs (not separators of a pre-LN block: the
     residual stream goes around them): the output box holds every sample, PGD extreme and the
-    mpmath value at those extremes; each boundary's interval holds the boundary's value at
-    every sample; at a small radius the box is within 1.5x of full CROWN's."""
-    from gmfast.lipschitz.local_cut import CutBounds
+    mpmath value at those extremes; each boundary's interval, and that of the MLP's first
+    layer (composed forward from its cut), holds its value at every sample; at a small radius
+    the box is within 1.5x of full CROWN's."""
+    from gmfast.lipschitz.local_cut import CutBounds, node_named
 
     mpmath.mp.prec = 120
     m = _tiny()
     x = torch.randn(2, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
     lb = CutBounds(m, (3, 4), _cut_boundaries_tiny())
-    assert lb.cuts and all(len(s) == 1 for s in lb.cuts.values())
+    fc1 = node_named(lb, "block.fc1")
+    assert lb.cuts and fc1 in lb.chains  # the MLP's first layer: composed forward from ln2's bounds
     lo, hi, ys, E = _box_holds(m, lb, x, eps, norm)
     for b in range(2):
         for j in (0, 3):
@@ -427,13 +429,13 @@ def test_cut_bounds_box_vs_samples_pgd_and_mpmath(norm, eps):
     ctx = lb.prepare(x, eps, norm)
     seen = {}
     hooks = [mod.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
-             for name, mod in ((n, m.get_submodule(n)) for n in _cut_boundaries_tiny())]
+             for name, mod in ((n, m.get_submodule(n)) for n in _cut_boundaries_tiny() + ["block.fc1"])]
     P = _ball_points(x, eps, norm, 500, seed=2).reshape(-1, 3, 4)
     with torch.no_grad():
         m(P)
     for h in hooks:
         h.remove()
-    for node in lb.boundaries:
+    for node in lb.boundaries + [fc1]:
         v = seen[node.name].reshape(500, 2, -1)
         blo, bhi = (t.reshape(1, 2, -1) for t in ctx["I"][node])
         assert bool((v >= blo).all() & (v <= bhi).all()), node

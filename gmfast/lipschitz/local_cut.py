@@ -56,8 +56,8 @@ class CutLinear:
     charge per unit of ``|Λ|`` of :meth:`step` (``max(D_l, D_u)`` and the roundings), and
     ``bad_l``/``bad_u`` (B, k) marking infinite constants (stored as 0) or None."""
 
-    def __init__(self, input_shape, Al, al, Au, au, W, bad_l=None, bad_u=None):
-        self.input_shape = tuple(input_shape)
+    def __init__(self, input_shape, Al, al, Au, au, W, bad_l=None, bad_u=None, D=None):
+        self.input_shape, self.D = tuple(input_shape), D
         self.Al, self.al, self.Au, self.au, self.W, self.bad_l, self.bad_u = Al, al, Au, au, W, bad_l, bad_u
 
     @classmethod
@@ -75,7 +75,8 @@ class CutLinear:
         W = torch.where(torch.isnan(D), math.inf, D) + gamma(2 * k + 2, U64) * (JM + Cm)
         finite = bool(fl.all() and fu.all())
         return cls(input_shape, Al, torch.where(fl, al, 0.0), Au, torch.where(fu, au, 0.0), W,
-                   None if finite else (~fl).to(_F64), None if finite else (~fu).to(_F64))
+                   None if finite else (~fl).to(_F64), None if finite else (~fu).to(_F64),
+                   torch.where(fl & fu, D, math.inf))
 
     def step(self, lam, c):
         """Rows ``lam`` (Bl, R, *shape) on the boundary to rows on the input (B, R, *input), the
@@ -93,6 +94,19 @@ class CutLinear:
         return new, tt, torch.where(torch.isnan(err), math.inf, err)
 
 
+def nodes_matching(lb, pattern: str):
+    """The nodes whose traced name (before any ``/step``) matches the regular expression
+    ``pattern`` in full, in topological order; an error naming the traced nodes if none."""
+    import re
+
+    rx = re.compile(pattern)
+    out = [n for n in lb.order[1:] if "/" not in getattr(n, "name", "/") and rx.fullmatch(n.name)]
+    if not out:
+        names = sorted({getattr(n, "name", "").split("/")[0] for n in lb.order[1:]})
+        raise ValueError(f"no node matches {pattern!r}; the traced nodes are {names}")
+    return out
+
+
 def node_named(lb, name: str):
     """The node of the linearisation computing the traced node ``name`` (a module path such as
     ``"layers.0.ln2"``, a function node such as ``"add_2"``, or a step ``"name/what"``)."""
@@ -105,18 +119,24 @@ def node_named(lb, name: str):
 
 class CutBounds(LocalBounds):
     """:class:`LocalBounds` whose intermediate passes stop at ``boundaries`` (nodes or their
-    names, :func:`node_named`) and substitute their linear bounds (see the module docstring).
+    names, :func:`node_named`, or one regular expression, :func:`nodes_matching`) and substitute their linear bounds (see the module docstring).
 
-    ``window``: the pass of a node stops at the ``window``-th boundary below it (``1``: the
-    nearest; nodes with fewer boundaries below keep full-depth passes). Boundaries that are
+    ``window``: the pass of a node crosses the ``window − 1`` boundaries nearest below it and
+    stops, on each branch, at the first other boundary it meets (``1``: at any boundary;
+    nodes with fewer boundaries below keep full-depth passes). Boundaries that are
     affine in the input are dropped (their exact Jacobian already ends every pass there).
+    ``forward``: nodes that are a chain of single-input affine steps above their cut (e.g.
+    attention's ``q, k, v`` and the MLP's first layer above a LayerNorm boundary) are bounded
+    by composing that chain with the cut's bounds (:meth:`_forward_chain`) instead of rows.
     """
 
-    def __init__(self, encoder, input_shape, boundaries, window: int = 1, affine_by_interval: bool = False):
+    def __init__(self, encoder, input_shape, boundaries, window: int = 1, forward: bool = True):
         super().__init__(encoder, input_shape)
         if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
             raise ValueError(f"window must be a positive int; got {window!r}")
         pos = {n: i for i, n in enumerate(self.order)}
+        if isinstance(boundaries, str):
+            boundaries = nodes_matching(self, boundaries)
         nodes = []
         for b in boundaries:
             n = node_named(self, b) if isinstance(b, str) else b
@@ -133,46 +153,87 @@ class CutBounds(LocalBounds):
         for n in set(self.pre) - self.affine_only:
             below = [b for b in nodes if pos[b] < pos[n]]
             if len(below) >= window:
-                b = below[-window]
-                self.cuts[n] = frozenset((b,))
-                last[b] = max(last.get(b, -1), pos[n])
-        if affine_by_interval:  # nodes whose passes would stay affine down to their cut: not refined
-            skip = {n for n, b in self.cuts.items() if n not in nodes and self._affine_down_to(n, b)}
-            self.pre = [n for n in self.pre if n not in skip]
-            self.pre_all = self.pre_all - skip
-            self.n_neurons = sum(math.prod(self.shapes[n]) for n in set(self.pre))
-            self.cuts = {n: b for n, b in self.cuts.items() if n not in skip}
-            last = {}
-            for n, (b,) in self.cuts.items():
-                last[b] = max(last.get(b, -1), pos[n])
+                self.cuts[n] = frozenset(below[:len(below) - window + 1])
+                for b in self.cuts[n]:
+                    last[b] = max(last.get(b, -1), pos[n])
+        #: nodes reached from their cut by a chain of single-input affine steps: bounded by
+        #: composing the chain with the cut's linear bounds (:meth:`_forward_chain`), no rows
+        self.chains = {}
+        for n, stop in self.cuts.items():
+            chain, m = [n], n
+            while m not in stop and m is not self.order[0] and self.ops[m].kind == "affine":
+                m = self.ops[m].src
+                chain.append(m)
+            if m in stop and n not in nodes and forward:
+                self.chains[n] = chain[::-1]
         #: after refining node n, the boundaries no later node stops at (their bounds are freed)
         self._free = {}
         for b, p in last.items():
             self._free.setdefault(self.order[p], []).append(b)
-
-    def _affine_down_to(self, n, stop) -> bool:
-        """Whether every path down from ``n`` is affine until it meets ``stop``."""
-        seen, todo = set(), [n]
-        while todo:
-            m = todo.pop()
-            if m in seen or m is self.order[0] or (m in stop and m is not n):
-                continue
-            seen.add(m)
-            op = self.ops[m]
-            if op.kind not in ("affine", "sum"):
-                return False
-            todo.extend(self._srcs(m))
-        return True
 
     def _refine(self, n, ctx):
         ctx.setdefault("L", {})
         try:
             if n in self.pre_all and n in set(self.boundaries):
                 return self._refine_boundary(n, ctx)
+            if n in self.chains and self.chains[n][0] in ctx["L"]:
+                return self._forward_chain(n, ctx)
             return super()._refine(n, ctx)
         finally:
             for b in self._free.get(n, ()):
                 ctx["L"].pop(b, None)
+
+    def _forward_chain(self, n, ctx):
+        """Bounds of ``n = W_m(…W_1 h + b_1…) + b_m`` over the ball from the cut ``h``'s linear
+        bounds, by composing the chain forward on ``h = Cx + c + δ``, ``|δ| ≤ ρ``:
+
+        * at ``h``: ``Ĉ = fl((Al + Au)/2)``, ``ĉ = fl((al + au)/2)``; ``ρ`` bounds the upper line
+          minus the centre and the centre minus the lower line over the ball (each concretised,
+          the rows' subtraction charged ``2u(|Ĝ|M₀ + |ĝ|)``), plus ``D``;
+        * through ``v' = W v + b``: ``C' = fl(W C)`` (``op.fwd`` on the columns), ``c' =
+          fl(W c) + b``; ``|v' − (C'x + c')| ≤ |W|ρ + γ_N|W|(|C|M₀ + |c|) + γ_N|b| + δb`` with
+          ``N`` the source's size plus the op's own γ index (at least the terms of any entry of
+          ``W v``): ``ρ' = absfwd(ρ + γ_N(|C|M₀ + |c|)) + γ_N|b| + δb``, rounded up;
+        * the interval: ``min/max (C x' + c)`` over the ball minus/plus ``ρ`` (the engine's
+          concretisation, ``ρ/2`` passed as its error total, which it doubles).
+
+        Sound for any ``C``, ``c`` (the centre is a heuristic); the loss against rows through
+        the chain is that ``ρ`` is a box (the lines' gap is not kept linear)."""
+        chain = self.chains[n]
+        L = ctx["L"][chain[0]]
+        B, k, n_in = L.Al.shape
+        M0 = ctx["M"][self.order[0]].reshape(B, n_in, 1)
+        up = 1.0 + 8.0 * U64
+        C, c = (L.Al + L.Au) * 0.5, (L.al + L.au) * 0.5
+        rho = torch.zeros_like(c)
+        for G, g in ((L.Au - C, L.au - c), (C - L.Al, c - L.al)):
+            slack = 2.0 * U64 * ((G.abs() @ M0).squeeze(2) + g.abs()) * up
+            Gi = G.reshape((B, k) + self.input_shape)
+            rho = torch.maximum(rho, -self._concretize(-Gi, -g, slack, ctx))
+        rho = _up((rho + L.D) * up)
+        shape = self.shapes[chain[0]]
+        for m in chain[1:]:
+            op = self.ops[m]
+            N = math.prod(shape) + op.n + 1
+            mag = (C.abs() @ M0).squeeze(2) * (1.0 + 2.0 * gamma(n_in + 2, U64)) + c.abs() + _TINY
+            cols = C.transpose(1, 2).reshape((B * n_in,) + shape)
+            shape = self.shapes[m]
+            C = op.fwd(cols).reshape(B, n_in, -1).transpose(1, 2)
+            c = op.fwd(c.reshape((B,) + self.shapes[op.src])).reshape(B, -1)
+            extra = torch.zeros_like(c)
+            if op.bias is not None:
+                c = c + op.bias.reshape(1, -1)
+                extra = extra + gamma(N, U64) * op.bias.abs().reshape(1, -1)
+            if op.bias_err is not None:
+                extra = extra + op.bias_err.reshape(1, -1)
+            grow = op.absfwd((rho + gamma(N, U64) * mag).reshape((B,) + self.shapes[op.src])).reshape(B, -1)
+            rho = _up((grow + extra) * up + _TINY)
+        k = C.shape[1]
+        Ci = C.reshape((B, k) + self.input_shape)
+        half = rho * 0.5
+        lo, hi = self._concretize(Ci, c, half, ctx), -self._concretize(-Ci, -c, half, ctx)
+        lo0, hi0 = ctx["I"][n]
+        return (torch.maximum(lo.reshape(lo0.shape), lo0), torch.minimum(hi.reshape(hi0.shape), hi0))
 
     def _refine_boundary(self, n, ctx):
         """All entries of boundary ``n`` by the rows ``±e_i`` (passes stopping at the boundary
@@ -204,13 +265,14 @@ class CutBounds(LocalBounds):
                 torch.minimum(hi, hi0.reshape(B, k)).reshape((B,) + shape))
 
 
-def tied_margin_radius(lb, encoder, head, x, norm, domain=None, steps: int = 4):
+def tied_margin_radius(lb, encoder, head, x, norm, domain=None, steps: int = 4, start=None):
     """Predictions and local certified radii (B,) of a tied ``head`` on ``encoder`` (``lb`` its
     :class:`LocalBounds`, with
     or without cuts): the margins ``(a_c − a_j)ᵀh(x') + β_c − β_j`` started from the computed
     differences, each within ``u|·|`` of the exact one (charged), as ``Certifier``'s local
     route does. The prediction is the head's on ``encoder(x)``; a radius is 0 where the
-    exact margins at ``x`` are not all positive."""
+    exact margins at ``x`` are not all positive. ``steps``, ``start``: the radius search's
+    passes and first ball (:func:`gmfast.lipschitz.local_search.margin_radius`)."""
     params = head.classifier_params
     A, beta = params.A.cpu().double(), params.beta.cpu().double()
     with torch.no_grad():
@@ -219,6 +281,6 @@ def tied_margin_radius(lb, encoder, head, x, norm, domain=None, steps: int = 4):
     others = torch.stack([torch.cat([torch.arange(k), torch.arange(k + 1, K)]) for k in range(K)])[pred]
     lam = A[pred][:, None, :] - A[others]
     c0 = beta[pred][:, None] - beta[others]
-    r = lb.margin_radius(x.detach().cpu().double(), lam, c0, norm, domain, steps=steps, lam_err=U64 * lam.abs(),
-                         c0_err=U64 * c0.abs())
+    r = lb.margin_radius(x.detach().cpu().double(), lam, c0, norm, domain, steps=steps, start=start,
+                         lam_err=U64 * lam.abs(), c0_err=U64 * c0.abs())
     return pred, r
