@@ -64,8 +64,8 @@ def test_shared_rows_match_the_dense_pass(norm):
     that leave few, many and most second-layer neurons unstable; the step did run."""
     net = conv_encoder(0)
     fast, dense = pair(net)
-    x = inputs(12, 1)
-    lam = torch.randn(12, 4, 6, generator=torch.Generator().manual_seed(2), dtype=F64)
+    x = inputs(6, 1)
+    lam = torch.randn(6, 4, 6, generator=torch.Generator().manual_seed(2), dtype=F64)
     domain = (0.0, 1.0) if norm == math.inf else None
     for eps in (0.01, 0.1, 0.5):
         if norm == math.inf:
@@ -90,7 +90,7 @@ def test_shared_rows_in_small_chunks_without_the_kept_jacobian_rows():
     passes whose Jacobian rows are reused."""
     net = conv_encoder(2)
     small, default = LocalBounds(net, SHAPE), LocalBounds(net, SHAPE)
-    small.sparse_chunk, small.sparse_keep = 5000, 0
+    small.sparse_chunk, small.sparse_keep = 40_000, 0  # 8 neurons per chunk
     x = inputs(5, 3)
     for eps in (0.3, 0.1):
         cs, cd = small.prepare(x, eps, 2), default.prepare(x, eps, 2)
@@ -185,9 +185,9 @@ def test_shared_rows_certificates_survive_pgd(norm):
     for seed in range(2):
         enc = conv_encoder(10 + seed)
         head, X = fitted_head(enc, SHAPE, K=3, seed=seed)
-        _, n = _attack_check(enc, head, X[:24], norm, "local", domain=(0.0, 1.0), n_restarts=3)
+        _, n = _attack_check(enc, head, X[:16], norm, "local", domain=(0.0, 1.0), n_restarts=3)
         pairs += n
-    assert pairs >= 24
+    assert pairs >= 16  # the certificates are not vacuous
 
 
 def test_shared_rows_extreme_balls_agree_and_stay_finite_or_trivial():
