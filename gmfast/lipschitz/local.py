@@ -175,6 +175,8 @@ class LocalBounds:
                 self.affine_only.add(n)
         #: (input, neuron) pairs refined per backward pass: bounds the working memory
         self.row_chunk = 4096
+        #: optional {refined node: nodes where its pass stops} (:mod:`gmfast.lipschitz.local_cut`)
+        self.cuts = None
         #: refinement rows shared down to a first-layer activation are taken in their support
         #: (:meth:`_refine_shared`) when it is at most this fraction of the width (0: never); the
         #: largest temporary of that step, and the most Jacobian entries it keeps, in entries
@@ -232,7 +234,7 @@ class LocalBounds:
         w = r + 4.0 * U64 * (c.abs() + r) + _TINY
         return _down(c - w), _up(c + w)
 
-    def _backward(self, start, lam, ctx, key=None, select=None, raw=False, split=False):
+    def _backward(self, start, lam, ctx, key=None, select=None, raw=False, stop=None, split=False):
         """Lower bounds (B, R) of ``Σ lam·start`` over the ball (``lam`` (1 or B, R, *shape)).
 
         ``select`` (B, S): with a shared ``lam`` (batch dim 1), input ``b`` keeps only the rows
@@ -240,7 +242,9 @@ class LocalBounds:
         the shared part is computed, and cached under ``key``, once); the result is then
         (B, S). A node that is an affine function of the input with a Jacobian in the context
         (:meth:`_exact`) ends the pass there: one product with that matrix and its
-        precomputed charges instead of the ops below it.
+        precomputed charges instead of the ops below it. A node of ``stop`` (not ``start``) with
+        linear bounds in the input in ``ctx["L"]`` ends its branch: its rows go to the input
+        through those bounds (:meth:`gmfast.lipschitz.local_cut.CutLinear.step`).
         ``split`` (shared rows): return where the rows stop being shared instead, as
         ``(node, lam, c, err, pending branches)``.
         """
@@ -261,9 +265,10 @@ class LocalBounds:
             lam = lams.pop(n)
             op = self.ops[n]
             jac = n in J and n is not start
-            if split and (n is inp or jac or op.kind in ("act", "unary", "prod")):
+            cut = stop is not None and n in stop and n is not start and n in ctx.get("L", ())
+            if split and (n is inp or jac or cut or op.kind in ("act", "unary", "prod")):
                 return n, lam, c, err, lams
-            if select is not None and (n is inp or jac or op.kind in ("act", "unary", "prod")):
+            if select is not None and (n is inp or jac or cut or op.kind in ("act", "unary", "prod")):
                 # the rows stop being shared here: each input keeps its selected rows
                 lam = lam[0][select]
                 lams = {k: v[0][select] for k, v in lams.items()}  # pending branches of a fork
@@ -272,6 +277,12 @@ class LocalBounds:
                 select, shared = None, False
             if n is inp:
                 return (lam, c, err) if raw else self._concretize(lam, c, err, ctx)
+            if cut:
+                new, tt, e = ctx["L"][n].step(lam, c)
+                c, err_ref = c + tt, [err + e]
+                self._accumulate(lams, inp, new, M, err_ref)
+                err = err_ref[0]
+                continue
             Bl, R = lam.shape[:2]
             if jac or op.kind in ("act", "unary", "prod"):
                 shared = False
@@ -472,7 +483,8 @@ class LocalBounds:
         S = int(count.max())
         if S == 0:
             return ctx["I"][n]
-        if self._refine_shared(n, ctx, unstable, lo, hi):
+        stop = self.cuts.get(n) if self.cuts else None
+        if stop is None and self._refine_shared(n, ctx, unstable, lo, hi):
             return lo.reshape((B,) + shape), hi.reshape((B,) + shape)
         # per input, its unstable neurons first (stable ones after them are padding, left as they are)
         first = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :S]
@@ -483,7 +495,7 @@ class LocalBounds:
         step = max(1, self.row_chunk // (2 * B))
         for j in range(0, S, step):
             sel, v = first[:, j:j + step], valid[:, j:j + step]
-            out = self._backward(n, both, ctx, key=(n, 0), select=torch.cat([sel, sel + k], 1))
+            out = self._backward(n, both, ctx, key=(n, 0), select=torch.cat([sel, sel + k], 1), stop=stop)
             m = sel.shape[1]
             lo_s, hi_s = lo.gather(1, sel), hi.gather(1, sel)
             lo.scatter_(1, sel, torch.where(v, torch.maximum(lo_s, out[:, :m]), lo_s))
