@@ -122,7 +122,8 @@ def main():
         for route in ROUTES:
             r = certs[route].radius[:A][sel][found]
             row["routes"][route]["tightness_median"] = float((r / adv[found]).median()) if r.numel() else None
-            assert bool((r <= adv[found]).all()), f"{name}/{route}: a certified radius above a found adversarial distance"
+            assert bool((r <= adv[found]).all()), \
+                f"{name}/{route}: a certified radius above a found adversarial distance"
         # randomized smoothing on the same encoder + head (a few inputs)
         from gmfast.smoothing import Smooth
 
@@ -162,7 +163,8 @@ def table(res) -> str:
     lines = [f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads); "
              f"load before/after {m['load_before'][0]:.1f}/{m['load_after'][0]:.1f}; n = {res['n']} test inputs",
              "",
-             "| encoder | route | clean | CA@0.1 | CA@0.25 | CA@0.5 | median radius | × global | tightness (median r/adv) "
+             "| encoder | route | clean | CA@0.1 | CA@0.25 | CA@0.5 | median radius | × global "
+             "| tightness (median r/adv) "
              "| ms/input (CPU ms) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in res["encoders"].items():
@@ -170,7 +172,8 @@ def table(res) -> str:
             ca = r["certified_accuracy"]
             vs = "n/a" if r["median_vs_global"] is None else f"{r['median_vs_global']:.1f}"
             ti = "n/a" if r["tightness_median"] is None else f"{r['tightness_median']:.3f}"
-            lines.append(f"| {name} | {route} | {r['clean']:.3f} | {ca['0.1']:.3f} | {ca['0.25']:.3f} | {ca['0.5']:.3f} "
+            lines.append(f"| {name} | {route} | {r['clean']:.3f} | {ca['0.1']:.3f} | {ca['0.25']:.3f} "
+                         f"| {ca['0.5']:.3f} "
                          f"| {r['median_radius']:.4g} | {vs} | {ti} | {r['ms']:.2f} ({r['cpu_ms']:.2f}) |")
         a = row["attack"]
         lines.append(f"| {name} | (encoder forward {row['encoder_ms']:.3f} ms/input; smoothing n={row['smoothing_n']} "
