@@ -165,6 +165,17 @@ def test_float32_radius_rounded_down():
     assert (mine.double() <= r64).all()
     assert ((r64 - mine.double()) <= r64 * 2.0**-23).all()  # at most one float32 ulp below
     assert (r64.float().double() > r64).any()  # round-to-nearest alone would round some up
+    # the edges of the integer step (one less in the bit pattern): zero, exact values, float32
+    # subnormals and their smallest one, values past float32's largest, and +inf
+    tiny, big = 2.0**-149, float(torch.finfo(torch.float32).max)
+    edge = torch.tensor([0.0, 1.0, 0.1, tiny, 0.7 * tiny, 1.3 * tiny, 1e-40, 2.0**-126 * (1 - 2**-30), big,
+                         big * (1 + 2.0**-30), 1e300, math.inf], dtype=torch.float64)
+    got = round_down_to(edge, torch.float32).double()
+    want = torch.tensor([0.0, 1.0, float(np.nextafter(np.float32(0.1), np.float32(0))), tiny, 0.0, tiny,
+                         float(np.float32(1e-40)) if float(np.float32(1e-40)) <= 1e-40
+                         else float(np.nextafter(np.float32(1e-40), np.float32(0))),
+                         2.0**-126 - tiny, big, big, big, math.inf], dtype=torch.float64)
+    assert torch.equal(got, want), (got, want)
 
 
 def test_norm_errors(fitted):

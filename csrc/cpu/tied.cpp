@@ -17,7 +17,9 @@
 // rows, one class at a time: few classes, where the per-row fixed cost of the other
 // dominated). Both write `num > 0 ? num * inv : 0` as max(0, num * inv), the same value
 // (num <= 0 gives a product <= 0, or NaN for 0 * inf, and max(0, .) returns 0 for both),
-// and skip j = c; the min over classes is exact in any order.
+// and skip j = c; the min over classes is exact in any order. With many classes the per-row
+// form evaluates only the chunks of classes that a float32 screen cannot rule out
+// (screened_min, docs/DESIGN.md §1.5.5): the same values' min, so the same radius, bit for bit.
 #include <algorithm>
 #include <cstring>
 #include <limits>
