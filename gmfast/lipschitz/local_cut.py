@@ -6,8 +6,8 @@ through up to six layers. Shi et al. 2020 ("Robustness verification for transfor
 combine a forward pass (linear bounds of every node in terms of the input) with backward
 passes that stop at an earlier layer and substitute that layer's forward bounds; DeepPoly
 (Singh et al. 2019) back-substitutes the same way. :class:`CutBounds` does this at chosen
-*boundary* nodes ``h`` (e.g. each LayerNorm output of a post-LN BERT, the residual stream
-between the blocks of a pre-LN ViT):
+*boundary* nodes ``h`` (e.g. every LayerNorm's centred input and output, every softmax
+output and score matrix ``q kᵀ · scale``):
 
 * each boundary ``h`` (``k`` entries) is refined by the rows ``±e_i`` and the pass is kept
   raw: for every ``x'`` in the ball,
@@ -15,19 +15,23 @@ between the blocks of a pre-LN ViT):
   and constants (``Â``, ``â``: exactly the floats kept) and ``D = 2E + 2⁻⁹⁶⁰`` rounded up,
   ``E`` the pass's charged rounding total (the engine doubles it for the same reason:
   :mod:`gmfast.lipschitz.local`, "Floating point"); its interval is that pass concretised;
-* every other refined node's pass (and the next boundary's) stops at the ``window``-th
-  boundary below it: rows ``Λ`` on ``h`` become rows on the input by
+* every other refined node's pass (and the next boundary's) stops, on each branch, at the
+  first boundary it meets below it (``window > 1``: crossing the ``window − 1`` nearest):
+  rows ``Λ`` on ``h`` become rows on the input by
   ``Λᵀh(x') ≥ (Λ⁺Â_l + Λ⁻Â_u) x' + Λ⁺â_l + Λ⁻â_u − Σ|Λ|·max(D_l, D_u)``, an exact consequence
   of the two inequalities (``Λ⁺ ≥ 0`` takes the lower one, ``Λ⁻ ≤ 0`` the upper one), and
   the pass continues at the input (branches that do not pass through ``h`` — a residual
   connection around it — continue down as before, so a cut that does not separate the
   graph is still sound). Only the intermediate bounds use cuts; the final pass (the
-  margins) is full depth.
+  margins) is full depth;
+* a node that is a chain of single-input affine steps above its boundary (attention's
+  ``q, k, v``, the MLP's first layer above a LayerNorm) gets no rows: the chain is composed
+  forward with the boundary's bounds (:meth:`CutBounds._forward_chain`).
 
-Each pass is then one block deep instead of the whole encoder, and the number of rows is
-that of full CROWN plus the boundaries'. What is lost against full CROWN is only the
-relaxation *below* the cut being fixed per boundary entry (its lower and upper rows are
-chosen for ``±e_i``, not for the rows arriving there).
+Each pass is then one block (or one sub-layer) deep instead of the whole encoder. What is
+lost against full CROWN is that the relaxation *below* a cut is fixed per boundary entry
+(its lower and upper rows are chosen for ``±e_i``, not for the rows arriving there): the
+gaps of different entries no longer cancel (``Σ|Λ_i| gap_i ≥ |Σ Λ_i gap_i|``).
 
 Floating point of the substitution (:meth:`CutLinear.step`): ``fl(Λ⁺Â_l) + fl(Λ⁻Â_u)`` rounded
 once more: within ``γ_{2k+2}Σ|Λ_i|(|Â_i|M₀)`` of the exact rows applied to any ``|x'| ≤ M₀``;
@@ -95,12 +99,13 @@ class CutLinear:
 
 
 def nodes_matching(lb, pattern: str):
-    """The nodes whose traced name (before any ``/step``) matches the regular expression
-    ``pattern`` in full, in topological order; an error naming the traced nodes if none."""
+    """The nodes whose name (a traced node's, or ``name/step`` for a step inside one, e.g.
+    ``layers.0.ln1/center``) matches the regular expression ``pattern`` in full, in
+    topological order; an error naming the traced nodes if none."""
     import re
 
     rx = re.compile(pattern)
-    out = [n for n in lb.order[1:] if "/" not in getattr(n, "name", "/") and rx.fullmatch(n.name)]
+    out = [n for n in lb.order[1:] if rx.fullmatch(getattr(n, "name", ""))]
     if not out:
         names = sorted({getattr(n, "name", "").split("/")[0] for n in lb.order[1:]})
         raise ValueError(f"no node matches {pattern!r}; the traced nodes are {names}")
@@ -119,7 +124,8 @@ def node_named(lb, name: str):
 
 class CutBounds(LocalBounds):
     """:class:`LocalBounds` whose intermediate passes stop at ``boundaries`` (nodes or their
-    names, :func:`node_named`, or one regular expression, :func:`nodes_matching`) and substitute their linear bounds (see the module docstring).
+    names, :func:`node_named`, or one regular expression, :func:`nodes_matching`) and
+    substitute their linear bounds (see the module docstring).
 
     ``window``: the pass of a node crosses the ``window − 1`` boundaries nearest below it and
     stops, on each branch, at the first other boundary it meets (``1``: at any boundary;
