@@ -14,6 +14,14 @@
   HF's ``BertModel`` does not trace with ``torch.fx``; this module does, and
   :func:`check_minilm` shows it equals the sentence-transformers output.
 
+* :class:`TokenPerturbation`: the threat model for text. Word embeddings are not a
+  continuous input domain, so the certificate is about an ℓ2 ball around *one token's*
+  embedding (position ``p``), the other tokens fixed, as in Shi et al. 2020 (who perturb one
+  or two positions): "no embedding within ``r`` of this word's moves the prediction". Through
+  six layers, full CROWN needs ~4·10⁵ rows per sentence; the certificates use
+  :class:`gmfast.lipschitz.local_cut.CutBounds` with boundaries at every LayerNorm (centred
+  input and output), softmax output and score matrix (``benchmarks/transformer_certificates.py``).
+
 Attention is written out (``q @ kᵀ · scale``, ``softmax(-1)``, ``@ v``) so the local route can
 relax each step; ``view(-1, T, ...)`` keeps the batch size free. Used by
 ``tests/test_local_transformer.py`` and ``benchmarks/transformer_certificates.py``.

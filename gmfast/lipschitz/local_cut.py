@@ -162,16 +162,14 @@ class CutBounds(LocalBounds):
                 self.cuts[n] = frozenset(below[:len(below) - window + 1])
                 for b in self.cuts[n]:
                     last[b] = max(last.get(b, -1), pos[n])
-        #: nodes reached from their cut by a chain of single-input affine steps: bounded by
-        #: composing the chain with the cut's linear bounds (:meth:`_forward_chain`), no rows
+        #: nodes whose every path down to their stop set is affine (affine steps and sums): bounded
+        #: by composing those steps forward from the boundaries' linear bounds
+        #: (:meth:`_forward_chain`), no rows; value: the boundaries they start from
         self.chains = {}
         for n, stop in self.cuts.items():
-            chain, m = [n], n
-            while m not in stop and m is not self.order[0] and self.ops[m].kind == "affine":
-                m = self.ops[m].src
-                chain.append(m)
-            if m in stop and n not in nodes and forward:
-                self.chains[n] = chain[::-1]
+            leaves = self._affine_leaves(n, stop) if forward and n not in nodes else None
+            if leaves:
+                self.chains[n] = leaves
         #: after refining node n, the boundaries no later node stops at (their bounds are freed)
         self._free = {}
         for b, p in last.items():
@@ -182,16 +180,33 @@ class CutBounds(LocalBounds):
         try:
             if n in self.pre_all and n in set(self.boundaries):
                 return self._refine_boundary(n, ctx)
-            if n in self.chains and self.chains[n][0] in ctx["L"]:
+            if n in self.chains and all(b in ctx["L"] for b in self.chains[n]):
                 return self._forward_chain(n, ctx)
             return super()._refine(n, ctx)
         finally:
             for b in self._free.get(n, ()):
                 ctx["L"].pop(b, None)
 
+    def _affine_leaves(self, n, stop):
+        """The boundaries of ``stop`` that every path down from ``n`` meets through affine steps
+        and sums only, or None (a path meets a nonlinear op or the input first)."""
+        seen, todo, leaves = set(), [n], set()
+        while todo:
+            m = todo.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            if m in stop and m is not n:
+                leaves.add(m)
+                continue
+            if m is self.order[0] or self.ops[m].kind not in ("affine", "sum"):
+                return None
+            todo.extend(self._srcs(m))
+        return frozenset(leaves)
+
     def _forward_chain(self, n, ctx):
-        """Bounds of ``n = W_m(…W_1 h + b_1…) + b_m`` over the ball from the cut ``h``'s linear
-        bounds, by composing the chain forward on ``h = Cx + c + δ``, ``|δ| ≤ ρ``:
+        """Bounds of ``n``, an affine function of boundaries ``h`` (:meth:`_affine_leaves`), over
+        the ball, composing forward on ``v = Cx + c + δ``, ``|δ| ≤ ρ`` per node:
 
         * at ``h``: ``Ĉ = fl((Al + Au)/2)``, ``ĉ = fl((al + au)/2)``; ``ρ`` bounds the upper line
           minus the centre and the centre minus the lower line over the ball (each concretised,
@@ -200,42 +215,63 @@ class CutBounds(LocalBounds):
           fl(W c) + b``; ``|v' − (C'x + c')| ≤ |W|ρ + γ_N|W|(|C|M₀ + |c|) + γ_N|b| + δb`` with
           ``N`` the source's size plus the op's own γ index (at least the terms of any entry of
           ``W v``): ``ρ' = absfwd(ρ + γ_N(|C|M₀ + |c|)) + γ_N|b| + δb``, rounded up;
+        * through ``v' = a + α b``: ``C' = fl(C_a + α C_b)``, ``c'`` alike, ``ρ' = ρ_a + |α|ρ_b +
+          2u(|C_a|M₀ + |c_a| + |α|(|C_b|M₀ + |c_b|))`` (two roundings per entry at most);
         * the interval: ``min/max (C x' + c)`` over the ball minus/plus ``ρ`` (the engine's
           concretisation, ``ρ/2`` passed as its error total, which it doubles).
 
-        Sound for any ``C``, ``c`` (the centre is a heuristic); the loss against rows through
-        the chain is that ``ρ`` is a box (the lines' gap is not kept linear)."""
-        chain = self.chains[n]
-        L = ctx["L"][chain[0]]
-        B, k, n_in = L.Al.shape
+        Sound for any ``C``, ``c`` (the centre is a heuristic); against rows through these
+        steps it loses only that ``ρ`` is a box (the lines' gap is not kept linear)."""
+        leaves = self.chains[n]
+        L0 = ctx["L"][next(iter(leaves))]
+        B, _, n_in = L0.Al.shape
         M0 = ctx["M"][self.order[0]].reshape(B, n_in, 1)
         up = 1.0 + 8.0 * U64
-        C, c = (L.Al + L.Au) * 0.5, (L.al + L.au) * 0.5
-        rho = torch.zeros_like(c)
-        for G, g in ((L.Au - C, L.au - c), (C - L.Al, c - L.al)):
-            slack = 2.0 * U64 * ((G.abs() @ M0).squeeze(2) + g.abs()) * up
-            Gi = G.reshape((B, k) + self.input_shape)
-            rho = torch.maximum(rho, -self._concretize(-Gi, -g, slack, ctx))
-        rho = _up((rho + L.D) * up)
-        shape = self.shapes[chain[0]]
-        for m in chain[1:]:
-            op = self.ops[m]
-            N = math.prod(shape) + op.n + 1
-            mag = (C.abs() @ M0).squeeze(2) * (1.0 + 2.0 * gamma(n_in + 2, U64)) + c.abs() + _TINY
-            cols = C.transpose(1, 2).reshape((B * n_in,) + shape)
-            shape = self.shapes[m]
-            C = op.fwd(cols).reshape(B, n_in, -1).transpose(1, 2)
-            c = op.fwd(c.reshape((B,) + self.shapes[op.src])).reshape(B, -1)
-            extra = torch.zeros_like(c)
-            if op.bias is not None:
-                c = c + op.bias.reshape(1, -1)
-                extra = extra + gamma(N, U64) * op.bias.abs().reshape(1, -1)
-            if op.bias_err is not None:
-                extra = extra + op.bias_err.reshape(1, -1)
-            grow = op.absfwd((rho + gamma(N, U64) * mag).reshape((B,) + self.shapes[op.src])).reshape(B, -1)
-            rho = _up((grow + extra) * up + _TINY)
-        k = C.shape[1]
-        Ci = C.reshape((B, k) + self.input_shape)
+
+        def mag(C, c):
+            return (C.abs() @ M0).squeeze(2) * (1.0 + 2.0 * gamma(n_in + 2, U64)) + c.abs() + _TINY
+
+        memo = {}
+
+        def at(m):
+            if m in memo:
+                return memo[m]
+            if m in leaves:
+                L = ctx["L"][m]
+                C, c = (L.Al + L.Au) * 0.5, (L.al + L.au) * 0.5
+                rho = torch.zeros_like(c)
+                for G, g in ((L.Au - C, L.au - c), (C - L.Al, c - L.al)):
+                    slack = 2.0 * U64 * ((G.abs() @ M0).squeeze(2) + g.abs()) * up
+                    Gi = G.reshape((B, -1) + self.input_shape)
+                    rho = torch.maximum(rho, -self._concretize(-Gi, -g, slack, ctx))
+                rho = _up((rho + L.D) * up)
+            elif self.ops[m].kind == "sum":
+                op = self.ops[m]
+                (Ca, ca, ra), (Cb, cb, rb) = at(op.a), at(op.b)
+                C, c = Ca + op.alpha * Cb, ca + op.alpha * cb
+                a = abs(op.alpha)
+                rho = _up((ra + a * rb + 2.0 * U64 * (mag(Ca, ca) + a * mag(Cb, cb))) * up + _TINY)
+            else:
+                op = self.ops[m]
+                Cs, cs, rs = at(op.src)
+                shp = self.shapes[op.src]
+                N = math.prod(shp) + op.n + 1
+                cols = Cs.transpose(1, 2).reshape((B * n_in,) + shp)
+                C = op.fwd(cols).reshape(B, n_in, -1).transpose(1, 2)
+                c = op.fwd(cs.reshape((B,) + shp)).reshape(B, -1)
+                extra = torch.zeros_like(c)
+                if op.bias is not None:
+                    c = c + op.bias.reshape(1, -1)
+                    extra = extra + gamma(N, U64) * op.bias.abs().reshape(1, -1)
+                if op.bias_err is not None:
+                    extra = extra + op.bias_err.reshape(1, -1)
+                grow = op.absfwd((rs + gamma(N, U64) * mag(Cs, cs)).reshape((B,) + shp)).reshape(B, -1)
+                rho = _up((grow + extra) * up + _TINY)
+            memo[m] = (C, c, rho)
+            return memo[m]
+
+        C, c, rho = at(n)
+        Ci = C.reshape((B, C.shape[1]) + self.input_shape)
         half = rho * 0.5
         lo, hi = self._concretize(Ci, c, half, ctx), -self._concretize(-Ci, -c, half, ctx)
         lo0, hi0 = ctx["I"][n]
