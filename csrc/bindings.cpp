@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -196,6 +197,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_margin_screen", &gmfast::set_margin_screen, py::arg("on"),
         "Screen the many-class tied epilogue's classes in float32 first (default on; same radii either way).");
   m.def("margin_screen", &gmfast::margin_screen);
+  // gmfast._fp.round_down_to for a CPU float64 vector of nonnegative radii -> float32: the
+  // largest float32 <= each value, by the numpy path's rule (cast to nearest, then one step
+  // toward zero, the bit pattern minus one, where the cast went up; inf stays inf when the
+  // value is inf). ~1 us at B = 8192 where the numpy path took ~10 (a certify call at
+  // (8192, 32, 10) is ~0.4 ms).
+  m.def(
+      "round_down_f32",
+      [](const py::array& r) {
+        const double* p = need<double>(r, "radius", {-1});
+        const index_t n = static_cast<index_t>(r.shape(0));
+        py::array_t<float> out(static_cast<py::ssize_t>(n));
+        float* o = out.mutable_data();
+        for (index_t i = 0; i < n; ++i) {
+          const float f = static_cast<float>(p[i]);
+          uint32_t b;
+          std::memcpy(&b, &f, sizeof b);
+          b -= static_cast<uint32_t>(static_cast<double>(f) > p[i]);
+          std::memcpy(o + i, &b, sizeof b);
+        }
+        return out;
+      },
+      py::arg("radius"));
   m.def("max_threads", []() { return omp_get_max_threads(); });
   // The ISA builds of the kernels (csrc/cpu/dispatch.h); gmfast/ops/_cpu.py: cpu_info, set_cpu_isa.
   m.def("cpu_isas", []() {

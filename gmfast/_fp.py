@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -139,6 +140,12 @@ def round_down_to(r64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float64:
         return r64
     if dtype == torch.float32 and r64.dtype == torch.float64:
+        if r64.device.type == "cpu" and r64.dim() == 1 and r64.is_contiguous():
+            # the compiled loop (csrc/bindings.cpp: round_down_f32, the same rule as below,
+            # ~10x faster at B = 8192) when the CPU kernels are loaded
+            C = sys.modules.get("gmfast._C")
+            if C is not None:
+                return torch.from_numpy(C.round_down_f32(r64.detach().numpy()))
         r = r64.to(dtype)
         if r.device.type == "cpu":  # numpy: a fraction of torch's per-op cost on small batches
             f = r.numpy()

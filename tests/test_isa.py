@@ -228,6 +228,90 @@ def test_cholesky_sound_near_the_boundary(isa):
     chol_near_boundary()
 
 
+def _epilogue_replica(Z, A, beta, inv, alpha, eps):
+    """The CPU kernel's tied epilogue (``csrc/cpu/tied.cpp``: ``PairMin``, ``lanes_epilogue``),
+    operation for operation in numpy float64, on integer data whose float32 logits and
+    ``fl(‖z‖²)`` are exact in any summation order: the radii every correct evaluation without
+    FMA contraction returns, bit for bit. Constants written out here (``csrc/common.h``):
+    ``‖z‖ ≤ √((ss + 2d·2⁻¹⁵⁰)(1 + γ_{d+2}(2⁻²⁴)))(1 + 4u₆₄)``, ``up = 1 + 8u₆₄``,
+    ``down = 1 − 8u₆₄``."""
+    import numpy as np
+
+    u64, d = 2.0**-53, Z.shape[1]
+    z, a = Z.double().numpy(), A.double().numpy()
+    logits = z @ a.T + beta.double().numpy()  # exact: small integers
+    c = logits.argmax(1)  # first occurrence, as the kernels
+    rows = np.arange(len(c))
+    lc = logits[rows, c][:, None]
+    m = lc - logits
+    iv = inv.numpy()[c]
+    if alpha is not None:
+        nu = (d + 2) * 2.0**-24
+        ss = (z * z).sum(1)  # exact
+        zn = (np.sqrt((ss + (2.0 * d) * 2.0**-150) * (1.0 + nu / (1.0 - nu))) * (1.0 + 4.0 * u64))[:, None]
+        al, ep = alpha.numpy()[None, :], eps.numpy()[None, :]
+        ec = al[0, c][:, None] * zn + ep[0, c][:, None]
+        num = m - (((ec + al * zn) + ep) * (1.0 + 8.0 * u64) + (2.0 * u64) * np.abs(m))
+    else:
+        num = m
+    with np.errstate(invalid="ignore"):  # 0 * inf: NaN, which the kernels' max(0, .) turns into 0
+        prod = num * iv
+    v = np.where(prod > 0, prod, 0.0)
+    v[rows, c] = np.inf
+    r = v.min(1)
+    if alpha is not None:
+        r = r * (1.0 - 8.0 * u64)
+    # how many (row, class) values came from a 0 * inf (NaN) and from a positive numerator
+    # times inf: the cases the max(0, .) semantics must get right
+    cases = (int(np.isnan(prod).sum()), int(np.isposinf(prod).sum()))
+    return torch.from_numpy(c), torch.from_numpy(r), cases
+
+
+@pytest.mark.parametrize("K", [10, 23, 70])
+def test_tied_epilogue_bit_exact_on_exact_logits(isa, K):
+    """Every form of the float64 epilogue (across rows after the lanes kernel or MKL, per row
+    with and without the chunk screen; on SSE2 the hand-vectorised maxpd/minpd loops) against
+    an independent numpy replica of its operations, on integer points and parameters (exact
+    float32 logits, many exact ties, some infinite reciprocal denominators: 0·inf must give 0,
+    a positive numerator times inf gives inf). Paths without FMA (``portable`` on x86-64) must
+    match bit for bit, and every path without the error terms (one rounding per value); with
+    them the FMA paths fuse some products into additions, which moves a numerator near
+    cancellation by a few ulps of its terms, so they are held to 1e-12 absolute (the terms are
+    ≤ 300, the reciprocals ≤ 0.51; each path is sound by the rounding bound, tested above)."""
+    g = torch.Generator().manual_seed(K)
+    B, d = 301, 33  # odd: a single last row after the pairs of rows
+    Z = torch.randint(-3, 4, (B, d), generator=g).float()
+    A = torch.randint(-3, 4, (K, d), generator=g).float()
+    beta = torch.randint(-20, 21, (K,), generator=g).float()
+    inv = torch.rand(K, K, generator=g, dtype=torch.float64) * 0.5 + 0.01
+    inv[torch.rand(K, K, generator=g) < 0.05] = float("inf")
+    alpha = torch.rand(K, generator=g, dtype=torch.float64) * 0.05
+    eps = torch.rand(K, generator=g, dtype=torch.float64) * 2.0
+    exact = isa == "portable" and re.match(r"x86_64|AMD64", os.uname().machine)
+    for fp in (SimpleNamespace(alpha=alpha, eps=eps), None):
+        want_c, want_r, (n_nan, n_inf) = _epilogue_replica(Z, A, beta, inv,
+                                                           *((fp.alpha, fp.eps) if fp else (None, None)))
+        assert (want_r > 0).sum() > B // 4 and (want_r == 0).sum() > 0, "the data test too little"
+        assert n_inf > 0 and (n_nan > 0 or fp is not None), (n_nan, n_inf)
+        for policy in ("lanes", "blas", "micro", "portable"):
+            _cpu.set_gemm_policy(policy)
+            for screen in (True, False):
+                _cpu._set_margin_screen(screen)
+                try:
+                    pred, rad = _cpu.tied_certify(Z, A, beta, inv, fp)
+                finally:
+                    _cpu._set_margin_screen(True)
+                what = f"{isa} K={K} policy={policy} screen={screen} fp={fp is not None}"
+                assert torch.equal(pred, want_c), what
+                if exact or fp is None:
+                    assert torch.equal(rad, want_r), f"{what}: {(rad != want_r).sum().item()} radii differ"
+                else:
+                    fin = torch.isfinite(want_r)
+                    assert torch.equal(torch.isfinite(rad), fin), what
+                    torch.testing.assert_close(rad[fin], want_r[fin], rtol=0.0, atol=1e-12, msg=what)
+        _cpu.set_gemm_policy("auto")
+
+
 def test_forcing_and_info():
     info = gmfast.ops.cpu_info()
     if not os.environ.get("GMFAST_CPU_ISA"):
@@ -288,3 +372,33 @@ def test_no_wide_instructions_outside_the_isa_builds():
                 bad.setdefault(func, insn)
     assert wide_in_isa > 1000, "the ISA builds contain no wide instructions: were they compiled for their ISA?"
     assert not bad, f"{len(bad)} functions outside the ISA builds use AVX/AVX-512, e.g. {list(bad.items())[:5]}"
+
+
+def test_compiled_radius_cast_rounds_down():
+    """``gmfast._fp.round_down_to`` takes the compiled loop (``round_down_f32``) for CPU
+    vectors once the kernels are loaded: it must return the largest float32 not above each
+    float64 radius (checked against the next float32 up, independently of either
+    implementation), and the same bits as the numpy path it replaces, on zeros, subnormals,
+    exact float32 values, values just above and below them, the top of the range and inf."""
+    import numpy as np
+
+    from gmfast._fp import round_down_to
+
+    g = torch.Generator().manual_seed(3)
+    f32 = torch.tensor([0.0, 1.4e-45, 3e-39, 1.0, 0.1, 3.4028234663852886e38], dtype=torch.float32).double()
+    edge = torch.cat([f32, f32 * (1 + 2.0**-40), f32 * (1 - 2.0**-40), torch.tensor([1e-46, 1e300, float("inf")],
+                                                                                    dtype=torch.float64)])
+    x = torch.cat([edge, torch.rand(5000, generator=g, dtype=torch.float64)
+                   * torch.logspace(-45, 38, 5000, dtype=torch.float64)])
+    got = torch.from_numpy(C.round_down_f32(x.numpy()))
+    assert torch.equal(round_down_to(x, torch.float32).view(torch.int32), got.view(torch.int32))
+    assert bool((got.double() <= x).all())
+    with np.errstate(over="ignore"):  # FLT_MAX steps up to inf
+        up = torch.from_numpy(np.nextafter(got.numpy(), np.float32(np.inf))).double()
+    assert bool(((up > x) | torch.isinf(x)).all()), "not the largest float32 below"
+    # the numpy path (the module hidden from round_down_to) gives the same bits
+    saved = sys.modules.pop("gmfast._C")
+    try:
+        assert torch.equal(round_down_to(x, torch.float32).view(torch.int32), got.view(torch.int32))
+    finally:
+        sys.modules["gmfast._C"] = saved

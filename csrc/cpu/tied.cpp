@@ -34,8 +34,32 @@
 #include "cpu/kernels.h"
 #include "cpu/microkernel.h"
 
+// The portable x86-64 build (SSE2, no AVX): GCC vectorises the float64 margin loops below but
+// turns their max/min selects into compare-and-mask sequences (SSE2 has no blend; about 40 of
+// the 95 instructions per two vectors of rows of the across-rows loop, measured: the epilogue
+// was ~40% of a certify call at (8192, 32, 10)). There the loops are written with maxpd/minpd,
+// which compute the same values as the std::max/std::min of the generic loops:
+//   std::max(0.0, p) = (0 < p) ? p : 0       = maxpd(p, 0)  (p > 0 ? p : second; NaN -> 0)
+//   std::max(v, s)   = (v < s) ? s : v       = maxpd(s, v)  (s > v ? s : v)
+//   std::min(r, v)   = (v < r) ? v : r       = minpd(v, r)  (v < r ? v : r)
+// (MAXPD/MINPD return their second operand when the comparison is false, NaN included), and
+// every arithmetic operation is the generic loop's, in the same order (no FMA on SSE2): the
+// same float64 values, bit for bit (tests/test_isa.py compares the paths on near-tie data).
+#if defined(__SSE2__) && !defined(__AVX__) && !defined(GMFAST_ISA_AVX2) && !defined(GMFAST_ISA_AVX512)
+#include <emmintrin.h>
+#define GMFAST_SSE2_MARGINS 1
+#endif
+
 namespace gmfast {
 namespace {
+
+#if defined(GMFAST_SSE2_MARGINS)
+// two logits (float or double) as two doubles
+inline __m128d load2d(const float* p) {
+  return _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m128d load2d(const double* p) { return _mm_loadu_pd(p); }
+#endif
 
 // The certified value of each pair (row, j): max(0, num_j * inv[c, j]) with
 // num_j = m_j - ((e_c + alpha_j ||z|| + eps_j) up + 2u|m_j|), m_j = l_c - l_j in float64
@@ -56,6 +80,39 @@ struct PairMin {
     double r = kInf;
     const T* __restrict lp = l;
     const double* __restrict rp = row;
+#if defined(GMFAST_SSE2_MARGINS)
+    // the loops below, two classes at a time with maxpd/minpd (same values: see the top)
+    {
+      const __m128d vlc = _mm_set1_pd(lc), zero = _mm_setzero_pd();
+      __m128d vr = _mm_set1_pd(kInf);
+      index_t j = j0;
+      if (alpha != nullptr) {
+        const __m128d vec = _mm_set1_pd(ec), vzn = _mm_set1_pd(zn), vup = _mm_set1_pd(slack_up(4)),
+                      v2u = _mm_set1_pd(2.0 * kU64), sign = _mm_set1_pd(-0.0);
+        for (; j + 2 <= j1; j += 2) {
+          const __m128d m = _mm_sub_pd(vlc, load2d(lp + j));
+          const __m128d e = _mm_mul_pd(_mm_add_pd(_mm_add_pd(vec, _mm_mul_pd(_mm_loadu_pd(alpha + j), vzn)),
+                                                  _mm_loadu_pd(eps + j)),
+                                       vup);
+          const __m128d num = _mm_sub_pd(m, _mm_add_pd(e, _mm_mul_pd(v2u, _mm_andnot_pd(sign, m))));
+          vr = _mm_min_pd(_mm_max_pd(_mm_mul_pd(num, _mm_loadu_pd(rp + j)), zero), vr);
+        }
+        const double up = slack_up(4);
+        for (; j < j1; ++j) {
+          const double m = lc - static_cast<double>(lp[j]);
+          const double num = m - ((ec + alpha[j] * zn + eps[j]) * up + 2.0 * kU64 * std::fabs(m));
+          r = std::min(r, std::max(0.0, num * rp[j]));
+        }
+      } else {
+        for (; j + 2 <= j1; j += 2) {
+          const __m128d m = _mm_sub_pd(vlc, load2d(lp + j));
+          vr = _mm_min_pd(_mm_max_pd(_mm_mul_pd(m, _mm_loadu_pd(rp + j)), zero), vr);
+        }
+        for (; j < j1; ++j) r = std::min(r, std::max(0.0, (lc - static_cast<double>(lp[j])) * rp[j]));
+      }
+      return std::min(r, std::min(_mm_cvtsd_f64(vr), _mm_cvtsd_f64(_mm_unpackhi_pd(vr, vr))));
+    }
+#endif
     if (alpha != nullptr) {
       const double* __restrict ap = alpha;
       const double* __restrict ep = eps;
@@ -105,10 +162,22 @@ struct ScreenCtx {
   float* chunk_max;    // per-thread scratch, ceil(K / kScreenChunk)
 };
 
+// The next float32 above f >= 0 (+inf stays +inf): for a nonnegative float the next one up is
+// the one whose bit pattern, read as an integer, is one more (+0 -> the smallest subnormal,
+// FLT_MAX -> +inf). The same value as std::nextafter(f, +inf), without its libm call, which
+// the screen made once or twice per row (about 1% of a call at (16384, 128, 100) on SSE2).
+inline float next_up(float f) {
+  if (!(f < std::numeric_limits<float>::infinity())) return f;
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  ++b;
+  std::memcpy(&f, &b, sizeof b);
+  return f;
+}
 // float32 >= y (y >= 0), and <= y for the rounded-down variant
 inline float f32_up(double y) {
   float f = static_cast<float>(y);
-  if (static_cast<double>(f) < y) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  if (static_cast<double>(f) < y) f = next_up(f);
   return f;
 }
 inline float f32_down(double y) {
@@ -193,7 +262,7 @@ double screened_min(const PairMin<T>& pairs, const T* logits, index_t K, index_t
     const float w = sc.wmin[c], lc = logits[c];
     const float fmax = std::numeric_limits<float>::max();
     while (q >= 0 && H > 0.0) {
-      const float h32 = std::nextafter(f32_up(H * (1.0 + 0x1p-19)), std::numeric_limits<float>::infinity());
+      const float h32 = next_up(f32_up(H * (1.0 + 0x1p-19)));  // H > 0
       const float s = std::min(lc - cmax[q], fmax);
       const float x = (s - e32) * w;
       if (x > h32) break;
@@ -575,6 +644,40 @@ void lanes_epilogue(const T* __restrict Lt, index_t ld, index_t rows, index_t K,
       for (index_t r = 0; r < rows; ++r) iv[r] = inv[off[r] + j];
       const double jd = static_cast<double>(j);  // j = c is not a competitor: its value is +inf
       const T* l = Lt + j * ld;
+#if defined(GMFAST_SSE2_MARGINS)
+      // two rows at a time with maxpd/minpd (the same values as the loops below: see the top)
+      {
+        const __m128d vjd = _mm_set1_pd(jd), zero = _mm_setzero_pd(), inf = _mm_set1_pd(kInf);
+        index_t r = 0;
+        if (fp) {
+          const __m128d vaj = _mm_set1_pd(alpha[j]), vej = _mm_set1_pd(eps[j]), vup = _mm_set1_pd(up),
+                        v2u = _mm_set1_pd(2.0 * kU64), sign = _mm_set1_pd(-0.0);
+          for (; r + 2 <= rows; r += 2) {
+            const __m128d m = _mm_sub_pd(load2d(best + r), load2d(l + r));
+            const __m128d e =
+                _mm_mul_pd(_mm_add_pd(_mm_add_pd(_mm_loadu_pd(ec + r), _mm_mul_pd(vaj, _mm_loadu_pd(zn + r))), vej), vup);
+            const __m128d num = _mm_sub_pd(m, _mm_add_pd(e, _mm_mul_pd(v2u, _mm_andnot_pd(sign, m))));
+            const __m128d self = _mm_and_pd(_mm_cmpeq_pd(_mm_loadu_pd(cd + r), vjd), inf);
+            const __m128d v = _mm_max_pd(self, _mm_max_pd(_mm_mul_pd(num, _mm_loadu_pd(iv + r)), zero));
+            _mm_storeu_pd(rad + r, _mm_min_pd(v, _mm_loadu_pd(rad + r)));
+          }
+        } else {
+          for (; r + 2 <= rows; r += 2) {
+            const __m128d m = _mm_sub_pd(load2d(best + r), load2d(l + r));
+            const __m128d self = _mm_and_pd(_mm_cmpeq_pd(_mm_loadu_pd(cd + r), vjd), inf);
+            const __m128d v = _mm_max_pd(self, _mm_max_pd(_mm_mul_pd(m, _mm_loadu_pd(iv + r)), zero));
+            _mm_storeu_pd(rad + r, _mm_min_pd(v, _mm_loadu_pd(rad + r)));
+          }
+        }
+        for (; r < rows; ++r) {  // an odd row count: the last row as in the loops below
+          const double m = static_cast<double>(best[r]) - static_cast<double>(l[r]);
+          const double num = fp ? m - ((ec[r] + alpha[j] * zn[r] + eps[j]) * up + 2.0 * kU64 * std::fabs(m)) : m;
+          const double v = std::max(std::max(0.0, num * iv[r]), cd[r] == jd ? kInf : 0.0);
+          rad[r] = std::min(rad[r], v);
+        }
+        continue;
+      }
+#endif
       if (fp) {
         const double aj = alpha[j], ej = eps[j];
 #pragma GCC ivdep
