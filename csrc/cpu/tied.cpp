@@ -336,34 +336,55 @@ void row_epilogue(T* logits, const T* beta, index_t K, T ss, index_t d, const do
   T best, bi, probe = 0;
   index_t k = 0;
   if (K >= 2 * L) {
-    V vb = vload<V>(logits), cur{}, vp{};
+    // Two independent (max, index) pairs, one for the even and one for the odd vectors of
+    // the row: the select chain of one pair is latency-bound (compare, blend, on SSE2 three
+    // mask operations), and with K = 1000 it was about a tenth of the MKL floor on the
+    // portable path. Each lane of each pair holds the first occurrence of its max within its
+    // own subsequence (strict >, increasing indices), so the lowest index among the lanes of
+    // both pairs that attain the overall max is the first occurrence in the row.
+    V vb[2], vi[2], vp[2], cur{};
     for (int l = 0; l < L; ++l) cur[l] = static_cast<T>(l);
-    if (beta != nullptr) {
-      vb += vload<V>(beta);
-      std::memcpy(logits, &vb, sizeof(V));
-    }
-    V vi = cur;
-    vp = vb - vb;
-    for (k = L; k + L <= K; k += L) {
-      V v = vload<V>(logits + k);
+    for (int s = 0; s < 2; ++s) {
+      V v = vload<V>(logits + s * L);
       if (beta != nullptr) {
-        v += vload<V>(beta + k);
-        std::memcpy(logits + k, &v, sizeof(V));
+        v += vload<V>(beta + s * L);
+        std::memcpy(logits + s * L, &v, sizeof(V));
       }
-      cur += static_cast<T>(L);
-      const auto gt = v > vb;
-      vb = gt ? v : vb;
-      vi = gt ? cur : vi;
-      vp += v - v;
+      vb[s] = v;
+      vi[s] = cur + static_cast<T>(s * L);
+      vp[s] = v - v;
     }
-    best = vb[0];
-    bi = vi[0];
-    for (int l = 1; l < L; ++l)
-      if (vb[l] > best || (vb[l] == best && vi[l] < bi)) {
-        best = vb[l];
-        bi = vi[l];
+    cur += static_cast<T>(2 * L);
+    auto step = [&](int s, index_t at, V idx) {
+      V v = vload<V>(logits + at);
+      if (beta != nullptr) {
+        v += vload<V>(beta + at);
+        std::memcpy(logits + at, &v, sizeof(V));
       }
-    for (int l = 0; l < L; ++l) probe += vp[l];
+      const auto gt = v > vb[s];
+      vb[s] = gt ? v : vb[s];
+      vi[s] = gt ? idx : vi[s];
+      vp[s] += v - v;
+    };
+    for (k = 2 * L; k + 2 * L <= K; k += 2 * L) {
+      step(0, k, cur);
+      step(1, k + L, cur + static_cast<T>(L));
+      cur += static_cast<T>(2 * L);
+    }
+    if (k + L <= K) {
+      step(0, k, cur);
+      k += L;
+    }
+    best = vb[0][0];
+    bi = vi[0][0];
+    for (int s = 0; s < 2; ++s)
+      for (int l = 0; l < L; ++l)
+        if (vb[s][l] > best || (vb[s][l] == best && vi[s][l] < bi)) {
+          best = vb[s][l];
+          bi = vi[s][l];
+        }
+    const V vps = vp[0] + vp[1];
+    for (int l = 0; l < L; ++l) probe += vps[l];
   } else {
     if (beta != nullptr) logits[0] += beta[0];
     best = logits[0];
