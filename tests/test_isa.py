@@ -263,7 +263,8 @@ def _epilogue_replica(Z, A, beta, inv, alpha, eps):
         r = r * (1.0 - 8.0 * u64)
     # how many (row, class) values came from a 0 * inf (NaN) and from a positive numerator
     # times inf: the cases the max(0, .) semantics must get right
-    cases = (int(np.isnan(prod).sum()), int(np.isposinf(prod).sum()))
+    # and rows whose top logit is attained more than once (the first occurrence must win)
+    cases = (int(np.isnan(prod).sum()), int(np.isposinf(prod).sum()), int(((logits == lc).sum(1) > 1).sum()))
     return torch.from_numpy(c), torch.from_numpy(r), cases
 
 
@@ -289,10 +290,10 @@ def test_tied_epilogue_bit_exact_on_exact_logits(isa, K):
     eps = torch.rand(K, generator=g, dtype=torch.float64) * 2.0
     exact = isa == "portable" and re.match(r"x86_64|AMD64", os.uname().machine)
     for fp in (SimpleNamespace(alpha=alpha, eps=eps), None):
-        want_c, want_r, (n_nan, n_inf) = _epilogue_replica(Z, A, beta, inv,
-                                                           *((fp.alpha, fp.eps) if fp else (None, None)))
+        want_c, want_r, (n_nan, n_inf, n_tied) = _epilogue_replica(Z, A, beta, inv,
+                                                                   *((fp.alpha, fp.eps) if fp else (None, None)))
         assert (want_r > 0).sum() > B // 4 and (want_r == 0).sum() > 0, "the data test too little"
-        assert n_inf > 0 and (n_nan > 0 or fp is not None), (n_nan, n_inf)
+        assert n_inf > 0 and (n_nan > 0 or fp is not None) and n_tied > 0, (n_nan, n_inf, n_tied)
         for policy in ("lanes", "blas", "micro", "portable"):
             _cpu.set_gemm_policy(policy)
             for screen in (True, False):
