@@ -183,7 +183,9 @@ def test_screened_epilogue_is_bit_identical(isa, norm, K):
     """The float32 screen of the many-class epilogue skips only classes that provably cannot
     hold the minimum, so with it the radii are the same bits as the full float64 loop, under
     every GEMM that runs the per-row epilogue, with and without the rounding-error terms, on
-    points where many classes are near the minimum."""
+    points where many classes are near the minimum. (The screen runs from 64 classes, from 192
+    on the portable SSE2 path, ``csrc/cpu/tied.cpp: kScreenMinClasses``: K = 200 tests it on
+    every path.)"""
     head, Z = _many_near_ties(K=K)
     for policy in ("auto", "micro", "portable", "blas"):
         _cpu.set_gemm_policy(policy)
@@ -209,7 +211,7 @@ def test_screened_epilogue_sound_against_mpmath(isa):
     import mpmath
     from helpers import mp_linear_radius
 
-    head, Z = _many_near_ties(K=160, d=6, seed=9)
+    head, Z = _many_near_ties(K=200, d=6, seed=9)  # K >= 192: screened on every path
     A, b = head.classifier_params.A.numpy(), head.classifier_params.beta.numpy()
     rows = torch.arange(0, Z.shape[0], 5)
     for policy in ("auto", "blas"):

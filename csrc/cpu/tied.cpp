@@ -153,7 +153,15 @@ struct PairMin {
 // always evaluated (its largest logit is l_c).
 constexpr index_t kScreenChunk = 32;
 bool margin_screen() { return gmfast_state_screen() != 0; }
+#if defined(GMFAST_SSE2_MARGINS)
+// SSE2 (2 float64 lanes): the screen's fixed cost per row (the chunk maxima, the chunk search)
+// pays only from about 200 classes (full certify, MKL blocks, one thread, screen on vs off:
+// (16384, 128, K = 64) 5.84 vs 5.58 ms, K = 100 8.70 vs 8.31, K = 128 9.55 vs 9.40;
+// (8192, 128, 200) equal; (8192, 128, 300) 9.61 vs 10.20; (4096, 128, 1000) 15.0 vs 17.5).
+constexpr index_t kScreenMinClasses = 6 * kScreenChunk;
+#else
 constexpr index_t kScreenMinClasses = 2 * kScreenChunk;
+#endif
 
 struct ScreenCtx {
   bool on;
