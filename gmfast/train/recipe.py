@@ -3,6 +3,7 @@ the head on the trained latents; save, load and certify (DESIGN 1.3, 1.6)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -259,8 +260,6 @@ def prototype_head(prototypes: TiedPrototypeHead):
     covariance ``I`` (isotropic) or ``P⁻¹`` (learned precision ``P``), equal priors. Its
     classifier is the one :func:`train` optimised (``ℓ_k = a_kᵀz − ½a_kᵀμ_k``, ``a_k = Pμ_k``)."""
     from gmfast.head import GaussianMixtureHead
-
-    import copy
 
     prototypes = copy.deepcopy(prototypes).cpu().double()  # P = LᵀL + δI formed in float64
     means = prototypes.means.detach()
