@@ -17,3 +17,12 @@ def rng():
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch at one thread for the test, restored afterwards (the training tests)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

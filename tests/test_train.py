@@ -16,12 +16,7 @@ from gmfast.train.layers import conv_architecture, mlp_architecture
 from gmfast.train.loss import margin_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _power_iteration(f, x, n_iter=200, seed=0):

@@ -16,12 +16,7 @@ from gmfast.train.layers import mlp_architecture
 from gmfast.train.recipe import translate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _shifted(x, dy, dx):
