@@ -245,14 +245,11 @@ class Certifier:
 
     def _local_tied(self, lb, xb, c, p, floor=None):
         params = self.head.classifier_params
-        A, beta = params.A.cpu().double(), params.beta.cpu().double()
-        K = A.shape[0]
-        others = torch.stack([torch.cat([torch.arange(k), torch.arange(k + 1, K)]) for k in range(K)])[c]  # (B, K-1)
-        lam = A[c][:, None, :] - A[others]  # fl(a_c − a_j): within u|·| of the exact direction
-        c0 = beta[c][:, None] - beta[others]
-        u = 2.0**-53
-        return lb.margin_radius(xb, lam, c0, p, self.domain, steps=self.local_steps, lam_err=u * lam.abs(),
-                                c0_err=u * c0.abs(), floor=floor)
+        from gmfast.lipschitz.local_search import tied_margin_rows
+
+        lam, c0, lam_err, c0_err = tied_margin_rows(params.A.cpu().double(), params.beta.cpu().double(), c)
+        return lb.margin_radius(xb, lam, c0, p, self.domain, steps=self.local_steps, lam_err=lam_err,
+                                c0_err=c0_err, floor=floor)
 
     def _local_perclass(self, lb, xb, z, R, p):
         from gmfast._fp import norm_upper

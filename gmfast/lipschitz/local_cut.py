@@ -51,6 +51,7 @@ import torch
 from gmfast._fp import U64, gamma
 from gmfast.lipschitz.linearize import _F64, _TINY, _up
 from gmfast.lipschitz.local import LocalBounds
+from gmfast.lipschitz.local_search import tied_margin_rows
 from gmfast.lipschitz.local_steps import rowdot
 
 
@@ -316,13 +317,9 @@ def tied_margin_radius(lb, encoder, head, x, norm, domain=None, steps: int = 4, 
     exact margins at ``x`` are not all positive. ``steps``, ``start``: the radius search's
     passes and first ball (:func:`gmfast.lipschitz.local_search.margin_radius`)."""
     params = head.classifier_params
-    A, beta = params.A.cpu().double(), params.beta.cpu().double()
     with torch.no_grad():
         pred = head.predict(encoder(x)).cpu()
-    K = A.shape[0]
-    others = torch.stack([torch.cat([torch.arange(k), torch.arange(k + 1, K)]) for k in range(K)])[pred]
-    lam = A[pred][:, None, :] - A[others]
-    c0 = beta[pred][:, None] - beta[others]
+    lam, c0, lam_err, c0_err = tied_margin_rows(params.A.cpu().double(), params.beta.cpu().double(), pred)
     r = lb.margin_radius(x.detach().cpu().double(), lam, c0, norm, domain, steps=steps, start=start,
-                         lam_err=U64 * lam.abs(), c0_err=U64 * c0.abs())
+                         lam_err=lam_err, c0_err=c0_err)
     return pred, r

@@ -13,8 +13,21 @@ import math
 
 import torch
 
+from gmfast._fp import U64
 from gmfast.lipschitz.linearize import _F64
 from gmfast.lipschitz.local_steps import rowdot
+
+
+def tied_margin_rows(A, beta, c):
+    """The margins ``(a_c − a_j)ᵀh + β_c − β_j``, ``j ≠ c``, of a tied head ``(A, β)``
+    (float64) for predictions ``c`` (B,): ``lam`` (B, K−1, d), ``c0`` (B, K−1) and their
+    charges. Each entry is one rounded subtraction, so within ``u₆₄|·|`` of the exact
+    difference: the charges ``lam_err``, ``c0_err`` that :func:`margin_radius` takes."""
+    K = A.shape[0]
+    others = torch.stack([torch.cat([torch.arange(k), torch.arange(k + 1, K)]) for k in range(K)])[c]
+    lam = A[c][:, None, :] - A[others]
+    c0 = beta[c][:, None] - beta[others]
+    return lam, c0, U64 * lam.abs(), U64 * c0.abs()
 
 
 def margin_radius(lb, x, lam, c0, norm, domain=None, steps: int = 4, start=None, lam_err=None, c0_err=None,
