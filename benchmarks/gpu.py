@@ -2,8 +2,10 @@
 
     python benchmarks/gpu.py [--out benchmarks/gpu_results.json] [--reps 20]
 
-For every GPU variant (the ``cuda`` and ``triton`` backends that can run here) it first
-checks the variant against the pure-PyTorch reference on a small case, then times it at
+For every GPU variant (the ``cuda`` and ``triton`` backends that can run here, each with
+cuBLAS's GEMM, the default where it is IEEE, and with its own GEMM kernel: ``<backend>-own``)
+it first checks the variant against the pure-PyTorch reference on a small case, then times
+it at
 
 * tied, float32, norm 2, fp_sound: (B, d, K) = (65536, 512, 10), (8192, 2048, 1000),
   (65536, 2048, 1000);
@@ -71,13 +73,23 @@ class Case:
             self.lam = params.curvature_table(self.p, "auto")[1]
             self.fp = perclass_error_model(d, torch.float32)
 
-    def run(self, backend):
-        from gmfast.ops import kernel_module
+    def run(self, variant):
+        """``variant``: a backend name, or ``"<backend>-own"``: that backend with its own GEMM
+        kernel instead of cuBLAS's (``torch.addmm``), which it uses by default when IEEE."""
+        from gmfast.ops import _cuda, kernel_module
+        from gmfast.triton import tied as ttied
 
+        backend, own = variant.removesuffix("-own"), variant.endswith("-own")
         mod = kernel_module(backend)  # every backend, the reference included, on one contract
-        if self.kind == "tied":
-            return mod.tied_certify(self.Z, self.p.A, self.p.beta, self.inv, self.fp)
-        return mod.perclass_certify(self.Z, self.p, self.lam, self.fp)
+        saved = _cuda._library_gemm, ttied.library_gemm
+        if own:
+            _cuda._library_gemm = ttied.library_gemm = lambda Z: False
+        try:
+            if self.kind == "tied":
+                return mod.tied_certify(self.Z, self.p.A, self.p.beta, self.inv, self.fp)
+            return mod.perclass_certify(self.Z, self.p, self.lam, self.fp)
+        finally:
+            _cuda._library_gemm, ttied.library_gemm = saved
 
     def floor(self):
         """The cuBLAS GEMM of the same shape (TF32 off)."""
@@ -164,7 +176,7 @@ def main(argv=None) -> int:
         ok, why = ops._probe(name)
         print(f"{name:9s} {'available' if ok else 'unavailable: ' + why}")
         if ok:
-            variants.append(name)
+            variants += [name, name + "-own"]
     checks = {}
     for v in variants:
         for kind in ("tied", "full"):

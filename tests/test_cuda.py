@@ -272,21 +272,24 @@ def emulated_module(tmp_path_factory):
     return module
 
 
-@pytest.fixture
-def cuda_on_cpu(emulated_module, monkeypatch):
-    """gmfast.ops._cuda driving the emulated module with CPU tensors (host pointers)."""
+@pytest.fixture(params=["own", "library"])
+def cuda_on_cpu(emulated_module, monkeypatch, request):
+    """gmfast.ops._cuda driving the emulated module with CPU tensors (host pointers), with
+    the module's own GEMM kernel and with the caller's (torch.addmm) GEMM + ``gemm=False``."""
 
     class Module:
         CudaError = emulated_module.CudaError
 
         def __getattr__(self, name):
             fn = getattr(emulated_module, name)
-            return lambda device, *args: fn(0, *args)  # CPU tensors have no device index
+            return lambda device, *args, **kw: fn(0, *args, **kw)  # CPU tensors have no device index
 
     monkeypatch.setattr(_cuda, "_load", lambda: Module())
     monkeypatch.setattr(_cuda, "_check", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
     monkeypatch.setattr(_cuda, "_CHUNK_ELEMS", 1)  # smallest chunks: several per call
+    library = request.param == "library"
+    monkeypatch.setattr(_cuda, "_library_gemm", lambda Z: library)
     return _cuda
 
 
@@ -381,6 +384,10 @@ def test_emulated_cuda_argument_checks(emulated_module):
         m.perclass_certify_f64(0, 1, 2, 3, 3, 0, 1, 1, 0, 1, 1, 1, 2, 0, None, 1, 0, 1, 8, 0)
     with pytest.raises(ValueError, match=f"consts: expected {len(PERCLASS_FIELDS)} values, got 1"):
         m.perclass_certify_f64(0, 1, 2, 3, 3, 1, 1, 1, 0, 1, 1, 1, 2, 1, [0.0], 1, 1, 0, 8, 0)
+    with pytest.raises(ValueError, match="gemm=False .logits given.: expected chunk >= B"):
+        m.tied_certify_f32(0, 1, 5, 3, 3, 1, 1, 2, 0, 0, 0, None, 1, 0, 1, 0, 4, 0, gemm=False)
+    with pytest.raises(ValueError, match="gemm=False .U given.: expected chunk >= B"):
+        m.perclass_certify_f64(0, 1, 5, 3, 3, 0, 1, 1, 1, 1, 1, 1, 2, 0, None, 1, 0, 1, 4, 0, gemm=False)
 
 
 def test_emulated_cuda_kernel_interface_matches_python(emulated_module):
@@ -499,7 +506,22 @@ GPU_CASES = [  # (kind, B, d, K): odd sizes, single rows, many classes, tile edg
 ]
 
 
-def _compare_on_gpu(backend):
+def _compare_on_gpu(backend, monkeypatch):
+    """Both GEMMs of the backend: cuBLAS's (``torch.addmm``, the default where it is IEEE)
+    and the backend's own kernel."""
+    from gmfast.triton import tied as ttied
+
+    failures = []
+    for own in (False, True):
+        with monkeypatch.context() as m:
+            if own:
+                m.setattr(_cuda, "_library_gemm", lambda Z: False)
+                m.setattr(ttied, "library_gemm", lambda Z: False)
+            failures += _compare_cases(backend, "own GEMM" if own else "default GEMM")
+    assert not failures, "\n".join(failures[:20])
+
+
+def _compare_cases(backend, label):
     failures = []
     for (kind, B, d, K), dtype in ((c, dt) for c in GPU_CASES for dt in (torch.float32, torch.float64)):
         head = _random_head(kind, d, K, seed=B + d + K)
@@ -523,13 +545,14 @@ def _compare_on_gpu(backend):
             tie = (top2[:, 0] - top2[:, -1]) < (1e-3 if dtype == torch.float32 else 1e-9)
             same = a.prediction == b.prediction
             if (~same & ~tie).any():
-                failures.append(f"{backend} {kind} {dtype} B={B} d={d} K={K} norm={norm}: predictions differ")
+                failures.append(f"{backend} ({label}) {kind} {dtype} B={B} d={d} K={K} norm={norm}: "
+                                "predictions differ")
             bad = same & ((a.radius.double() - b.radius.double()).abs() > tol)
             if bad.any():
                 i = int(bad.nonzero()[0, 0])
-                failures.append(f"{backend} {kind} {dtype} B={B} d={d} K={K} norm={norm}: radius row {i} "
-                                f"{float(a.radius[i])} vs {float(b.radius[i])}")
-    assert not failures, "\n".join(failures[:20])
+                failures.append(f"{backend} ({label}) {kind} {dtype} B={B} d={d} K={K} norm={norm}: radius "
+                                f"row {i} {float(a.radius[i])} vs {float(b.radius[i])}")
+    return failures
 
 
 def _in_subprocess_without_interpreter(test_name):
@@ -545,18 +568,18 @@ def _in_subprocess_without_interpreter(test_name):
 
 
 @pytest.mark.gpu
-def test_cuda_backend_equals_reference_on_gpu():
+def test_cuda_backend_equals_reference_on_gpu(monkeypatch):
     _need_backend("cuda")
-    _compare_on_gpu("cuda")
+    _compare_on_gpu("cuda", monkeypatch)
 
 
 @pytest.mark.gpu
-def test_triton_backend_equals_reference_on_gpu():
+def test_triton_backend_equals_reference_on_gpu(monkeypatch):
     _need_backend("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         _in_subprocess_without_interpreter("test_triton_backend_equals_reference_on_gpu")
         return
-    _compare_on_gpu("triton")
+    _compare_on_gpu("triton", monkeypatch)
 
 
 @pytest.mark.gpu

@@ -111,11 +111,11 @@ def near_tie_tied(Z, p, pa, pb):
     return (gap <= 2.0 * (e.gather(1, a) + e.gather(1, b))[:, 0]).numpy()
 
 
-def check_tied(Z, p, norm, fp_sound, what, split=None):
+def check_tied(Z, p, norm, fp_sound, what, split=None, gemm=None):
     B, d = Z.shape
     inv_hat, inv_lo = params.tied_denominators(p, norm)
     fp = params.tied_error_model(p, d, Z.dtype) if fp_sound else None
-    pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo if fp_sound else inv_hat, fp, split=split)
+    pa, ra = ttied.tied_certify(Z, p.A, p.beta, inv_lo if fp_sound else inv_hat, fp, split=split, gemm=gemm)
     pb, rb = oracle.tied_oracle(Z, p, norm, fp_sound=fp_sound)
     assert pa.dtype == torch.int64 and ra.dtype == torch.float64 and pa.shape == ra.shape == (B,)
     diff = (pa != pb).numpy()
@@ -128,7 +128,7 @@ def check_tied(Z, p, norm, fp_sound, what, split=None):
     bad = same & ~(err <= tol)
     assert not bad.any(), f"{what}: radii differ beyond the rounding bound: " + describe(bad, ra, rb, tol)
     # predict-only gives the same predictions and no radius
-    pp, rp = ttied.tied_certify(Z, p.A, p.beta, None, None, split=split)
+    pp, rp = ttied.tied_certify(Z, p.A, p.beta, None, None, split=split, gemm=gemm)
     assert rp is None and torch.equal(pp, pa), f"{what}: predict-only differs"
     return pa, ra
 
@@ -143,15 +143,18 @@ def test_tied_equals_reference(B, d, K):
             check_tied(Z, p, norm, fp_sound, f"tied {dtype} norm={norm} fp_sound={fp_sound}")
 
 
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
 @pytest.mark.parametrize("K", [3, 37, 130])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tied_two_kernel_path(K, dtype):
-    """The GEMM + epilogue path (chosen for large K) agrees as well, also across K tiles."""
+def test_tied_two_kernel_path(K, dtype, gemm):
+    """The GEMM + epilogue path (chosen for large K) agrees as well, also across K tiles,
+    with the Triton GEMM and with torch's (cuBLAS on a GPU)."""
     master = random_params("tied", 5, K, seed=K)
     p = master.to("cpu", dtype)
     Z = sample(0.3 * master.A, 45, dtype, seed=2, noncontig=True)
     for norm, fp_sound in itertools.product((2, math.inf), (True, False)):
-        pa, ra = check_tied(Z, p, norm, fp_sound, f"split K={K} {dtype} norm={norm}", split=True)
+        pa, ra = check_tied(Z, p, norm, fp_sound, f"split K={K} {dtype} norm={norm} gemm={gemm}", split=True,
+                            gemm=gemm)
         if K <= ttied.FUSED_MAX_K:
             pf, rf = ttied.tied_certify(Z, p.A, p.beta, *_tied_tables(p, norm, fp_sound, Z), split=False)
             assert torch.equal(pf, pa)

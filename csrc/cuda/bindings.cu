@@ -52,9 +52,10 @@ template <class T>
 void tied(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, std::uintptr_t A, std::uintptr_t beta,
           index_t K, std::uintptr_t inv, std::uintptr_t alpha, std::uintptr_t eps,
           std::optional<std::vector<double>> consts, std::uintptr_t pred, std::uintptr_t radius, std::uintptr_t logits,
-          std::uintptr_t ss, index_t chunk, std::uintptr_t stream) {
+          std::uintptr_t ss, index_t chunk, std::uintptr_t stream, bool gemm) {
   check_rows(B, d, ldz);
   if (K < 1) fail("A: expected at least one class");
+  if (!gemm && chunk < B) fail("gemm=False (logits given): expected chunk >= B, one chunk");
   if ((alpha == 0) != (eps == 0)) fail("alpha and eps must both be given or both be null");
   if ((alpha == 0) != !consts) fail("consts must be given exactly when alpha and eps are");
   const auto cst = consts_of<gmfast::TiedConsts>(consts, gmfast::kTiedConstsCount);
@@ -70,14 +71,15 @@ void tied(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, std::
                                 as_ptr<const double>(inv), as_ptr<const double>(alpha), as_ptr<const double>(eps),
                                 cst ? &*cst : nullptr, as_ptr<int64_t>(pred), as_ptr<double>(radius),
                                 as_ptr<T>(logits), as_ptr<T>(ss),
-                                chunk, as_stream(stream));
+                                chunk, gemm, as_stream(stream));
 }
 
 template <class T>
 void perclass(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, int kind, std::uintptr_t mu,
               std::uintptr_t prec, std::uintptr_t neg_prec_mu, std::uintptr_t kappa, std::uintptr_t prec_abs_up,
               std::uintptr_t mu_norm_up, index_t K, std::uintptr_t lam, std::optional<std::vector<double>> consts,
-              std::uintptr_t pred, std::uintptr_t radius, std::uintptr_t U, index_t chunk, std::uintptr_t stream) {
+              std::uintptr_t pred, std::uintptr_t radius, std::uintptr_t U, index_t chunk, std::uintptr_t stream,
+              bool gemm) {
   check_rows(B, d, ldz);
   const auto cst = consts_of<gmfast::PerClassConsts>(consts, gmfast::kPerClassConstsCount);
   if (K < 1) fail("mu: expected at least one class");
@@ -95,6 +97,7 @@ void perclass(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, i
     need(neg_prec_mu, "neg_prec_mu");
     need(U, "U");
     if (chunk < 1) fail("chunk: expected >= 1 rows");
+    if (!gemm && chunk < B) fail("gemm=False (U given): expected chunk >= B, one chunk");
   }
   py::gil_scoped_release release;
   gmfast::cuda::check(cudaSetDevice(device), "cudaSetDevice");
@@ -102,7 +105,7 @@ void perclass(int device, std::uintptr_t Z, index_t B, index_t d, index_t ldz, i
                                     as_ptr<const T>(neg_prec_mu), as_ptr<const double>(kappa),
                                     as_ptr<const double>(prec_abs_up), as_ptr<const double>(mu_norm_up), K,
                                     as_ptr<const double>(lam), cst ? &*cst : nullptr, as_ptr<int64_t>(pred),
-                                    as_ptr<double>(radius), as_ptr<T>(U), chunk, as_stream(stream));
+                                    as_ptr<double>(radius), as_ptr<T>(U), chunk, gemm, as_stream(stream));
 }
 
 }  // namespace
@@ -128,17 +131,19 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("tied_certify_f32", &tied<float>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"), py::arg("ldz"),
         py::arg("A"), py::arg("beta"), py::arg("K"), py::arg("inv"), py::arg("alpha"), py::arg("eps"),
         py::arg("consts"), py::arg("pred"), py::arg("radius"), py::arg("logits"), py::arg("ss"), py::arg("chunk"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("gemm") = true);
   m.def("tied_certify_f64", &tied<double>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"),
         py::arg("ldz"), py::arg("A"), py::arg("beta"), py::arg("K"), py::arg("inv"), py::arg("alpha"),
         py::arg("eps"), py::arg("consts"), py::arg("pred"), py::arg("radius"), py::arg("logits"), py::arg("ss"),
-        py::arg("chunk"), py::arg("stream"));
+        py::arg("chunk"), py::arg("stream"), py::arg("gemm") = true);
   m.def("perclass_certify_f32", &perclass<float>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"),
         py::arg("ldz"), py::arg("kind"), py::arg("mu"), py::arg("prec"), py::arg("neg_prec_mu"), py::arg("kappa"),
         py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("K"), py::arg("lam"), py::arg("consts"),
-        py::arg("pred"), py::arg("radius"), py::arg("U"), py::arg("chunk"), py::arg("stream"));
+        py::arg("pred"), py::arg("radius"), py::arg("U"), py::arg("chunk"), py::arg("stream"),
+        py::arg("gemm") = true);
   m.def("perclass_certify_f64", &perclass<double>, py::arg("device"), py::arg("Z"), py::arg("B"), py::arg("d"),
         py::arg("ldz"), py::arg("kind"), py::arg("mu"), py::arg("prec"), py::arg("neg_prec_mu"), py::arg("kappa"),
         py::arg("prec_abs_up"), py::arg("mu_norm_up"), py::arg("K"), py::arg("lam"), py::arg("consts"),
-        py::arg("pred"), py::arg("radius"), py::arg("U"), py::arg("chunk"), py::arg("stream"));
+        py::arg("pred"), py::arg("radius"), py::arg("U"), py::arg("chunk"), py::arg("stream"),
+        py::arg("gemm") = true);
 }

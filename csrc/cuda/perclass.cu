@@ -168,7 +168,7 @@ template <class T>
 void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKind kind, const T* mu, const T* prec,
                       const T* neg_prec_mu, const double* kappa, const double* prec_abs_up,
                       const double* mu_norm_up, index_t K, const double* lam, const PerClassConsts* fp,
-                      int64_t* pred, double* radius, T* U, index_t chunk, cudaStream_t stream) {
+                      int64_t* pred, double* radius, T* U, index_t chunk, bool own_gemm, cudaStream_t stream) {
   if (B == 0) return;
   chunk = std::min(chunk, kMaxChunkRows);
   const bool fp_sound = fp != nullptr && lam != nullptr;
@@ -179,7 +179,7 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
       // as the reference (negation is exact).
       for (index_t r0 = 0; r0 < B; r0 += chunk) {
         const index_t rows = std::min(chunk, B - r0);
-        gemm_nt_bias<T>(rows, K * d, d, Z + r0 * ldz, ldz, prec, neg_prec_mu, U, nullptr, stream);
+        if (own_gemm) gemm_nt_bias<T>(rows, K * d, d, Z + r0 * ldz, ldz, prec, neg_prec_mu, U, nullptr, stream);
         launch_rows<T, 0>(rows, d, K, Z + r0 * ldz, ldz, U, mu, prec, kappa, prec_abs_up, mu_norm_up, lam, cst,
                           fp_sound, pred + r0, lam != nullptr ? radius + r0 : nullptr, stream);
       }
@@ -198,11 +198,11 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
 template void perclass_certify<float>(const float*, index_t, index_t, index_t, PerClassKind, const float*,
                                       const float*, const float*, const double*, const double*, const double*,
                                       index_t, const double*, const PerClassConsts*, int64_t*, double*, float*,
-                                      index_t, cudaStream_t);
+                                      index_t, bool, cudaStream_t);
 template void perclass_certify<double>(const double*, index_t, index_t, index_t, PerClassKind, const double*,
                                        const double*, const double*, const double*, const double*, const double*,
                                        index_t, const double*, const PerClassConsts*, int64_t*, double*, double*,
-                                       index_t, cudaStream_t);
+                                       index_t, bool, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace gmfast

@@ -4,6 +4,15 @@ Thin by design: make the operands contiguous where the kernels need it, allocate
 and bounded scratch with torch (so the caching allocator and the current stream order
 everything), pass raw device pointers, shapes and ``torch.cuda.current_stream()`` to C++.
 
+The GEMM of a chunk (tied logits, full-covariance ``û``) is the vendor's (cuBLAS through
+``torch.addmm``) whenever it is plain IEEE arithmetic in the working dtype: float64, or
+float32 with TF32 off (:func:`gmfast.params.fp32_matmul_is_ieee`). The error bounds hold
+for any inner product of length ``d + 1`` in that dtype, any order, FMA or not, so they
+cover it; the epilogue kernels then run on the product (``gemm=False``). cuBLAS reaches
+about twice the throughput of the module's own SIMT GEMM on an H200 (benchmarks/RESULTS.md,
+GPU). With TF32 or reduced-precision float32 matmuls switched on, the module's own GEMM
+(always IEEE) runs instead.
+
 The module links the CUDA runtime statically, so it imports on machines without a driver;
 ``available()`` then reports why it cannot run. If the runtime still fails at the first
 real call (e.g. no kernel image for this GPU), the call raises
@@ -113,6 +122,13 @@ def _chunk(width: int, lo: int, B: int) -> int:
     return max(1, min(B, 1 << 21, max(lo, _CHUNK_ELEMS // max(1, width))))
 
 
+def _library_gemm(Z: torch.Tensor) -> bool:
+    """Whether ``torch.addmm`` on Z's device and dtype is the IEEE GEMM the bounds assume."""
+    from gmfast.params import fp32_matmul_is_ieee
+
+    return Z.dtype == torch.float64 or fp32_matmul_is_ieee(Z.device)
+
+
 def _tied(Z, A, beta, inv, fp):
     alpha, eps, consts = (None, None, None) if fp is None else fp
     _check(Z, A, beta, inv, alpha, eps)
@@ -132,11 +148,25 @@ def _tied(Z, A, beta, inv, fp):
     chunk = _chunk(K, 128, B)
     logits = torch.empty(chunk * K, dtype=Z.dtype, device=dev)
     ss = torch.empty(chunk, dtype=Z.dtype, device=dev)
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, _ptr(A), _ptr(beta), K, _ptr(inv), _ptr(alpha),
-       _ptr(eps), None if consts is None else list(consts), _ptr(pred), _ptr(radius), _ptr(logits), _ptr(ss), chunk,
-       stream)
+    stream = _stream(dev)
+    cst = None if consts is None else list(consts)
+    if not _library_gemm(Z):
+        fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, _ptr(A), _ptr(beta), K, _ptr(inv), _ptr(alpha),
+           _ptr(eps), cst, _ptr(pred), _ptr(radius), _ptr(logits), _ptr(ss), chunk, stream)
+        return pred, radius
+    At = A.T
+    for r0 in range(0, B, chunk):
+        n = min(chunk, B - r0)
+        Zc = Z[r0:r0 + n]
+        torch.addmm(beta, Zc, At, out=logits[:n * K].view(n, K))
+        fn(dev.index, _ptr(Zc), n, d, Zc.stride(0) if n > 1 else d, _ptr(A), _ptr(beta), K, _ptr(inv), _ptr(alpha),
+           _ptr(eps), cst, _ptr(pred[r0:]), _ptr(None if radius is None else radius[r0:]), _ptr(logits), _ptr(ss),
+           n, stream, gemm=False)
     return pred, radius
+
+
+def _stream(dev: torch.device) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
 
 
 def _perclass(Z, p, lam, fp):
@@ -162,10 +192,22 @@ def _perclass(Z, p, lam, fp):
         neg_pm = (-p.prec_mu.to(T)).contiguous()  # exact negation: the kernel adds it as a bias
         chunk = _chunk(K * d, 32, B)
         U = torch.empty(chunk * K * d, dtype=T, device=dev)
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, int(CovKind.of(p.kind)), _ptr(mu), _ptr(prec),
-       _ptr(neg_pm), _ptr(kappa), _ptr(pabs), _ptr(mun), K, _ptr(lam), None if fp is None else list(fp.consts),
-       _ptr(pred), _ptr(radius), _ptr(U), chunk, stream)
+    stream = _stream(dev)
+    kind, cst = int(CovKind.of(p.kind)), None if fp is None else list(fp.consts)
+    if p.kind != "full" or not _library_gemm(Z):
+        fn(dev.index, _ptr(Z), B, d, Z.stride(0) if B > 1 else d, kind, _ptr(mu), _ptr(prec), _ptr(neg_pm),
+           _ptr(kappa), _ptr(pabs), _ptr(mun), K, _ptr(lam), cst, _ptr(pred), _ptr(radius), _ptr(U), chunk, stream)
+        return pred, radius
+    # û of a chunk = Z_chunk [P_1; …; P_K]ᵀ + (−P μ): one GEMM of length d + 1 per entry
+    Pt = prec.view(K * d, d).T
+    bias = neg_pm.view(K * d)
+    for r0 in range(0, B, chunk):
+        n = min(chunk, B - r0)
+        Zc = Z[r0:r0 + n]
+        torch.addmm(bias, Zc, Pt, out=U[:n * K * d].view(n, K * d))
+        fn(dev.index, _ptr(Zc), n, d, Zc.stride(0) if n > 1 else d, kind, _ptr(mu), _ptr(prec), _ptr(neg_pm),
+           _ptr(kappa), _ptr(pabs), _ptr(mun), K, _ptr(lam), cst, _ptr(pred[r0:]),
+           _ptr(None if radius is None else radius[r0:]), _ptr(U), n, stream, gemm=False)
     return pred, radius
 
 

@@ -43,7 +43,7 @@ def _count_kernel(Z, szb, szd, A, BETA, OWNER, COUNTS, N, d, K, num_inputs,
             dmask = dd < d
             z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd, mask=rmask[:, None] & dmask[None, :], other=0.0)
             at = tl.load(A + ks[None, :] * d + dd[:, None], mask=dmask[:, None] & kmask[None, :], other=0.0)
-            acc = tl.dot(z, at, acc, input_precision="ieee")
+            acc = tl.dot(z, at, acc, input_precision="ieee", out_dtype=T)
         lg = acc + tl.load(BETA + ks, mask=kmask, other=0.0)[None, :]
         tm, ti, tok = tile_argmax(lg, ks, kmask)
         upd = tm > best  # strict: an earlier tile keeps ties

@@ -244,7 +244,7 @@ def _gemm_nt_bias_kernel(X, sxm, sxk, Y, BIAS, OUT, SS, M, N, Kd,
         kmask = kk < Kd
         x = tl.load(X + rows[:, None] * sxm + kk[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
         y = tl.load(Y + cols[None, :] * Kd + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(x, y, acc, input_precision="ieee")
+        acc = tl.dot(x, y, acc, input_precision="ieee", out_dtype=T)
         if WRITE_SS:
             ss += tl.sum(x * x, 1)
     bias = tl.load(BIAS + cols, mask=cmask, other=0.0)
@@ -276,7 +276,7 @@ def _tied_fused_kernel(Z, szb, szd, A, BETA, INV, ALPHA, EPS, CST, PRED, RAD, B,
         dmask = dd < d
         z = tl.load(Z + rows[:, None] * szb + dd[None, :] * szd, mask=rmask[:, None] & dmask[None, :], other=0.0)
         at = tl.load(A + ks[None, :] * d + dd[:, None], mask=dmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(z, at, acc, input_precision="ieee")
+        acc = tl.dot(z, at, acc, input_precision="ieee", out_dtype=T)
         if FP_SOUND:
             ss += tl.sum(z * z, 1)
     lg = acc + tl.load(BETA + ks, mask=kmask, other=0.0)[None, :]
@@ -378,16 +378,33 @@ def gemm_nt_bias(X: torch.Tensor, Y: torch.Tensor, bias: torch.Tensor, out: torc
                                    enable_fp_fusion=FP_FUSION)
 
 
+def library_gemm(Z: torch.Tensor) -> bool:
+    """Whether the split path takes its logits from ``torch.addmm`` (cuBLAS): on a GPU, when
+    that GEMM is IEEE in Z's dtype (float64, or float32 with TF32 off). The bounds hold for
+    any inner product of length ``d + 1`` in ``T``, so they cover it; on an H200 cuBLAS runs
+    this GEMM about twice as fast as ``tl.dot(..., input_precision="ieee")``."""
+    from gmfast.params import fp32_matmul_is_ieee
+
+    if interpreting() or Z.device.type != "cuda":
+        return False
+    return Z.dtype == torch.float64 or fp32_matmul_is_ieee(Z.device)
+
+
 def tied_certify(Z: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, inv: torch.Tensor | None,
-                 fp: TiedErrorModel | None, *, split: bool | None = None):
+                 fp: TiedErrorModel | None, *, split: bool | None = None, gemm: str | None = None):
     """Tied certify on the GPU (or the Triton interpreter); see the module docstring.
 
     Z (B, d) any strides; A (K, d), beta (K,) in Z's dtype; inv (K, K) float64 or None;
     ``fp`` the rounding-error model (:class:`gmfast._fp.TiedErrorModel`) or None
     (``fp_sound=False``). ``split`` forces the two-kernel path (True) or the fused one
-    (False, only for ``K ≤ FUSED_MAX_K``); by default it is chosen by K.
+    (False, only for ``K ≤ FUSED_MAX_K``); by default it is chosen by K. ``gemm`` (split
+    path): ``"triton"`` (the GEMM kernel here, ``‖z‖²`` fused into it) or ``"torch"``
+    (``torch.addmm``, then ``fl(Σ z_i²)`` by ``torch.sum`` in ``T``: a sum in some order,
+    the same bound); by default :func:`library_gemm`.
     Returns pred (B,) int64 and radius (B,) float64 (None when ``inv`` is None).
     """
+    if gemm not in (None, "triton", "torch"):
+        raise ValueError(f"gemm must be None, 'triton' or 'torch'; got {gemm!r}")
     alpha, eps = (None, None) if fp is None else (fp.alpha, fp.eps)
     check_device(Z, A, beta, inv, alpha, eps)
     check_dtype(Z, A, beta)
@@ -438,9 +455,16 @@ def tied_certify(Z: torch.Tensor, A: torch.Tensor, beta: torch.Tensor, inv: torc
     rows = chunk_rows(K, 128, B)
     L = torch.empty(rows, K, dtype=Z.dtype, device=dev)
     SS = torch.empty(rows, dtype=Z.dtype, device=dev)
+    use_torch = library_gemm(Z) if gemm is None else gemm == "torch"
     for r0 in range(0, B, rows):
         n = min(rows, B - r0)
-        gemm_nt_bias(Z[r0:r0 + n], A, beta, L[:n], SS[:n] if fp_sound else None)
+        Zc = Z[r0:r0 + n]
+        if use_torch:
+            torch.addmm(beta, Zc, A.T, out=L[:n])
+            if fp_sound:
+                torch.sum(Zc * Zc, 1, out=SS[:n])
+        else:
+            gemm_nt_bias(Zc, A, beta, L[:n], SS[:n] if fp_sound else None)
         with launch_context():
             _tied_epilogue_kernel[(triton.cdiv(n, BM_E),)](
                 L, SS, inv_, alpha_, eps_, cst, pred[r0:], rad_[r0:] if need_radius else dummy, n, K,
