@@ -74,7 +74,7 @@ void chol_margins(const T* Z, index_t n, index_t d, index_t ldz, const T* rpack,
   // enough work items for every thread: split the classes when there are few row blocks
   const index_t ng = nblocks >= 4 * threads ? 1 : std::min<index_t>(K, (4 * threads + nblocks - 1) / nblocks);
   const index_t kg = (K + ng - 1) / ng;
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(double(n) * K * d * (d + 1) / 2))
   {
     std::vector<T> zp(static_cast<size_t>(kMB) * d);
     std::vector<V> sq(kMB);
@@ -122,7 +122,7 @@ void exact_u(const T* Z, index_t ldz, index_t d, const T* prec, const T* prec_mu
   for (index_t i = 0; i < m; ++i) slot[i] = fill[pairs[i].k]++;
   Zg.resize(static_cast<size_t>(m) * d);
   U.resize(static_cast<size_t>(m) * d);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(double(m) * d))
   for (index_t i = 0; i < m; ++i) std::memcpy(Zg.data() + slot[i] * d, Z + pairs[i].row * ldz, sizeof(T) * d);
   for (index_t k = 0; k < K; ++k) {
     const index_t cnt = start[k + 1] - start[k];
@@ -130,7 +130,7 @@ void exact_u(const T* Z, index_t ldz, index_t d, const T* prec, const T* prec_mu
     gemm_nt<T>(cnt, d, d, Zg.data() + start[k] * d, d, prec + k * d * d, d, U.data() + start[k] * d, d,
                /*prefer_blas=*/true);
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(double(m) * d))
   for (index_t i = 0; i < m; ++i) {
     T* u = U.data() + slot[i] * d;
     const T* pm = prec_mu + pairs[i].k * d;
@@ -167,7 +167,7 @@ void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* r
     chol_margins<T>(Zc, n, d, ldz, rpack, rbias, K, D.data());
     alive.assign(n, 0);
     c_of.assign(n, 0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(double(n) * K * 4))
     for (index_t r = 0; r < n; ++r) {
       const double* Dr = D.data() + r * K;
       bool finite = true;
@@ -192,7 +192,7 @@ void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* r
     ubc.assign(n, 0.0);
     constexpr int kFirst = 2;  // exact pairs per row in round A besides c
     std::vector<index_t> firstj(static_cast<size_t>(n) * kFirst, -1);
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(double(n) * K * 16))
     {
       std::vector<double> e(K);
 #pragma omp for schedule(static)
@@ -282,7 +282,7 @@ void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* r
     dpc.assign(n, 0.0);
     best.assign(n, kInf);
     pruned.assign(n, kInf);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(double(n) * (K + d) * 8))
     for (index_t r = 0; r < n; ++r) {
       if (!alive[r]) continue;
       const index_t ic = cslot[r];
@@ -330,7 +330,7 @@ void full_certify_chol(const T* Z, index_t B, index_t d, index_t ldz, const T* r
       exact_u<T>(Zc, ldz, d, prec, prec_mu, K, part, Zg2, U2, slotB);
       const index_t m = static_cast<index_t>(part.size());
       rr.assign(m, kInf);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(double(m) * d * 4))
       for (index_t i = 0; i < m; ++i) {
         const index_t r = part[i].row;
         rr[i] = exact_radius(r, part[i].k, U.data() + slotA[cslot[r]] * d, U2.data() + slotB[i] * d, dpc[r], ubc[r]);

@@ -130,7 +130,7 @@ void perclass_certify(const T* Z, index_t B, index_t d, index_t ldz, PerClassKin
                       int64_t* pred, double* radius) {
   if (B == 0) return;
   const size_t Kd = static_cast<size_t>(K) * d;
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(double(B) * Kd * 4))
   {
     std::vector<T> U(Kd);
     std::vector<double> f(K), D(K), un(K), wn(K);

@@ -304,7 +304,7 @@ struct ScreenTables {
         amax = std::max(amax, alpha[k]);
         emax = std::max(emax, eps[k]);
       }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(double(K) * K))
     for (index_t c = 0; c < K; ++c) {
       const double* row = inv + c * K;
       double m = kInf;
@@ -468,7 +468,7 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
   constexpr int L = lanes<T>();
   const index_t np = (K + NR - 1) / NR, Kp = np * NR;
   std::vector<T> apack(static_cast<size_t>(np) * d * NR);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(double(Kp) * d))
   for (index_t p = 0; p < np; ++p)
     for (index_t t = 0; t < d; ++t)
       for (index_t r = 0; r < NR; ++r) {
@@ -476,7 +476,7 @@ void tied_certify_micro(const T* Z, index_t B, index_t d, index_t ldz, const T* 
         apack[(p * d + t) * NR + r] = k < K ? A[k * d + t] : T(0);
       }
   const index_t mb = kMicroRows, nblocks = (B + mb - 1) / mb;
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(double(B) * d * K))
   {
     std::vector<T> zp(static_cast<size_t>(mb) * kMicroKc), Lg(static_cast<size_t>(mb) * Kp), ss(mb);
     std::vector<float> chunks;
@@ -755,7 +755,7 @@ void tied_certify_lanes(const T* Z, index_t B, index_t d, index_t ldz, const T* 
   // class rows of Lt padded by a cache line (a power-of-two stride thrashes a few L1 sets)
   const index_t ldt = mb + 64 / static_cast<index_t>(sizeof(T));
   const bool norms = alpha != nullptr;
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(double(B) * d * K))
   {
     const index_t kc_max = std::min(kLanesKc, d);
     std::vector<T> zp(static_cast<size_t>(mb) * std::max<index_t>(kc_max, 1)), Lt(static_cast<size_t>(ng) * kMR * ldt),
@@ -862,7 +862,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
   const index_t nblocks = (B + mb - 1) / mb;
   // Otherwise whole blocks per thread with the portable, norm-fused GEMM.
   if (!blas_blocks) {
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(double(B) * d * K))
     {
       std::vector<T> L(static_cast<size_t>(mb * K)), ss(static_cast<size_t>(mb));
       T* ssp = alpha != nullptr ? ss.data() : nullptr;
@@ -905,7 +905,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
       const T* Zb = Z + r0 * ldz;
       index_t ldb = ldz;
       if (gather) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(double(rows) * d))
         for (index_t r = 0; r < rows; ++r) std::memcpy(zbuf + r * d, Zb + r * ldz, sizeof(T) * d);
         Zb = zbuf;
         ldb = d;
@@ -919,7 +919,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
         // rows of a column in a few L1 sets
         constexpr index_t sub = 256, ldt = sub + 64 / static_cast<index_t>(sizeof(T));
         const index_t nsub = (rows + sub - 1) / sub;
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(double(rows) * (K + d) * 4))
         {
           std::vector<T> Lt(static_cast<size_t>(K * ldt)), ss(sub, T(0));
           LanesScratch<T> scratch(sub);
@@ -937,7 +937,7 @@ void tied_certify(const T* Z, index_t B, index_t d, index_t ldz, const T* A, con
         }
         continue;
       }
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(double(rows) * (K + d) * 4))
       {
         std::vector<float> chunks;
         const ScreenCtx sc = screen.ctx(chunks);
