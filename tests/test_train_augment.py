@@ -159,7 +159,8 @@ def test_reuse_smoothing_requires_the_same_augmentation(tmp_path, monkeypatch):
 
     def record(**extra):
         m = dict(accuracy_subset=[1.0], seconds_per_input=1.0, evaluations=100_100, max_radius=0.95,
-                 base_clean_accuracy=1.0, epochs=r.epochs, batch_size=r.batch_size) | extra
+                 base_clean_accuracy=1.0, epochs=r.epochs, batch_size=r.batch_size,
+                 architecture=r.architecture) | extra
         (tmp_path / "mnist_smoothing_sigma0.25.json").write_text(json.dumps(
             dict(smoothing_subset=plan, methods={"smoothing σ=0.25": m})))
 
@@ -178,3 +179,53 @@ def test_reuse_smoothing_requires_the_same_augmentation(tmp_path, monkeypatch):
         rows(r)
     with pytest.raises(ValueError, match=r"'epochs': 200.*trains 100 epochs"):
         rows(r.replace(augment=2, epochs=100))
+
+
+def test_reuse_smoothing_requires_the_same_architecture(tmp_path, monkeypatch):
+    """A stored base model of another architecture is refused; a record without the field
+    counts as the MLP the recipes used before it was recorded."""
+    from gmfast.train.layers import conv_architecture, mlp_architecture
+    from gmfast.tsv import write_certification_tsv
+
+    bench = _benchmark()
+    monkeypatch.setitem(bench.PER_CLASS, "mnist", 2)
+    monkeypatch.setattr(bench, "RUN_SIGMAS", [0.25])
+    yte = torch.arange(10).repeat_interleave(3)
+    sub = bench.subset(yte, 2)
+    plan = dict(per_class=2, size=len(sub), n=100_000, n0=bench.N0, alpha=bench.ALPHA)
+    write_certification_tsv(tmp_path / "mnist_smoothing_sigma0.25.tsv", (yte[sub], torch.full((len(sub),), 0.3)),
+                            yte[sub], idx=sub, seconds=1.0)
+    mlp = recipe("mnist", architecture=mlp_architecture(784, [256, 256, 256], 64))
+    conv = recipe("mnist", architecture=conv_architecture(1, 28, [16, 32], 64, 256, reduce=32))
+
+    def record(**extra):
+        m = dict(accuracy_subset=[1.0], seconds_per_input=1.0, evaluations=100_100, max_radius=0.95,
+                 base_clean_accuracy=1.0, epochs=mlp.epochs, batch_size=mlp.batch_size) | extra
+        (tmp_path / "mnist_smoothing_sigma0.25.json").write_text(json.dumps(
+            dict(smoothing_subset=plan, methods={"smoothing σ=0.25": m})))
+
+    def rows(rr):
+        res = dict(methods={})
+        bench.smoothing_rows("mnist", rr, None, None, None, yte, tmp_path, False, lambda s: None, res, {}, True)
+        return res
+
+    record()  # an old record: the MLP
+    assert rows(mlp)["methods"]["smoothing σ=0.25"]["reused"]
+    with pytest.raises(ValueError, match=r"architecture .*'aol_linear', 'in': 784.*the same architecture required"):
+        rows(conv)
+    record(architecture=conv.architecture)
+    assert rows(conv)["methods"]["smoothing σ=0.25"]["reused"]
+    with pytest.raises(ValueError, match="the same architecture required"):
+        rows(mlp)
+
+
+def test_benchmark_device_option(monkeypatch):
+    """``--device``: cpu is taken as given; cuda where CUDA is absent is a clear error."""
+    if torch.cuda.is_available():  # set_device would switch TF32 off for the whole test process
+        pytest.skip("CUDA is available here: the refusal of --device cuda without CUDA cannot be shown")
+    bench = _benchmark()
+    monkeypatch.setitem(bench.DEVICE, "device", bench.DEVICE["device"])  # restored after the test
+    assert bench.set_device("cpu") == torch.device("cpu") and bench.device() == torch.device("cpu")
+    assert bench.set_device(None) == torch.device("cpu")  # no CUDA here: the default is the CPU
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+        bench.set_device("cuda")

@@ -20,13 +20,22 @@ def pgd_flips(encoder, head, X, prediction, radius, *, steps: int = 40, restarts
     Ascent on ``max_{j≠c} s_j − s_c`` (the head's log-joint scores), normalised-gradient steps
     of ``2.5 R / steps``, projection on the ball, ``restarts`` uniform random starts in the
     ball; the classifier is evaluated at every iterate.
+
+    The attack runs where ``encoder``'s parameters are (inputs moved there batch by batch);
+    the random starts are drawn on the CPU from ``seed``, so they do not depend on the device.
+    Returns a CPU tensor.
     """
+    from gmfast.fit import device_of
+
+    dev = device_of(encoder)
     g = torch.Generator().manual_seed(seed)
     flips = torch.zeros(X.shape[0], dtype=torch.bool)
+    prediction, radius = prediction.cpu(), radius.cpu()
     todo = torch.nonzero((radius > 0) & (prediction >= 0)).flatten()
     for s in range(0, len(todo), batch_size):
         idx = todo[s:s + batch_size]
-        flips[idx] = _attack(encoder, head, X[idx], prediction[idx], shrink * radius[idx].double(), steps, restarts, g)
+        flips[idx] = _attack(encoder, head, X[idx].to(dev), prediction[idx], shrink * radius[idx].double(), steps,
+                             restarts, g)
     return flips
 
 
@@ -36,14 +45,15 @@ def _predict(encoder, head, x):
 
 
 def _attack(encoder, head, x0, pred, R, steps, restarts, g):
-    dims = tuple(range(1, x0.dim()))
+    """Flips (CPU bool) for one batch ``x0`` (on the attack's device); ``pred``, ``R`` on the CPU."""
+    dev = x0.device
     view = (-1,) + (1,) * (x0.dim() - 1)
-    R = R.to(x0.dtype).reshape(view)
-    onehot = torch.nn.functional.one_hot(pred, head.n_classes_).bool()
+    R = R.to(x0.dtype).reshape(view).to(dev)
+    onehot = torch.nn.functional.one_hot(pred, head.n_classes_).bool().to(dev)
     flipped = torch.zeros(x0.shape[0], dtype=torch.bool)
     for _ in range(restarts):
-        d = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
-        u = torch.rand(x0.shape[0], generator=g, dtype=x0.dtype).reshape(view)
+        d = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(dev)
+        u = torch.rand(x0.shape[0], generator=g, dtype=x0.dtype).reshape(view).to(dev)
         delta = d / d.flatten(1).norm(dim=1).reshape(view) * R * u
         for _ in range(steps):
             delta.requires_grad_(True)

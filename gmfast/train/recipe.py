@@ -387,7 +387,9 @@ def certify(encoder, head, X, *, method: str | None = None):
 def run(data: str, out, *, time_budget: float | None = None, device=None, progress: bool = True, log=print,
         resume=None, **overrides):
     """Train ``data``'s recipe, refit the head, certify the held-out split and write ``out``
-    (the ``gmfast train`` contract): encoder, head, ``certificates.tsv``. Returns a summary."""
+    (the ``gmfast train`` contract): encoder, head, ``certificates.tsv``. Returns a summary.
+    Training runs on ``device`` (default: CUDA when available); the head and the
+    certificates are computed on the CPU."""
     import gmfast
     from gmfast.train.data import load_split
     from gmfast.tsv import write_certification_tsv
@@ -398,6 +400,9 @@ def run(data: str, out, *, time_budget: float | None = None, device=None, progre
     out.mkdir(parents=True, exist_ok=True)
     encoder, prototypes, hist = train(r, Xtr, ytr, time_budget=time_budget, device=device, progress=progress,
                                       checkpoint=out / "checkpoint.safetensors", resume=resume, log=log)
+    # trained on ``device`` (a GPU when present); the head is built and the split certified on
+    # the CPU, the route the tests exercise
+    encoder, prototypes = encoder.cpu(), prototypes.cpu()
     head = final_head(r, encoder, prototypes, Xtr, ytr)
     cert, sec = certify(encoder, head, Xte)
     bound = gmfast.Certifier(encoder, head).lipschitz_bound(tuple(Xte.shape[1:]), points=Xte[:8])
