@@ -125,10 +125,16 @@ def train_vit(epochs: int = 30, seed: int = 0, d: int = 32, depth: int = 2, head
 
 
 class BertLayer(nn.Module):
-    """One post-LN BERT layer from a Hugging Face ``BertLayer``'s own modules."""
+    """One post-LN BERT layer from a Hugging Face ``BertLayer``'s own modules (``layer=None``:
+    fresh modules of MiniLM's sizes, to load a state dict into: :meth:`MiniLMFromEmbeddings.from_state`)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer=None, d: int = 384, heads: int = 12, mlp: int = 1536, ln_eps: float = 1e-12):
         super().__init__()
+        if layer is None:
+            self.attn = Attention(d, heads)
+            self.ln1, self.fc1, self.fc2, self.ln2 = (nn.LayerNorm(d, eps=ln_eps), nn.Linear(d, mlp), nn.Linear(mlp, d),
+                                                      nn.LayerNorm(d, eps=ln_eps))
+            return
         sa = layer.attention.self
         self.attn = Attention(sa.query.in_features, sa.num_attention_heads, *(copy.deepcopy(m) for m in (
             sa.query, sa.key, sa.value, layer.attention.output.dense)))
@@ -159,6 +165,22 @@ class MiniLMFromEmbeddings(nn.Module):
         self.layers = nn.Sequential(*[BertLayer(layer) for layer in bert.encoder.layer[:layers]])
         self.normalize = normalize
         self.eval()
+
+    @classmethod
+    def from_state(cls, state, T: int, normalize: bool = True):
+        """The same module from its ``state_dict`` (float32 tensors, e.g. saved by
+        ``.devrun``-style preparation scripts where the weights package is not installed); its
+        ``pos`` may hold more than ``T`` positions (the first ``T`` are kept)."""
+        m = nn.Module.__new__(cls)
+        nn.Module.__init__(m)
+        n = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+        d, mlp = state["emb_ln.weight"].numel(), state["layers.0.fc1.weight"].shape[0]
+        m.register_buffer("pos", state["pos"][:T].clone())
+        m.emb_ln = nn.LayerNorm(d, eps=1e-12)
+        m.layers = nn.Sequential(*[BertLayer(None, d, 12, mlp) for _ in range(n)])
+        m.normalize = normalize
+        m.load_state_dict({k: (v[:T] if k == "pos" else v) for k, v in state.items()})
+        return m.eval()
 
     def forward(self, e):
         s = self.layers(self.emb_ln(e + self.pos)).mean(1)

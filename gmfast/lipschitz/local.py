@@ -187,6 +187,8 @@ class LocalBounds:
         self.first_ball, self.growth = 0.5, (2.0, 8.0)
         #: largest Jacobian (entries) of an affine-in-the-input node kept for later passes
         self.jacobian_limit = 2**24
+        #: where :meth:`prepare` puts the inputs (:func:`gmfast.lipschitz.local_device.to_device`)
+        self.device = torch.device("cpu")
 
     def _source(self, n):
         """``n``, or for a copy (an affine step marked ``copy``: each entry one entry of its
@@ -405,7 +407,7 @@ class LocalBounds:
         two sound bounds is sound), the rest keep the interval. ``prior``: a context computed
         for the same inputs; for each input whose ball lies inside its ball there, its
         intervals are valid here too and are intersected in before refining (fewer rows)."""
-        x = x.detach().cpu().to(_F64)
+        x = x.detach().to(self.device, _F64)
         B = x.shape[0]
         eps = torch.as_tensor(eps, dtype=_F64).reshape(-1).expand(B).clone()
         e = eps.reshape((B,) + (1,) * len(self.input_shape))

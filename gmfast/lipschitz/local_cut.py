@@ -12,9 +12,13 @@ output and score matrix ``q kᵀ · scale``):
 * each boundary ``h`` (``k`` entries) is refined by the rows ``±e_i`` and the pass is kept
   raw: for every ``x'`` in the ball,
   ``Â_l,i x' + â_l,i − D_l,i ≤ h_i(x') ≤ Â_u,i x' + â_u,i + D_u,i`` with the computed rows
-  and constants (``Â``, ``â``: exactly the floats kept) and ``D = 2E + 2⁻⁹⁶⁰`` rounded up,
-  ``E`` the pass's charged rounding total (the engine doubles it for the same reason:
-  :mod:`gmfast.lipschitz.local`, "Floating point"); its interval is that pass concretised;
+  and constants (``Â``, ``â``: exactly the floats kept) and ``D = (1 + 2⁻²⁰)E + 2⁻⁹⁶⁰``
+  rounded up, ``E`` the pass's computed charge total: every charged term is a sum of products
+  of nonnegative floats (the ``D`` of the boundaries below enter as given floats), so ``E`` is
+  within a factor ``1 + γ_N < 1 + 2⁻²²`` (``N < 2³⁰``) of the exact charges and ``1 + 2⁻²⁰``
+  covers it (the engine doubles instead, once per bound: :mod:`gmfast.lipschitz.local`,
+  "Floating point"; doubling here would compound to ``2^L`` through ``L`` levels of
+  boundaries); its interval is that pass concretised;
 * every other refined node's pass (and the next boundary's) stops, on each branch, at the
   first boundary it meets below it (``window > 1``: crossing the ``window − 1`` nearest):
   rows ``Λ`` on ``h`` become rows on the input by
@@ -53,6 +57,9 @@ from gmfast.lipschitz.linearize import _F64, _TINY, _up
 from gmfast.lipschitz.local import LocalBounds
 from gmfast.lipschitz.local_search import tied_margin_rows
 from gmfast.lipschitz.local_steps import rowdot
+
+#: covers the relative error of a computed charge total (``1 + γ_N``, ``N < 2³⁰``), once per boundary
+_COVER = 1.0 + 2.0**-20
 
 
 class CutLinear:
@@ -175,6 +182,9 @@ class CutBounds(LocalBounds):
         self._free = {}
         for b, p in last.items():
             self._free.setdefault(self.order[p], []).append(b)
+        #: keep every boundary's linear bounds in the context (:func:`boundary_report`) instead
+        #: of freeing them once no later pass stops there
+        self.keep_bounds = False
 
     def _refine(self, n, ctx):
         ctx.setdefault("L", {})
@@ -185,7 +195,7 @@ class CutBounds(LocalBounds):
                 return self._forward_chain(n, ctx)
             return super()._refine(n, ctx)
         finally:
-            for b in self._free.get(n, ()):
+            for b in () if self.keep_bounds else self._free.get(n, ()):
                 ctx["L"].pop(b, None)
 
     def _affine_leaves(self, n, stop):
@@ -301,11 +311,44 @@ class CutBounds(LocalBounds):
             lo[:, j:j + m], hi[:, j:j + m] = out[:, :m], -out[:, m:]
             Al[:, j:j + m], Au[:, j:j + m] = lam0[:, :m], -lam0[:, m:]
             al[:, j:j + m], au[:, j:j + m] = c[:, :m], -c[:, m:]
-            d = _up(2.0 * err + _TINY)
+            d = _up(err * _COVER + _TINY)
             D[:, j:j + m] = torch.maximum(d[:, :m], d[:, m:])
         ctx["L"][n] = CutLinear.from_bounds(self.input_shape, Al, al, Au, au, D, ctx["M"][self.order[0]].reshape(B, -1))
         return (torch.maximum(lo, lo0.reshape(B, k)).reshape((B,) + shape),
                 torch.minimum(hi, hi0.reshape(B, k)).reshape((B,) + shape))
+
+
+def boundary_report(lb, ctx):
+    """Where the width of each boundary's interval comes from (a diagnostic; ``lb`` a
+    :class:`CutBounds` with ``keep_bounds`` set before :meth:`prepare`): per boundary (in
+    order) its name, the largest and median interval width, and for the entry of largest
+    width (largest over the batch): ``width`` and its three parts, ``width ≤ slope + gap + 4D``
+    (equal up to rounding where the interval is the kept lines concretised, each side charged
+    ``2E``): ``slope =
+    ε(‖Â_l‖ + ‖Â_u‖)_q`` (what a tight relaxation gives: ``2ε‖∇h_i‖`` as ``ε → 0``), ``gap =
+    (Â_u − Â_l)x + â_u − â_l`` (the lines' gap at the centre: the relaxation's looseness) and
+    ``D`` (the rounding allowance, which does not shrink with ``ε``). Floats computed without
+    outward rounding: a diagnostic, not a bound."""
+    x, eps = ctx["x"], ctx["eps"]
+    B = x.shape[0]
+    xf = x.reshape(B, -1)
+    q = 2 if ctx["norm"] == 2 else 1
+    out = []
+    for b in lb.boundaries:
+        if b not in ctx.get("L", {}):
+            raise ValueError(f"no kept bounds for boundary {b.name!r}: set keep_bounds = True before prepare")
+        L = ctx["L"][b]
+        lo, hi = ctx["I"][b]
+        w = (hi - lo).reshape(B, -1)
+        wb, i = w.max(1)
+        j = int(wb.argmax())
+        i = int(i[j])
+        slope = eps[j] * (L.Al[j, i].norm(p=q) + L.Au[j, i].norm(p=q))
+        gap = ((L.Au - L.Al)[j, i] * xf[j]).sum() + (L.au - L.al)[j, i]
+        out.append(dict(name=b.name, width_max=float(w.max()), width_median=float(w.median()),
+                        width=float(w[j, i]), slope=float(slope), gap=float(gap), D=float(L.D[j, i]),
+                        D_max=float(L.D.max())))
+    return out
 
 
 def tied_margin_radius(lb, encoder, head, x, norm, domain=None, steps: int = 4, start=None):
@@ -318,8 +361,9 @@ def tied_margin_radius(lb, encoder, head, x, norm, domain=None, steps: int = 4, 
     passes and first ball (:func:`gmfast.lipschitz.local_search.margin_radius`)."""
     params = head.classifier_params
     with torch.no_grad():
-        pred = head.predict(encoder(x)).cpu()
-    lam, c0, lam_err, c0_err = tied_margin_rows(params.A.cpu().double(), params.beta.cpu().double(), pred)
-    r = lb.margin_radius(x.detach().cpu().double(), lam, c0, norm, domain, steps=steps, start=start,
+        pred = head.predict(encoder(x).cpu()).to(lb.device)
+    dev = dict(device=lb.device, dtype=torch.float64)
+    lam, c0, lam_err, c0_err = tied_margin_rows(params.A.to(**dev), params.beta.to(**dev), pred)
+    r = lb.margin_radius(x.detach().to(**dev), lam, c0, norm, domain, steps=steps, start=start,
                          lam_err=lam_err, c0_err=c0_err)
     return pred, r
