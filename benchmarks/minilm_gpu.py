@@ -6,15 +6,17 @@ Needs only the compact copy written by ``benchmarks/minilm_gpu_prepare.py`` (``-
 ``.devrun/minilm``); no weights package, no network. Per sentence: the tied Ledoit–Wolf head
 (refitted on the stored latents), the ℓ2 ball of the word embedding at ``--position``
 (:class:`TokenPerturbation`), the linearisation built on the CPU and moved to ``--device``
-(:func:`gmfast.lipschitz.local_device.to_device`), the radius search of
-:func:`gmfast.lipschitz.local_cut.tied_margin_radius` (``--steps`` passes from ``--start``),
+(:func:`gmfast.lipschitz.local_device.to_device`), a radius search of ``--steps`` balls from
+``--start`` (×4 while they pass, then bisection; each ball one pass of
+:func:`gmfast.lipschitz.local_cut.tied_margin_radius`, which certifies the largest radius up to
+the ball that its relaxation proves),
 then PGD on the CPU in the same ball (the smallest flip it finds; a flip below the radius
 would be a bug). One JSON line per sentence, and all of them in ``--out``/minilm_gpu.json,
 written after every sentence so a timeout keeps what finished; sentences stop when the next
 would likely pass ``--budget`` seconds.
 
     python benchmarks/minilm_gpu.py --out $OUT [--device cuda] [--n 6] [--steps 4] [--start 3e-3]
-        [--layers 6] [--budget 400] [--row-chunk 4096]
+        [--layers 6] [--tokens T] [--budget 400] [--row-chunk 2048]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -55,8 +58,9 @@ def main():
     ap.add_argument("--start", type=float, default=3e-3)
     ap.add_argument("--position", type=int, default=1)
     ap.add_argument("--layers", type=int, default=None, help="keep the first layers only (a smoke test)")
+    ap.add_argument("--tokens", type=int, default=None, help="keep the first tokens only (a smoke test)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; no new sentence after")
-    ap.add_argument("--row-chunk", type=int, default=4096)
+    ap.add_argument("--row-chunk", type=int, default=2048)
     ap.add_argument("--attack-hi", type=float, default=4.0)
     args = ap.parse_args()
     t_all = time.perf_counter()
@@ -80,6 +84,7 @@ def main():
             out["stopped"] = f"budget {args.budget} s: next sentence would likely not finish"
             break
         t0 = time.perf_counter()
+        e = e[:, :args.tokens] if args.tokens else e
         e64 = e.double()
         enc = te.MiniLMFromEmbeddings.from_state(state, e.shape[1]).double()
         w = te.TokenPerturbation(enc, e64, [args.position]).double().eval()
@@ -90,27 +95,43 @@ def main():
         if dev.type != "cpu":
             to_device(lb, dev)
         wd = copy.deepcopy(w).to(dev)
-        t1 = time.perf_counter()
-        with on_device(dev):
-            pred, r = tied_margin_radius(lb, wd, head, x.to(dev), 2, steps=args.steps, start=args.start)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        cert_s = time.perf_counter() - t1
         with torch.no_grad():
             t2 = time.perf_counter()
-            w(x)
+            pred = head.predict(w(x))
             fwd_ms = 1e3 * (time.perf_counter() - t2)
-        row = dict(sentence=s, T=int(e.shape[1]), label=int(label), prediction=int(pred.cpu()[0]),
-                   radius=float(r.cpu()[0]), token_embedding_norm=float(x.norm()), refined_neurons=lb.n_neurons,
-                   linearise_s=built, certify_s=cert_s, cpu_forward_ms=fwd_ms)
+        row = dict(sentence=s, T=int(e.shape[1]), label=int(label), prediction=int(pred[0]), radius=0.0,
+                   token_embedding_norm=float(x.norm()), refined_neurons=lb.n_neurons, linearise_s=built,
+                   cpu_forward_ms=fwd_ms, passes=[])
+        out["sentences"].append(row)
+        # the radius search one ball at a time (each pass proves the largest radius <= its ball that
+        # its relaxation certifies: tied_margin_radius with steps=1), the JSON written after each
+        # pass so that a timeout keeps what was proved
+        t1 = time.perf_counter()
+        best, fail, eps = 0.0, float("inf"), args.start
+        for _ in range(args.steps):
+            tp = time.perf_counter()
+            with on_device(dev):
+                _, r = tied_margin_radius(lb, wd, head, x.to(dev), 2, steps=1, start=eps)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            got = float(r.cpu()[0])
+            row["passes"].append(dict(ball=eps, certified=got, seconds=time.perf_counter() - tp))
+            best = max(best, got)
+            if got < eps:
+                fail = min(fail, eps)
+            row.update(radius=best, certify_s=time.perf_counter() - t1)
+            out["elapsed_s"] = time.perf_counter() - t_all
+            path.write_text(json.dumps(out, indent=1))
+            if fail <= 1.05 * best:
+                break
+            eps = 4.0 * eps if fail == float("inf") else (math.sqrt(best * fail) if best > 0 else fail / 8.0)
         if row["radius"] > 0:
             t3 = time.perf_counter()
             adv = min_adversarial_distance(w, head, x, pred.cpu(), 2, hi=args.attack_hi, iters=8, steps=30,
                                            restarts=2)
-            row.update(pgd_flip_distance=float(adv[0]), ratio=float(r.cpu()[0] / adv[0]),
+            row.update(pgd_flip_distance=float(adv[0]), ratio=row["radius"] / float(adv[0]),
                        attack_s=time.perf_counter() - t3)  # the ratio must be < 1
         last = time.perf_counter() - t0
-        out["sentences"].append(row)
         out["elapsed_s"] = time.perf_counter() - t_all
         path.write_text(json.dumps(out, indent=1))
         print(json.dumps(row), flush=True)

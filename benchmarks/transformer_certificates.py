@@ -18,7 +18,7 @@ forward, and the median ratio certified radius / smallest adversarial distance P
 
     nice -n 19 python benchmarks/transformer_certificates.py [--n-vit 20] [--vit-steps 8] [--n-minilm 4]
         [--minilm-layers L] [--minilm-certify] [--minilm-position 1] [--minilm-start 1e-4]
-        [--minilm-steps 2] [--minilm-window 1] [--skip-minilm] [--skip-vit]
+        [--minilm-steps 2] [--minilm-window 1] [--minilm-report EPS] [--skip-minilm] [--skip-vit]
 
 Results go to ``benchmarks/results_transformers.json``; the markdown rows are printed.
 """
@@ -39,7 +39,7 @@ import torch
 import gmfast
 from gmfast.attack import min_adversarial_distance
 from gmfast.lipschitz import UnsupportedOpError
-from gmfast.lipschitz.local_cut import CutBounds, tied_margin_radius
+from gmfast.lipschitz.local_cut import CutBounds, boundary_report, tied_margin_radius
 
 ROOT = Path(__file__).resolve().parents[1]
 #: boundaries of the cut passes (:class:`CutBounds`): every LayerNorm's output and centred
@@ -150,12 +150,43 @@ def minilm(args):
                    global_route=global_route(enc, head, e))
         if args.minilm_certify:
             row["local"] = minilm_token(te, enc.double(), head, e.double(), int(labels[i]), args)
+        if args.minilm_report is not None:
+            row["boundary_report"] = minilm_report(te, enc.double(), e.double(), args)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return dict(encoder=f"all-MiniLM-L6-v2 from word embeddings ({args.minilm_layers or 6} layers)",
                 threat_model=f"l2 ball of the word embedding at token position {args.minilm_position} (the first "
                 "word after [CLS]); other tokens fixed", cuts=MINILM_CUTS, window=args.minilm_window,
                 sentences=rows)
+
+
+def minilm_report(te, enc, e, args):
+    """Where the cut passes' widths come from (:func:`boundary_report`) at ``--minilm-report ε``
+    on the one-token ball, beside the exact first-order width ``2ε max_i ‖∇h_i(x)‖₂`` of each
+    LayerNorm output (forward-mode Jacobian at the centre)."""
+    w = te.TokenPerturbation(enc, e, [args.minilm_position]).double().eval()
+    x = w.tokens(e)
+    eps = args.minilm_report
+    lb = CutBounds(w, tuple(x.shape[1:]), MINILM_CUTS, args.minilm_window)
+    lb.row_chunk, lb.keep_bounds = 512, True
+    t = time.perf_counter()
+    rep = boundary_report(lb, lb.prepare(x, eps, 2))
+    seconds = time.perf_counter() - t
+    mods = {f"encoder.{n}": m for n, m in enc.named_modules() if n == "emb_ln" or n.endswith(("ln1", "ln2"))}
+
+    def outs(z):
+        got = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: got.append(o)) for m in mods.values()]
+        w(z)
+        for h in hooks:
+            h.remove()
+        return tuple(got)
+
+    jac = torch.func.jacfwd(outs)(x)
+    exact = {n: 2 * eps * float(j.reshape(-1, x.numel()).norm(dim=1).max()) for n, j in zip(mods, jac)}
+    for r in rep:
+        r["exact_first_order_width"] = exact.get(r["name"])
+    return dict(eps=eps, window=args.minilm_window, prepare_s=seconds, boundaries=rep)
 
 
 def minilm_token(te, enc, head, e, label, args):
@@ -191,6 +222,8 @@ def main():
     ap.add_argument("--minilm-window", type=int, default=1)
     ap.add_argument("--minilm-attack-hi", type=float, default=4.0)
     ap.add_argument("--minilm-certify", action="store_true")
+    ap.add_argument("--minilm-report", type=float, default=None, metavar="EPS",
+                    help="per-boundary width report of the cut passes at this radius (boundary_report)")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-vit", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results_transformers.json")))
