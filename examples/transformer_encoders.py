@@ -18,10 +18,12 @@
   continuous input domain, so the certificate is about an ℓ2 ball around *one token's*
   embedding (position ``p``), the other tokens fixed, as in Shi et al. 2020 (who perturb one
   or two positions): "no embedding within ``r`` of this word's moves the prediction". Through
-  six layers, full CROWN needs ~4·10⁵ rows per sentence; ``benchmarks/transformer_certificates.py
-  --minilm-certify`` uses :class:`gmfast.lipschitz.local_cut.CutBounds` with boundaries at
-  every LayerNorm (centred input and output), softmax output and score matrix (six layers are
-  not certified yet: ``benchmarks/RESULTS.md``).
+  six layers, full CROWN needs ~3·10⁵ rows per sentence (hours on two CPU cores;
+  ``benchmarks/minilm_gpu.py`` runs it on a GPU from a compact copy, ``--tokens 3`` certifies
+  six layers on the CPU); ``benchmarks/transformer_certificates.py --minilm-certify`` uses
+  :class:`gmfast.lipschitz.local_cut.CutBounds` with boundaries at every LayerNorm (centred
+  input and output), softmax output and score matrix, which cannot certify six layers (their
+  per-level slack compounds: ``benchmarks/RESULTS.md``).
 
 Attention is written out (``q @ kᵀ · scale``, ``softmax(-1)``, ``@ v``) so the local route can
 relax each step; ``view(-1, T, ...)`` keeps the batch size free. Used by
