@@ -15,7 +15,7 @@ would be a bug). One JSON line per sentence, and all of them in ``--out``/minilm
 written after every sentence so a timeout keeps what finished; sentences stop when the next
 would likely pass ``--budget`` seconds.
 
-    python benchmarks/minilm_gpu.py --out $OUT [--device cuda] [--n 6] [--steps 4] [--start 5e-4]
+    python benchmarks/minilm_gpu.py --out $OUT [--device cuda] [--n 6] [--steps 4] [--start 2.5e-4]
         [--layers 6] [--tokens T] [--budget 400] [--row-chunk 2048]
 """
 
@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n", type=int, default=6)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--start", type=float, default=5e-4)
+    ap.add_argument("--start", type=float, default=2.5e-4)
     ap.add_argument("--position", type=int, default=1)
     ap.add_argument("--layers", type=int, default=None, help="keep the first layers only (a smoke test)")
     ap.add_argument("--tokens", type=int, default=None, help="keep the first tokens only (a smoke test)")
