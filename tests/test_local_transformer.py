@@ -500,8 +500,8 @@ def test_cut_linear_bounds_hold_and_their_parts():
     """Each kept boundary's linear bounds ``Â_l x' + â_l − D ≤ h(x') ≤ Â_u x' + â_u + D`` (``D`` now
     ``(1 + 2⁻²⁰)E``, not ``2E``, so it does not double at every level) hold at samples and PGD
     extremes of the ball (``h`` from forward hooks, float64); :func:`boundary_report` splits each
-    interval's width into ``slope + gap + 4D`` (up to the concretisation's roundings) and, as ``ε → 0``, the slope part
-    dominates (width/ε converges) while ``D`` stays a rounding-sized constant."""
+    interval's width into ``slope + gap + 4D`` (up to the concretisation's roundings) and, as
+    ``ε → 0``, the widths shrink like ``ε`` while ``D`` stays a rounding-sized constant."""
     from gmfast.lipschitz.local_cut import _COVER, CutBounds, boundary_report
 
     assert _COVER == 1.0 + 2.0**-20
