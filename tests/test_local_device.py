@@ -88,8 +88,10 @@ def test_moved_linearisation_uses_no_old_tensor_and_gives_the_same_bounds():
         def run(lb, norm=norm, eps=eps):
             return lb.output_box(lb.prepare(x, eps, norm))
         ref = run(make())
+        own = [t.untyped_storage().data_ptr() for t in w.parameters()]
         got = _moved_run(make, x, run)
         assert all(torch.equal(a, b) for a, b in zip(ref, got))
+        assert own == [t.untyped_storage().data_ptr() for t in w.parameters()]  # the encoder itself is not moved
 
 
 def test_tied_margin_radius_follows_the_device():

@@ -3,7 +3,8 @@
 :class:`gmfast.lipschitz.local.LocalBounds` (and :class:`gmfast.lipschitz.local_cut.CutBounds`)
 linearise on the CPU; their ops keep float64 parameters in attributes and in the closures of
 their transposes (``T``), forward maps (``fwd``, ``absfwd``) and relaxations. :func:`to_device`
-moves every tensor (and module) reachable from the ops there, and sets ``lb.device``, where
+moves every tensor reachable from the ops there (modules holding tensors are copied there: the
+encoder itself is not moved), and sets ``lb.device``, where
 :meth:`LocalBounds.prepare` puts the inputs; the tensors the passes create follow the default
 device, so the passes run inside ``with torch.device(device):`` (:func:`on_device`).
 
@@ -17,7 +18,9 @@ and CUDA documents at most 1–5 ulps for its float64 versions (``sqrt`` correct
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import functools
+import itertools
 import types
 
 import torch
@@ -27,12 +30,10 @@ from torch import nn
 def _move(obj, device, seen, copy=False):
     if isinstance(obj, torch.Tensor):
         return obj.to(device, copy=copy)
-    if isinstance(obj, nn.Module):
-        if copy:
-            for t in list(obj.parameters()) + list(obj.buffers()):
-                t.data = t.data.to(device, copy=True)
+    if isinstance(obj, nn.Module):  # a copy: the caller's encoder stays where it is
+        if next(itertools.chain(obj.parameters(), obj.buffers()), None) is None:
             return obj
-        return obj.to(device)
+        return _copy.deepcopy(obj).to(device)
     if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.dtype, torch.device,
                                            torch.Size, types.ModuleType, type)):
         return obj
