@@ -11,6 +11,6 @@ BUDGET=${BUDGET:-360}
 cd "$(dirname "$0")/.."
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 timeout 120 python3 benchmarks/minilm_gpu.py --out "$OUT/smoke" --device cuda --layers 1 --tokens 3 --n 1 \
-    --steps 1 --start 1e-3 2>&1 | tail -n 3
+    --steps 1 --start 1e-3 2>&1 | tail -n 3 || echo "smoke run failed (status above); the main run follows"
 timeout $((BUDGET + 120)) python3 benchmarks/minilm_gpu.py --out "$OUT" --device cuda --n 3 --steps 4 \
     --start "${START:-2.5e-4}" --budget "$BUDGET" 2>&1 | tail -n 20
