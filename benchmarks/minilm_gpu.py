@@ -16,7 +16,7 @@ written after every sentence so a timeout keeps what finished; sentences stop wh
 would likely pass ``--budget`` seconds.
 
     python benchmarks/minilm_gpu.py --out $OUT [--device cuda] [--n 6] [--steps 4] [--start 2.5e-4]
-        [--layers 6] [--tokens T] [--budget 400] [--row-chunk 2048]
+        [--layers 6] [--tokens T] [--budget 400] [--row-chunk 512]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="keep the first layers only (a smoke test)")
     ap.add_argument("--tokens", type=int, default=None, help="keep the first tokens only (a smoke test)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; no new sentence after")
-    ap.add_argument("--row-chunk", type=int, default=2048)
+    ap.add_argument("--row-chunk", type=int, default=512)
     ap.add_argument("--attack-hi", type=float, default=4.0)
     args = ap.parse_args()
     t_all = time.perf_counter()

@@ -9,6 +9,7 @@ set -euo pipefail
 OUT=${OUT:?set OUT}
 BUDGET=${BUDGET:-360}
 cd "$(dirname "$0")/.."
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 timeout 120 python3 benchmarks/minilm_gpu.py --out "$OUT/smoke" --device cuda --layers 1 --tokens 3 --n 1 \
     --steps 1 --start 1e-3 2>&1 | tail -n 3 || echo "smoke run failed (status above); the main run follows"
