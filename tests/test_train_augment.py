@@ -142,81 +142,69 @@ def _benchmark():
     return mod
 
 
+class StoredSmoothing:
+    """A stored σ = 0.25 smoothing run (TSV and JSON record) in ``tmp_path`` as
+    ``--reuse-smoothing`` reads it, and the benchmark's ``smoothing_rows`` on it."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        from gmfast.tsv import write_certification_tsv
+
+        self.bench, self.dir = _benchmark(), tmp_path
+        monkeypatch.setitem(self.bench.PER_CLASS, "mnist", 2)
+        monkeypatch.setattr(self.bench, "RUN_SIGMAS", [0.25])
+        self.yte = torch.arange(10).repeat_interleave(3)
+        sub = self.bench.subset(self.yte, 2)
+        self.plan = dict(per_class=2, size=len(sub), n=100_000, n0=self.bench.N0, alpha=self.bench.ALPHA)
+        write_certification_tsv(tmp_path / "mnist_smoothing_sigma0.25.tsv",
+                                (self.yte[sub], torch.full((len(sub),), 0.3)), self.yte[sub], idx=sub, seconds=1.0)
+
+    def record(self, r, **fields):
+        """The JSON record of a base model trained with ``r``'s budget, plus ``fields``."""
+        m = dict(accuracy_subset=[1.0], seconds_per_input=1.0, evaluations=100_100, max_radius=0.95,
+                 base_clean_accuracy=1.0, epochs=r.epochs, batch_size=r.batch_size) | fields
+        (self.dir / "mnist_smoothing_sigma0.25.json").write_text(json.dumps(
+            dict(smoothing_subset=self.plan, methods={"smoothing σ=0.25": m})))
+
+    def rows(self, r):
+        res = dict(methods={})
+        self.bench.smoothing_rows("mnist", r, None, None, None, self.yte, self.dir, False, lambda s: None, res, {},
+                                  True)
+        return res
+
+
 def test_reuse_smoothing_requires_the_same_augmentation(tmp_path, monkeypatch):
     """``--reuse-smoothing`` compares the stored base model's budget and data pipeline with the
     recipe: a record without ``augment`` (written before the option) counts as 0."""
-    from gmfast.tsv import write_certification_tsv
-
-    bench = _benchmark()
-    monkeypatch.setitem(bench.PER_CLASS, "mnist", 2)
-    monkeypatch.setattr(bench, "RUN_SIGMAS", [0.25])
-    yte = torch.arange(10).repeat_interleave(3)
-    sub = bench.subset(yte, 2)
-    plan = dict(per_class=2, size=len(sub), n=100_000, n0=bench.N0, alpha=bench.ALPHA)
-    write_certification_tsv(tmp_path / "mnist_smoothing_sigma0.25.tsv", (yte[sub], torch.full((len(sub),), 0.3)),
-                            yte[sub], idx=sub, seconds=1.0)
+    st = StoredSmoothing(tmp_path, monkeypatch)
     r = recipe("mnist")
-
-    def record(**extra):
-        m = dict(accuracy_subset=[1.0], seconds_per_input=1.0, evaluations=100_100, max_radius=0.95,
-                 base_clean_accuracy=1.0, epochs=r.epochs, batch_size=r.batch_size,
-                 architecture=r.architecture) | extra
-        (tmp_path / "mnist_smoothing_sigma0.25.json").write_text(json.dumps(
-            dict(smoothing_subset=plan, methods={"smoothing σ=0.25": m})))
-
-    def rows(rr):
-        res = dict(methods={})
-        bench.smoothing_rows("mnist", rr, None, None, None, yte, tmp_path, False, lambda s: None, res, {}, True)
-        return res
-
-    record()  # an old record: trained without augmentation
-    assert rows(r)["methods"]["smoothing σ=0.25"]["reused"]
+    st.record(r, architecture=r.architecture)  # an old record: trained without augmentation
+    assert st.rows(r)["methods"]["smoothing σ=0.25"]["reused"]
     with pytest.raises(ValueError, match=r"trained with \{.*'augment': 0\}.*augment 2"):
-        rows(r.replace(augment=2))
-    record(augment=2)
-    assert rows(r.replace(augment=2))["methods"]["smoothing σ=0.25"]["accuracy_subset"][0] == 1.0
+        st.rows(r.replace(augment=2))
+    st.record(r, architecture=r.architecture, augment=2)
+    assert st.rows(r.replace(augment=2))["methods"]["smoothing σ=0.25"]["accuracy_subset"][0] == 1.0
     with pytest.raises(ValueError, match=r"'augment': 2\}.*augment 0"):
-        rows(r)
+        st.rows(r)
     with pytest.raises(ValueError, match=r"'epochs': 200.*trains 100 epochs"):
-        rows(r.replace(augment=2, epochs=100))
+        st.rows(r.replace(augment=2, epochs=100))
 
 
 def test_reuse_smoothing_requires_the_same_architecture(tmp_path, monkeypatch):
     """A stored base model of another architecture is refused; a record without the field
     counts as the MLP the recipes used before it was recorded."""
     from gmfast.train.layers import conv_architecture, mlp_architecture
-    from gmfast.tsv import write_certification_tsv
 
-    bench = _benchmark()
-    monkeypatch.setitem(bench.PER_CLASS, "mnist", 2)
-    monkeypatch.setattr(bench, "RUN_SIGMAS", [0.25])
-    yte = torch.arange(10).repeat_interleave(3)
-    sub = bench.subset(yte, 2)
-    plan = dict(per_class=2, size=len(sub), n=100_000, n0=bench.N0, alpha=bench.ALPHA)
-    write_certification_tsv(tmp_path / "mnist_smoothing_sigma0.25.tsv", (yte[sub], torch.full((len(sub),), 0.3)),
-                            yte[sub], idx=sub, seconds=1.0)
+    st = StoredSmoothing(tmp_path, monkeypatch)
     mlp = recipe("mnist", architecture=mlp_architecture(784, [256, 256, 256], 64))
     conv = recipe("mnist", architecture=conv_architecture(1, 28, [16, 32], 64, 256, reduce=32))
-
-    def record(**extra):
-        m = dict(accuracy_subset=[1.0], seconds_per_input=1.0, evaluations=100_100, max_radius=0.95,
-                 base_clean_accuracy=1.0, epochs=mlp.epochs, batch_size=mlp.batch_size) | extra
-        (tmp_path / "mnist_smoothing_sigma0.25.json").write_text(json.dumps(
-            dict(smoothing_subset=plan, methods={"smoothing σ=0.25": m})))
-
-    def rows(rr):
-        res = dict(methods={})
-        bench.smoothing_rows("mnist", rr, None, None, None, yte, tmp_path, False, lambda s: None, res, {}, True)
-        return res
-
-    record()  # an old record: the MLP
-    assert rows(mlp)["methods"]["smoothing σ=0.25"]["reused"]
+    st.record(mlp)  # an old record: the MLP
+    assert st.rows(mlp)["methods"]["smoothing σ=0.25"]["reused"]
     with pytest.raises(ValueError, match=r"architecture .*'aol_linear', 'in': 784.*the same architecture required"):
-        rows(conv)
-    record(architecture=conv.architecture)
-    assert rows(conv)["methods"]["smoothing σ=0.25"]["reused"]
+        st.rows(conv)
+    st.record(mlp, architecture=conv.architecture)
+    assert st.rows(conv)["methods"]["smoothing σ=0.25"]["reused"]
     with pytest.raises(ValueError, match="the same architecture required"):
-        rows(mlp)
+        st.rows(mlp)
 
 
 def test_benchmark_device_option(monkeypatch):
