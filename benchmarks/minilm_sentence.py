@@ -13,7 +13,6 @@ corpus (as in that example). Full CROWN costs ~T³ per ball (``benchmarks/RESULT
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -24,15 +23,9 @@ import gmfast
 from gmfast.attack import min_adversarial_distance
 from gmfast.lipschitz.local import LocalBounds
 from gmfast.lipschitz.local_cut import tied_margin_radius
+from minilm_gpu_prepare import _example  # run as a script: benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _example(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv=None) -> int:
