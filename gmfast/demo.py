@@ -14,12 +14,12 @@ Gaussian-mixture head models:
   sample's distance to the nearest prototype bisector (a Lipschitz-margin term, Tsuzuku et
   al. 2018), so latent radii carry over to the input;
 
-and the certified-training recipe of :mod:`gmfast.train` (``recipe("digits")``: an AOL/MaxMin
-1-Lipschitz MLP and a tied head trained on the head's normalised margin; 300 epochs or
-:data:`RECIPE_BUDGET` seconds).
+and the certified-training recipe of :mod:`gmfast.train` (``recipe("digits")``: a Cayley/MaxMin
+1-Lipschitz MLP and a tied head trained on the head's normalised margin, certified with its
+trained prototypes; 300 epochs or :data:`RECIPE_BUDGET` seconds).
 
 For each, a tied ``GaussianMixtureHead`` is fitted on the training latents
-(:func:`gmfast.fit_head`) and the test split is certified in input space through a sound
+(:func:`gmfast.fit_head`; the recipe's head is its trained prototypes) and the test split is certified in input space through a sound
 Lipschitz bound (:class:`gmfast.Certifier`, ``method="lipschitz"``). For the spectrally
 normalised encoder two heads are shown: Ledoit–Wolf shrinkage, and full shrinkage
 (``shrinkage=1``, an isotropic covariance). Its latents have a few nearly collapsed
@@ -212,7 +212,7 @@ SMOOTHING_QUICK = dict(sigma=0.25, n0=100, n=1_000, alpha=0.001, inputs=60)
 EPOCHS = dict(cnn=15, lipschitz=80)
 EPOCHS_QUICK = dict(cnn=3, lipschitz=8)
 #: Seconds of training for the certified-training recipe (:func:`gmfast.train.recipe`
-#: ``("digits")``: AOL/MaxMin MLP, loss on the normalised margin): its 300 epochs take ~14 s on
+#: ``("digits")``: Cayley/MaxMin MLP, loss on the normalised margin): its 300 epochs take ~25 s on
 #: a quiet core; the budget only caps a heavily loaded machine, where fewer epochs are trained
 #: (and certify less). Smoothing's base classifier, the same architecture trained with
 #: Gaussian noise, gets the same number of epochs.
@@ -258,26 +258,29 @@ def run_demo(*, quick: bool = False, out="gmfast_demo.png", seed: int = 0, smoot
         enc_lip = train_encoder(lipschitz_encoder(), Xtr, ytr, epochs=epochs["lipschitz"], latent=32, scale=1.0,
                                 noise=sigma, margin=1.0, margin_weight=3.0, seed=seed,
                                 progress=_epoch_progress(log, "lipschitz"))
-    from gmfast.train.recipe import recipe, train
+    from gmfast.train.recipe import final_head, recipe, train
 
     budget = RECIPE_BUDGET_QUICK if quick else RECIPE_BUDGET
     rec = recipe("digits", seed=seed)
-    with stage(f"train certified recipe (AOL/MaxMin MLP, {rec.epochs} epochs or {budget:g} s)"):
+    with stage(f"train certified recipe (Cayley/MaxMin MLP, {rec.epochs} epochs or {budget:g} s)"):
         with one_thread():
-            enc_rec, _, hist = train(rec, Xtr, ytr, time_budget=budget, progress=False, log=lambda m: log("    " + m))
+            enc_rec, proto_rec, hist = train(rec, Xtr, ytr, time_budget=budget, progress=False,
+                                             log=lambda m: log("    " + m))
     log(f"    recipe: {hist['epochs']} epochs in {hist['seconds']:.1f} s, train accuracy "
         f"{100 * hist['train_accuracy'][-1]:.1f}%")
-    setups = {  # name -> (encoder, shrinkage)
+    setups = {  # name -> (encoder, shrinkage of the refitted tied head, or the head itself)
         "cnn encoder, LW": (enc_cnn, "ledoit-wolf"),
         "lipschitz enc., LW": (enc_lip, "ledoit-wolf"),
         "lipschitz enc., isotropic": (enc_lip, 1.0),
-        "trained AOL/MaxMin, iso.": (enc_rec, rec.shrinkage),
+        # the recipe's own head (its trained prototypes, equal priors)
+        "trained Cayley/MaxMin, proto.": (enc_rec, final_head(rec, enc_rec, proto_rec, Xtr, ytr)),
     }
     rows, curves, vlines = [], {}, {}
     certs = {}
     with stage("fit heads, Lipschitz bounds, certify"):
         for name, (enc, shrink) in setups.items():
-            head = gmfast.fit_head(enc, loader, covariance_type="tied", shrinkage=shrink, progress=False)
+            head = shrink if isinstance(shrink, gmfast.GaussianMixtureHead) else \
+                gmfast.fit_head(enc, loader, covariance_type="tied", shrinkage=shrink, progress=False)
             certifier = gmfast.Certifier(enc, head, method="lipschitz")
             cert = certifier.certify(Xte)
             lb = certifier.lipschitz_bound(tuple(Xte.shape[1:]))
@@ -297,7 +300,7 @@ def run_demo(*, quick: bool = False, out="gmfast_demo.png", seed: int = 0, smoot
 
         n0, n, alpha = sm_cfg["n0"], sm_cfg["n"], sm_cfg["alpha"]
         base_recipe = rec.replace(loss="ce", noise=sigma, epochs=hist["epochs"])
-        with stage(f"train smoothing base (AOL/MaxMin MLP, Gaussian noise σ={sigma}, {hist['epochs']} epochs)"):
+        with stage(f"train smoothing base (Cayley/MaxMin MLP, Gaussian noise σ={sigma}, {hist['epochs']} epochs)"):
             with one_thread():
                 enc_sm, proto_sm, _ = train(base_recipe, Xtr, ytr, progress=False)
             base = nn.Sequential(enc_sm, proto_sm).eval()
@@ -310,12 +313,13 @@ def run_demo(*, quick: bool = False, out="gmfast_demo.png", seed: int = 0, smoot
         ca = gmfast.certified_accuracy(sc, yte[idx], RADII)
         r_max = smoothing_max_radius(sigma, n, alpha)
         abstained = float((sc.prediction < 0).double().mean())
-        _, _, cert_rec = certs["trained AOL/MaxMin, iso."]
-        rec_row = next(r for r in rows if r["method"] == "gmfast, trained AOL/MaxMin, iso.")
-        rows.append(rec_row | dict(method=f"gmfast, trained AOL/MaxMin, iso. (same {len(idx)} in.)", ms_encoder=None,
+        _, _, cert_rec = certs["trained Cayley/MaxMin, proto."]
+        rec_row = next(r for r in rows if r["method"] == "gmfast, trained Cayley/MaxMin, proto.")
+        rows.append(rec_row | dict(method=f"gmfast, trained Cayley/MaxMin, proto. (same {len(idx)} in.)",
+                                   ms_encoder=None,
                                    accuracy=gmfast.certified_accuracy((cert_rec.prediction[idx],
                                                                        cert_rec.radius[idx]), yte[idx], RADII)))
-        rows.append(dict(method=f"smoothing σ={sigma}, AOL/MaxMin base ({len(idx)} in.)", L=None, L_est=None,
+        rows.append(dict(method=f"smoothing σ={sigma}, Cayley/MaxMin base ({len(idx)} in.)", L=None, L_est=None,
                          accuracy=ca, ms=1e3 * t_sm, ms_encoder=None, samples=n0 + n, abstained=abstained))
         label = f"randomized smoothing (σ={sigma}, n={n}, α={alpha:g}; {len(idx)} inputs)"
         curves[label] = certified_accuracy_curve(sc, yte[idx], max_radius=max(RADII) * 1.2)
@@ -323,7 +327,7 @@ def run_demo(*, quick: bool = False, out="gmfast_demo.png", seed: int = 0, smoot
         smooth_info = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, inputs=len(idx), r_max=r_max, abstained=abstained,
                            epochs=hist["epochs"])
     route_setups = {name: certs[name][:2] for name in ("cnn encoder, LW", "lipschitz enc., isotropic",
-                                                      "trained AOL/MaxMin, iso.")}
+                                                      "trained Cayley/MaxMin, proto.")}
     route_budget = ROUTE_BUDGET_QUICK if quick else ROUTE_BUDGET
     with stage(f"input-space routes ({len(idx)} inputs, {route_budget:g} s per encoder)"):
         with one_thread():

@@ -26,8 +26,8 @@ def test_demo_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     for needle in ("certified accuracy (%)", "gmfast, cnn encoder", "gmfast, lipschitz enc., isotropic",
-                   "gmfast, trained AOL/MaxMin, iso.", "gmfast, trained AOL/MaxMin, iso. (same 60 in.)",
-                   "smoothing σ=0.25, AOL/MaxMin base (60 in.)", "distributional guarantee", "does a closer fit pay?",
+                   "gmfast, trained Cayley/MaxMin, proto.", "gmfast, trained Cayley/MaxMin, proto. (same 60 in.)",
+                   "smoothing σ=0.25, Cayley/MaxMin base (60 in.)", "distributional guarantee", "does a closer fit pay?",
                    "n0=100", "α=0.001", "L est.:", "LW: Ledoit-Wolf", "r=0 for smoothing",
                    "cnn: epoch 3/3", "time per stage", "input-space routes of gmfast.Certifier"):
         assert needle in text, needle
@@ -39,11 +39,11 @@ def test_demo_quick(tmp_path):
     # maximum) never below any of them; the CNN's local route certifies what its global route cannot
     routes = {}
     for line in text.splitlines():
-        m = re.match(r"^(cnn encoder, LW|lipschitz enc., isotropic|trained AOL/MaxMin, iso.): (\w+) +(\d+) (.*)$", line)
+        m = re.match(r"^(cnn encoder, LW|lipschitz enc., isotropic|trained Cayley/MaxMin, proto.): (\w+) +(\d+) (.*)$", line)
         if m:
             vals = m.group(4).split()
             routes.setdefault(m.group(1), {})[m.group(2)] = (int(m.group(3)), [float(v) for v in vals[:len(RADII)]])
-    assert set(routes) == {"cnn encoder, LW", "lipschitz enc., isotropic", "trained AOL/MaxMin, iso."}, routes
+    assert set(routes) == {"cnn encoder, LW", "lipschitz enc., isotropic", "trained Cayley/MaxMin, proto."}, routes
     for enc, rs in routes.items():
         assert {"lipschitz", "margin", "auto"} <= set(rs), (enc, rs)
         assert len({n for n, _ in rs.values()}) == 1 and 1 <= rs["auto"][0] <= 60, (enc, rs)
@@ -58,7 +58,7 @@ def test_demo_quick(tmp_path):
     bound, est = (float(v) for v in row.split()[4:6])
     assert 0.9 < bound < 1.5 and est <= bound
     # the trained recipe's encoder is 1-Lipschitz by construction: its sound bound is at most ~1
-    row = next(line for line in text.splitlines() if line.startswith("gmfast, trained AOL/MaxMin, iso. "))
+    row = next(line for line in text.splitlines() if line.startswith("gmfast, trained Cayley/MaxMin, proto. "))
     bound, est = (float(v) for v in row.split()[4:6])
     assert bound <= 1.0 + 1e-3 and est <= bound
 

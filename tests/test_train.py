@@ -9,7 +9,7 @@ import torch
 
 import gmfast
 from gmfast.lipschitz import lipschitz_bound
-from gmfast.train import (AOLConv2d, AOLLinear, GroupSort, MaxMin, TiedPrototypeHead, build_encoder, load,
+from gmfast.train import (AOLConv2d, AOLLinear, CayleyLinear, GroupSort, MaxMin, TiedPrototypeHead, build_encoder, load,
                           normalised_margins, recipe, save, train)
 from gmfast.train.attack import pgd_flips
 from gmfast.train.layers import conv_architecture, mlp_architecture
@@ -63,6 +63,54 @@ def test_bound_reads_the_weight_forward_uses_not_the_constraint():
     b = lipschitz_bound(layer, (10,), cache=False)
     exact = torch.linalg.matrix_norm(layer.effective_weight().detach().double(), ord=2).item()
     assert exact > 1.5 and exact <= b.bound <= exact * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (64, 64), (33, 100), (1, 5)])
+def test_cayley_linear_is_orthogonal_and_its_bound_is_exact(shape):
+    # every singular value of the effective weight is 1 (rows or columns orthonormal), for an
+    # arbitrary skew parameter; the bound reads that very matrix
+    torch.manual_seed(11)
+    layer = CayleyLinear(shape[1], shape[0]).double().eval()
+    with torch.no_grad():
+        layer.skew.normal_(0.0, 0.5)
+    W = layer.effective_weight().detach()
+    assert W.shape == shape
+    s = torch.linalg.svdvals(W)
+    assert torch.allclose(s, torch.ones_like(s), atol=1e-10), s
+    # independent reference: the Cayley transform formed in full, its top-left block
+    A = (layer.skew - layer.skew.t()).detach()
+    eye = torch.eye(A.shape[0], dtype=torch.float64)
+    Q = layer.q0 @ torch.linalg.inv(eye + A) @ (eye - A)
+    assert torch.allclose(W, Q[:shape[0], :shape[1]], atol=1e-10)
+    b = lipschitz_bound(layer, (shape[1],), cache=False)
+    exact = torch.linalg.matrix_norm(W, ord=2).item()
+    assert exact <= b.bound <= exact * (1 + 1e-6)
+
+
+def test_cayley_encoder_round_trips_and_is_1_lipschitz(tmp_path):
+    # the random orthogonal initialisation q0 is a buffer: saved with the weights, so the
+    # rebuilt encoder computes the same function
+    torch.manual_seed(12)
+    spec = mlp_architecture(64, [32, 32], 8, linear="cayley_linear")
+    assert [l["type"] for l in spec].count("cayley_linear") == 3
+    enc = build_encoder(spec).eval()
+    with torch.no_grad():
+        for m in enc:
+            if isinstance(m, CayleyLinear):
+                m.skew.normal_(0.0, 0.1)
+    b = lipschitz_bound(enc, (1, 8, 8), cache=False)
+    assert b.estimate <= b.bound <= 1 + 1e-5
+    assert b.estimate > 0.99  # gradient-norm preserving: the bound is (nearly) attained
+    head = gmfast.GaussianMixtureHead.from_params(torch.randn(3, 8, dtype=torch.float64),
+                                                  torch.eye(8, dtype=torch.float64),
+                                                  torch.full((3,), 1 / 3, dtype=torch.float64))
+    save(tmp_path, enc, head, recipe("digits", architecture=spec, latent=8))
+    enc2, _ = load(tmp_path)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(enc(x), enc2(x))
+    with pytest.raises(ValueError, match="linear must be 'aol_linear' or 'cayley_linear'; got 'dense'"):
+        mlp_architecture(64, [32], 8, linear="dense")
 
 
 @pytest.mark.parametrize("cin,cout,k,size", [(1, 4, 3, 8), (3, 5, 3, 6), (4, 4, 5, 7)])
@@ -295,7 +343,7 @@ def test_cli_contract(tmp_path):
 
     out = tmp_path / "run"
     assert main(["train", "--data", "digits", "--out", str(out), "--epochs", "2", "--time-budget", "5",
-                 "--no-progress"]) == 0
+                 "--refit", "fit_head", "--no-progress"]) == 0
     for f in ("encoder.safetensors", "encoder.json", "head.safetensors", "certificates.tsv",
               "checkpoint.safetensors"):
         assert (out / f).is_file(), f

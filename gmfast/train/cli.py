@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     from gmfast.train.recipe import REFITS
 
     p = sub.add_parser("train", help="train a 1-Lipschitz encoder + Gaussian-mixture head for certified radii",
-                       description="Train the recipe for a bundled data set (1-Lipschitz AOL/MaxMin encoder, tied "
+                       description="Train the recipe for a bundled data set (1-Lipschitz Cayley/MaxMin encoder, tied "
                                    "Gaussian-mixture head, loss on the normalised margin), refit the head, certify "
                                    "the held-out split in input space and write the model directory.")
     p.add_argument("--data", required=True, choices=DATASETS)

@@ -10,7 +10,13 @@ rescaled Gram matrix). For a convolution ``WᵀW`` is the operator's Gram matrix
 sums are those of the kernel's channel-by-channel autocorrelation (all shifts), so the same
 rescaling of the input channels makes the convolution 1-Lipschitz.
 
-**The certificates never rely on that theorem.** Each layer's ``forward`` computes
+Cayley layers (:class:`CayleyLinear`; the Cayley transform as an orthogonal
+parametrisation, used for Lipschitz networks by Trockman & Kolter, *Orthogonalizing
+Convolutional Layers with the Cayley Transform*, ICLR 2021): exactly orthogonal rows or
+columns, so no singular value is lost below 1. On MNIST and digits validation they certify
+more than AOL at the larger radii (``benchmarks/RESULTS.md``, issue 17, round 6).
+
+**The certificates never rely on either construction.** Each layer's ``forward`` computes
 ``W_eff`` from its parameters and calls ``F.linear`` / ``F.conv2d`` with it; in the
 ``torch.fx`` trace that :func:`gmfast.lipschitz_bound` runs, the weight computation depends
 on no input, so it is a constant node whose value is the stored effective weight, and the
@@ -36,7 +42,7 @@ from torch.nn import functional as F
 
 from gmfast.lipschitz.lipnet_rules import GroupSort, MaxMin
 
-__all__ = ["AOLConv2d", "AOLLinear", "GroupSort", "MaxMin", "build_encoder", "check_architecture"]
+__all__ = ["AOLConv2d", "AOLLinear", "CayleyLinear", "GroupSort", "MaxMin", "build_encoder", "check_architecture"]
 
 #: Floor of the AOL row sums: keeps the rescaling finite for an all-zero column (that
 #: column then maps to 0, still within the bound).
@@ -98,11 +104,56 @@ class AOLConv2d(nn.Module):
         return f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, bias={self.bias is not None}"
 
 
+class CayleyLinear(nn.Module):
+    """``y = W x + b`` with ``W`` (out × in) a block of an orthogonal matrix: its rows
+    (``out ≤ in``) or columns (``out > in``) are orthonormal, so ``‖W‖₂ = 1`` and, unlike
+    AOL, every singular value is 1 (with MaxMin the network preserves gradient norms,
+    Anil et al. 2019, *Sorting out Lipschitz function approximation*).
+
+    ``n = max(in, out)``; ``Q = Q₀ C`` with ``Q₀`` a random orthogonal buffer (the
+    initialisation) and ``C = (I + A)⁻¹(I − A)`` the Cayley transform of the skew-symmetric
+    ``A = V − Vᵀ`` (``V`` the parameter, zero at the start; Trockman & Kolter 2021 use the
+    Cayley transform for orthogonal layers). ``W`` is the top ``out × in`` block of ``Q``.
+    Computed without forming ``Q``: for ``out ≤ in``, ``W = Y (I − A)`` with
+    ``Yᵀ = (I − A)⁻¹ Q₀[:out]ᵀ`` (``(I + A)ᵀ = I − A``); for ``out > in``,
+    ``W = Q₀ (I + A)⁻¹ (I − A)[:, :in]``.
+
+    As for AOL, the certificates never rest on the orthogonality: the forward computes ``W``
+    from the parameters and calls ``F.linear``, a constant weight in the Lipschitz tracer's
+    graph whose exact spectral norm (rounding of the solve included) is what the bound uses.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        n = max(in_features, out_features)
+        self.skew = nn.Parameter(torch.zeros(n, n))
+        q0 = torch.empty(n, n)
+        nn.init.orthogonal_(q0)
+        self.register_buffer("q0", q0)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def effective_weight(self) -> torch.Tensor:
+        A = self.skew - self.skew.t()
+        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        if self.out_features <= self.in_features:
+            Y = torch.linalg.solve(eye - A, self.q0[:self.out_features].t()).t()
+            return Y @ (eye - A)
+        return self.q0 @ torch.linalg.solve(eye + A, (eye - A)[:, :self.in_features])
+
+    def forward(self, x):
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, bias={self.bias is not None}"
+
+
 # ----------------------------------------------------------------------------- architecture
 
 _LAYERS = {
     "aol_linear": (AOLLinear, ("in", "out")),
     "aol_conv2d": (AOLConv2d, ("in", "out", "k")),
+    "cayley_linear": (CayleyLinear, ("in", "out")),
     "maxmin": (MaxMin, ()),
     "groupsort": (GroupSort, ("group",)),
     "flatten": (nn.Flatten, ()),
@@ -137,13 +188,16 @@ def build_encoder(spec) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def mlp_architecture(in_features: int, widths, latent: int) -> list:
-    """Flatten, then AOL linear layers with MaxMin between them, ending in ``latent``."""
+def mlp_architecture(in_features: int, widths, latent: int, linear: str = "aol_linear") -> list:
+    """Flatten, then linear layers of type ``linear`` (``"aol_linear"`` or
+    ``"cayley_linear"``) with MaxMin between them, ending in ``latent``."""
+    if linear not in ("aol_linear", "cayley_linear"):
+        raise ValueError(f"linear must be 'aol_linear' or 'cayley_linear'; got {linear!r}")
     spec, prev = [{"type": "flatten"}], in_features
     for w in widths:
-        spec += [{"type": "aol_linear", "in": prev, "out": w}, {"type": "maxmin"}]
+        spec += [{"type": linear, "in": prev, "out": w}, {"type": "maxmin"}]
         prev = w
-    return spec + [{"type": "aol_linear", "in": prev, "out": latent}]
+    return spec + [{"type": linear, "in": prev, "out": latent}]
 
 
 def conv_architecture(in_channels: int, size: int, channels, latent: int, width: int,

@@ -111,10 +111,11 @@ def recipe(data: str, **overrides) -> Recipe:
     # certifies the trained prototypes (refit="prototypes"): above the refitted head at
     # r = 0.5 in every setting of its grid
     if data == "digits":
-        base = Recipe(architecture=mlp_architecture(64, [128, 128], 32), input_shape=(1, 8, 8), latent=32,
-                      target=0.5, temperature=8.0, epochs=300, batch_size=64, lr=3e-3)
+        base = Recipe(architecture=mlp_architecture(64, [128, 128], 32, "cayley_linear"), input_shape=(1, 8, 8),
+                      latent=32, target=0.5, temperature=8.0, epochs=300, batch_size=64, lr=3e-3, refit="prototypes")
     elif data == "mnist":
-        base = Recipe(architecture=mlp_architecture(784, [256, 256, 256], 64), input_shape=(1, 28, 28), latent=64,
+        base = Recipe(architecture=mlp_architecture(784, [256, 256, 256], 64, "cayley_linear"), input_shape=(1, 28, 28),
+                      latent=64,
                       target=1.25, temperature=4.0, epochs=200, batch_size=125, lr=2e-3, refit="prototypes")
     else:
         from gmfast.train.data import DATASETS
