@@ -84,6 +84,12 @@ ANCHORS_MNIST_158 = {"nearest-prototype certificates (published)": 0.73, "GloRo 
 #: The architecture of the smoothing bases stored before records named it (the MLP recipes).
 LEGACY_ARCHITECTURE = {"digits": mlp_architecture(64, [128, 128], 32), "mnist": mlp_architecture(784, [256, 256, 256], 64)}
 
+#: Base architectures of randomized smoothing besides the recipe's own (tag -> architecture):
+#: the recipes moved from AOL to Cayley layers in round 6 of issue 17, and the AOL bases made
+#: the stronger smoothed classifiers on MNIST, so both are run and the comparison takes the
+#: best smoothing model at each radius over every base and σ (``smoothing_best``).
+EXTRA_BASES = {data: {"aol": arch} for data, arch in LEGACY_ARCHITECTURE.items()}
+
 #: Held-out images per class that smoothing certifies (None: all), set from the command line.
 PER_CLASS = {"digits": None, "mnist": 20}
 #: Monte Carlo samples of smoothing's CERTIFY (the issue's n = 10⁵), set from the command line.
@@ -266,20 +272,36 @@ def gmfast_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, curves, reuse
         log(f"{data}: the local route is above the global one on {res['local_above_global']} of {len(yte)} inputs")
 
 
-def previous_smoothing(data, sigma, out, plan) -> dict:
-    """An earlier run's record of smoothing at ``sigma`` (``<data>_smoothing_sigma<σ>.json``,
-    else ``results_<data>.json``), checked to be the same plan (subset, n, n0, α)."""
-    path = out / f"{data}_smoothing_sigma{sigma}.json"
+def previous_smoothing(data, sigma, out, plan, stem=None) -> dict:
+    """An earlier run's record of smoothing at ``sigma`` (``<stem>.json``, default
+    ``<data>_smoothing_sigma<σ>.json``, else ``results_<data>.json``), checked to be the same
+    plan (subset, n, n0, α)."""
+    stem = stem or smoothing_stem(data, "", sigma)
+    path = out / f"{stem}.json"
     if path.is_file():
         previous = json.loads(path.read_text())
     else:
         path = out / f"results_{data}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"--reuse-smoothing: neither {data}_smoothing_sigma{sigma}.json nor {path}")
+            raise FileNotFoundError(f"--reuse-smoothing: neither {stem}.json nor {path}")
         previous = json.loads(path.read_text())["data"][data]
     if previous.get("smoothing_subset") != plan:
         raise ValueError(f"--reuse-smoothing: {path} was run with {previous.get('smoothing_subset')}; expected {plan}")
     return previous
+
+
+def smoothing_bases(data: str, r: Recipe) -> list:
+    """``[(tag, architecture)]``: the recipe's (tag ``""``), then :data:`EXTRA_BASES` that differ."""
+    bases = [("", r.architecture)]
+    return bases + [(tag, arch) for tag, arch in EXTRA_BASES.get(data, {}).items() if arch != r.architecture]
+
+
+def smoothing_stem(data: str, tag: str, sigma) -> str:
+    return f"{data}_smoothing_{tag + '_' if tag else ''}sigma{sigma}"
+
+
+def smoothing_name(tag: str, sigma) -> str:
+    return f"smoothing σ={sigma}" + (f", {tag.upper()} base" if tag else "")
 
 
 def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reuse_smoothing):
@@ -287,62 +309,73 @@ def smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reu
     sigmas, n, per_class = smoothing_plan(data, quick)
     sub = subset(yte, per_class)
     res["smoothing_subset"] = dict(per_class=per_class, size=len(sub), n=n, n0=N0, alpha=ALPHA)
-    for sigma in sigmas:
-        if reuse_smoothing:
-            name = f"smoothing σ={sigma}"
-            previous = previous_smoothing(data, sigma, out, res["smoothing_subset"])
-            tsv = read_certification_tsv(out / f"{data}_smoothing_sigma{sigma}.tsv")
-            if not (np.array_equal(tsv["idx"], sub.numpy()) and np.array_equal(tsv["label"], yte[sub].numpy())):
-                raise ValueError(f"--reuse-smoothing: {data}_smoothing_sigma{sigma}.tsv is not on the held-out "
-                                 f"images {len(sub)} of this run")
-            # a record written before augmentation existed trained without it; one written before
-            # the architecture was recorded trained the MLP recipes had then (LEGACY_ARCHITECTURE)
-            stored = previous["methods"][name]
-            budget = {k: stored.get(k, 0 if k == "augment" else None) for k in ("epochs", "batch_size", "augment")}
-            if budget != dict(epochs=r.epochs, batch_size=r.batch_size, augment=r.augment):
-                raise ValueError(f"--reuse-smoothing: {name}'s base model was trained with {budget}; the recipe "
-                                 f"trains {r.epochs} epochs at batch {r.batch_size}, augment {r.augment} (same "
-                                 "budget and data pipeline required)")
-            if stored.get("architecture", LEGACY_ARCHITECTURE[data]) != r.architecture:
-                raise ValueError(f"--reuse-smoothing: {name}'s base model has architecture "
-                                 f"{stored.get('architecture', LEGACY_ARCHITECTURE[data])}; the recipe's is "
-                                 f"{r.architecture} (the same architecture required)")
-            ca = gmfast.certified_accuracy((torch.from_numpy(tsv["predict"]), torch.from_numpy(tsv["radius"])),
-                                           yte[sub], radii)
-            res["methods"][name] = previous["methods"][name] | dict(accuracy_subset=ca.tolist(), reused=True)
-            marks[f"{name}, n={n} ({len(sub)} inputs)"] = (np.array(radii), ca)
-            log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs (reused from the earlier run's TSV)")
-            continue
-        t = time.perf_counter()
-        rs = r.replace(loss="ce", noise=sigma)
-        dev = device()
-        enc_s, proto, _ = train(rs, Xtr, ytr, progress=False, device=dev)
-        base = nn.Sequential(enc_s, proto).eval()  # on the device: the sampling runs there
-        train_s = time.perf_counter() - t
-        with torch.no_grad():
-            clean = (base(Xte.to(dev)).argmax(1).cpu() == yte).float().mean().item()
-        sm = Smooth(base, num_classes=10, sigma=sigma, seed=0)
-        t = time.perf_counter()
-        with torch.no_grad():
-            sc = sm.certify_batch(Xte[sub].to(dev), n0=N0, n=n, alpha=ALPHA, batch_size=20_000)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        sec = (time.perf_counter() - t) / len(sub)
-        ca = gmfast.certified_accuracy(sc, yte[sub], radii)
-        name = f"smoothing σ={sigma}"
-        write_certification_tsv(out / f"{data}_smoothing_sigma{sigma}.tsv", sc, yte[sub], idx=sub, seconds=sec)
-        res["methods"][name] = dict(accuracy_subset=ca.tolist(), seconds_per_input=sec, evaluations=N0 + n,
-                                    max_radius=max_radius(sigma, n), train_seconds=train_s,
-                                    base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size,
-                                    augment=rs.augment, architecture=rs.architecture, device=str(dev))
-        # one file per σ as soon as it is done, so σ's can run in separate processes (--sigmas)
-        (out / f"{data}_smoothing_sigma{sigma}.json").write_text(json.dumps(
-            dict(smoothing_subset=res["smoothing_subset"], methods={name: res["methods"][name]}, machine=machine()),
-            indent=1, default=float) + "\n")
+    for tag, arch in smoothing_bases(data, r):
+        for sigma in sigmas:
+            smoothing_row(data, r.replace(architecture=arch), tag, sigma, Xtr, ytr, Xte, yte, sub, n, out, log, res,
+                          marks, reuse_smoothing)
+    rows = [m["accuracy_subset"] for name, m in res["methods"].items() if name.startswith("smoothing σ=")]
+    if rows:  # the comparison: the best smoothing model at each radius, over every base and σ
+        res["smoothing_best"] = np.max(np.asarray(rows), axis=0).tolist()
+        log(f"{data}: best smoothing model at each radius ({len(rows)} models): CA {fmt(res['smoothing_best'])}")
+
+
+def smoothing_row(data, r, tag, sigma, Xtr, ytr, Xte, yte, sub, n, out, log, res, marks, reuse_smoothing):
+    """Smoothing at ``sigma`` with a base of ``r``'s architecture (``tag``: ``""`` for the
+    recipe's, else an :data:`EXTRA_BASES` key), run or (``reuse_smoothing``) read back."""
+    radii = RADII[data]
+    name, stem = smoothing_name(tag, sigma), smoothing_stem(data, tag, sigma)
+    if reuse_smoothing:
+        previous = previous_smoothing(data, sigma, out, res["smoothing_subset"], stem)
+        tsv = read_certification_tsv(out / f"{stem}.tsv")
+        if not (np.array_equal(tsv["idx"], sub.numpy()) and np.array_equal(tsv["label"], yte[sub].numpy())):
+            raise ValueError(f"--reuse-smoothing: {stem}.tsv is not on the held-out images {len(sub)} of this run")
+        # a record written before augmentation existed trained without it; one written before
+        # the architecture was recorded trained the MLP recipes had then (LEGACY_ARCHITECTURE)
+        stored = previous["methods"][name]
+        budget = {k: stored.get(k, 0 if k == "augment" else None) for k in ("epochs", "batch_size", "augment")}
+        if budget != dict(epochs=r.epochs, batch_size=r.batch_size, augment=r.augment):
+            raise ValueError(f"--reuse-smoothing: {name}'s base model was trained with {budget}; the recipe "
+                             f"trains {r.epochs} epochs at batch {r.batch_size}, augment {r.augment} (same "
+                             "budget and data pipeline required)")
+        if stored.get("architecture", LEGACY_ARCHITECTURE[data]) != r.architecture:
+            raise ValueError(f"--reuse-smoothing: {name}'s base model has architecture "
+                             f"{stored.get('architecture', LEGACY_ARCHITECTURE[data])}; the recipe's is "
+                             f"{r.architecture} (the same architecture required)")
+        ca = gmfast.certified_accuracy((torch.from_numpy(tsv["predict"]), torch.from_numpy(tsv["radius"])),
+                                       yte[sub], radii)
+        res["methods"][name] = stored | dict(accuracy_subset=ca.tolist(), reused=True)
         marks[f"{name}, n={n} ({len(sub)} inputs)"] = (np.array(radii), ca)
-        log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs, {1e3 * sec:.1f} ms/input, max radius "
-            f"{max_radius(sigma, n):.3f}, base clean accuracy {100 * clean:.1f}% ({rs.epochs} epochs, batch "
-            f"{rs.batch_size}, {train_s:.0f} s)")
+        log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs (reused from the earlier run's TSV)")
+        return
+    t = time.perf_counter()
+    rs = r.replace(loss="ce", noise=sigma)
+    dev = device()
+    enc_s, proto, _ = train(rs, Xtr, ytr, progress=False, device=dev)
+    base = nn.Sequential(enc_s, proto).eval()  # on the device: the sampling runs there
+    train_s = time.perf_counter() - t
+    with torch.no_grad():
+        clean = (base(Xte.to(dev)).argmax(1).cpu() == yte).float().mean().item()
+    sm = Smooth(base, num_classes=10, sigma=sigma, seed=0)
+    t = time.perf_counter()
+    with torch.no_grad():
+        sc = sm.certify_batch(Xte[sub].to(dev), n0=N0, n=n, alpha=ALPHA, batch_size=20_000)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t) / len(sub)
+    ca = gmfast.certified_accuracy(sc, yte[sub], radii)
+    write_certification_tsv(out / f"{stem}.tsv", sc, yte[sub], idx=sub, seconds=sec)
+    res["methods"][name] = dict(accuracy_subset=ca.tolist(), seconds_per_input=sec, evaluations=N0 + n,
+                                max_radius=max_radius(sigma, n), train_seconds=train_s,
+                                base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size,
+                                augment=rs.augment, architecture=rs.architecture, device=str(dev))
+    # one file per base and σ as soon as it is done, so they can run in separate processes (--sigmas)
+    (out / f"{stem}.json").write_text(json.dumps(
+        dict(smoothing_subset=res["smoothing_subset"], methods={name: res["methods"][name]}, machine=machine()),
+        indent=1, default=float) + "\n")
+    marks[f"{name}, n={n} ({len(sub)} inputs)"] = (np.array(radii), ca)
+    log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs, {1e3 * sec:.1f} ms/input, max radius "
+        f"{max_radius(sigma, n):.3f}, base clean accuracy {100 * clean:.1f}% ({rs.epochs} epochs, batch "
+        f"{rs.batch_size}, {train_s:.0f} s)")
 
 
 def plot(data, curves, marks, path):

@@ -152,18 +152,25 @@ class StoredSmoothing:
         self.bench, self.dir = _benchmark(), tmp_path
         monkeypatch.setitem(self.bench.PER_CLASS, "mnist", 2)
         monkeypatch.setattr(self.bench, "RUN_SIGMAS", [0.25])
+        monkeypatch.setattr(self.bench, "EXTRA_BASES", {})  # the recipe's base only, unless a test adds some
         self.yte = torch.arange(10).repeat_interleave(3)
-        sub = self.bench.subset(self.yte, 2)
-        self.plan = dict(per_class=2, size=len(sub), n=100_000, n0=self.bench.N0, alpha=self.bench.ALPHA)
-        write_certification_tsv(tmp_path / "mnist_smoothing_sigma0.25.tsv",
-                                (self.yte[sub], torch.full((len(sub),), 0.3)), self.yte[sub], idx=sub, seconds=1.0)
+        self.sub = self.bench.subset(self.yte, 2)
+        self.plan = dict(per_class=2, size=len(self.sub), n=100_000, n0=self.bench.N0, alpha=self.bench.ALPHA)
+        self.tsv("", torch.full((len(self.sub),), 0.3))
 
-    def record(self, r, **fields):
+    def tsv(self, tag, radius):
+        """The stored TSV of base ``tag`` (``""``: the recipe's): every prediction right, ``radius``."""
+        from gmfast.tsv import write_certification_tsv
+
+        write_certification_tsv(self.dir / f"{self.bench.smoothing_stem('mnist', tag, 0.25)}.tsv",
+                                (self.yte[self.sub], radius), self.yte[self.sub], idx=self.sub, seconds=1.0)
+
+    def record(self, r, tag="", **fields):
         """The JSON record of a base model trained with ``r``'s budget, plus ``fields``."""
         m = dict(accuracy_subset=[1.0], seconds_per_input=1.0, evaluations=100_100, max_radius=0.95,
                  base_clean_accuracy=1.0, epochs=r.epochs, batch_size=r.batch_size) | fields
-        (self.dir / "mnist_smoothing_sigma0.25.json").write_text(json.dumps(
-            dict(smoothing_subset=self.plan, methods={"smoothing σ=0.25": m})))
+        (self.dir / f"{self.bench.smoothing_stem('mnist', tag, 0.25)}.json").write_text(json.dumps(
+            dict(smoothing_subset=self.plan, methods={self.bench.smoothing_name(tag, 0.25): m})))
 
     def rows(self, r):
         res = dict(methods={})
@@ -217,3 +224,33 @@ def test_benchmark_device_option(monkeypatch):
     assert bench.set_device(None) == torch.device("cpu")  # no CUDA here: the default is the CPU
     with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
         bench.set_device("cuda")
+
+
+def test_smoothing_of_every_base_and_the_best_per_radius(tmp_path, monkeypatch):
+    """With an extra base architecture the benchmark reads (or runs) smoothing for it too,
+    under its own file and name, and compares gmfast with the best model at each radius; a
+    stored record of the wrong architecture for that base is refused."""
+    from gmfast.train.layers import mlp_architecture
+
+    st = StoredSmoothing(tmp_path, monkeypatch)
+    r = recipe("mnist")
+    aol = mlp_architecture(784, [256, 256, 256], 64)
+    assert r.architecture != aol  # the recipe is Cayley since round 6
+    monkeypatch.setattr(st.bench, "EXTRA_BASES", {"mnist": {"aol": aol}})
+    assert st.bench.smoothing_bases("mnist", r) == [("", r.architecture), ("aol", aol)]
+    assert st.bench.smoothing_bases("mnist", r.replace(architecture=aol)) == [("", aol)]  # no duplicate
+    st.record(r, architecture=r.architecture)
+    st.tsv("aol", torch.full((len(st.sub),), 0.6))  # the AOL base certifies larger radii here
+    st.record(r, tag="aol", architecture=aol)
+    res = st.rows(r)
+    assert set(res["methods"]) == {"smoothing σ=0.25", "smoothing σ=0.25, AOL base"}
+    radii = st.bench.RADII["mnist"]
+    own = [float(e <= 0.3) for e in radii]
+    other = [float(e <= 0.6) for e in radii]
+    assert res["methods"]["smoothing σ=0.25"]["accuracy_subset"] == own
+    assert res["methods"]["smoothing σ=0.25, AOL base"]["accuracy_subset"] == other
+    assert res["smoothing_best"] == [max(a, b) for a, b in zip(own, other)]
+    st.record(r, tag="aol", architecture=r.architecture)  # the AOL file holding a Cayley base
+    with pytest.raises(ValueError, match=r"AOL base's base model has architecture .*cayley_linear.*the same "
+                                         "architecture required"):
+        st.rows(r)
