@@ -18,7 +18,7 @@ file named by ``GMFAST_MNIST_NPZ`` (:func:`gmfast.train.data.write_mnist_npz`).
 
 Per data set (splits: :mod:`gmfast.train.data`):
 
-* **gmfast**: the ``gmfast train`` recipe (:func:`gmfast.train.recipe`: AOL + MaxMin
+* **gmfast**: the ``gmfast train`` recipe (:func:`gmfast.train.recipe`: Cayley + MaxMin
   1-Lipschitz encoder, tied head, offset loss on the normalised margin; the architectures,
   budgets and heads are the recipe's), the held-out split certified in input space by
   :class:`gmfast.Certifier`, one
@@ -27,7 +27,10 @@ Per data set (splits: :mod:`gmfast.train.data`):
   maximum of the routes). ``--reuse-gmfast`` loads
   the model an earlier run saved (same recipe, checked) instead of training;
 * **randomized smoothing** (Cohen et al. 2019, :mod:`gmfast.smoothing`): base classifiers of
-  the same architecture (encoder + tied prototype head), the same training budget
+  the same architecture (encoder + tied prototype head) and, from :data:`EXTRA_BASES`, of the
+  AOL MLP the recipes had before round 6 (the stronger smoothed classifiers on MNIST; files
+  ``<data>_smoothing_aol_sigma<σ>.*``); gmfast is compared with the best of all these
+  models at each radius (``smoothing_best``); the same training budget
   (epochs, batch, learning rate) and the same data pipeline (the recipe's ``augment``
   translations), trained with cross-entropy under Gaussian input noise;
   CERTIFY with ``n0 = 100``, ``n = 10⁵`` (``--smoothing-n``), ``α = 0.001``. digits: σ =
