@@ -19,10 +19,11 @@ and the certified-training recipe of :mod:`gmfast.train` (``recipe("digits")``: 
 trained prototypes; 300 epochs or :data:`RECIPE_BUDGET` seconds).
 
 For each, a tied ``GaussianMixtureHead`` is fitted on the training latents
-(:func:`gmfast.fit_head`; the recipe's head is its trained prototypes) and the test split is certified in input space through a sound
-Lipschitz bound (:class:`gmfast.Certifier`, ``method="lipschitz"``). For the spectrally
-normalised encoder two heads are shown: Ledoit–Wolf shrinkage, and full shrinkage
-(``shrinkage=1``, an isotropic covariance). Its latents have a few nearly collapsed
+(:func:`gmfast.fit_head`; the recipe's head is its trained prototypes) and the test split is
+certified in input space through a sound Lipschitz bound (:class:`gmfast.Certifier`,
+``method="lipschitz"``). For the spectrally normalised encoder two heads are shown:
+Ledoit–Wolf shrinkage, and full shrinkage (``shrinkage=1``, an isotropic covariance). Its
+latents have a few nearly collapsed
 directions, which a fitted covariance amplifies (``Σ⁻¹``): the LDA boundaries tilt toward
 the data and the *exact* ℓ2 radius shrinks. Randomized smoothing (Cohen et al. 2019) runs on
 a base classifier of the recipe's architecture trained with Gaussian noise for the same

@@ -116,7 +116,8 @@ class CayleyLinear(nn.Module):
     Cayley transform for orthogonal layers). ``W`` is the top ``out × in`` block of ``Q``.
     Computed without forming ``Q``: for ``out ≤ in``, ``W = Y (I − A)`` with
     ``Yᵀ = (I − A)⁻¹ Q₀[:out]ᵀ`` (``(I + A)ᵀ = I − A``); for ``out > in``,
-    ``W = Q₀ (I + A)⁻¹ (I − A)[:, :in]``.
+    ``W = Q₀ (I + A)⁻¹ (I − A)[:, :in]``. ``I ± A`` is invertible for every skew ``A`` (its
+    eigenvalues are ``1 ± iλ``, ``λ`` real), so no parameter value makes the solve singular.
 
     As for AOL, the certificates never rest on the orthogonality: the forward computes ``W``
     from the parameters and calls ``F.linear``, a constant weight in the Lipschitz tracer's
