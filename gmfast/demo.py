@@ -23,9 +23,8 @@ For each, a tied ``GaussianMixtureHead`` is fitted on the training latents
 certified in input space through a sound Lipschitz bound (:class:`gmfast.Certifier`,
 ``method="lipschitz"``). For the spectrally normalised encoder two heads are shown:
 Ledoit–Wolf shrinkage, and full shrinkage (``shrinkage=1``, an isotropic covariance). Its
-latents have a few nearly collapsed
-directions, which a fitted covariance amplifies (``Σ⁻¹``): the LDA boundaries tilt toward
-the data and the *exact* ℓ2 radius shrinks. Randomized smoothing (Cohen et al. 2019) runs on
+latents have a few nearly collapsed directions, which a fitted covariance amplifies
+(``Σ⁻¹``): the LDA boundaries tilt toward the data and the *exact* ℓ2 radius shrinks. Randomized smoothing (Cohen et al. 2019) runs on
 a base classifier of the recipe's architecture trained with Gaussian noise for the same
 epochs, and the recipe is shown on the same inputs. The table gives clean accuracy,
 certified accuracy at several ℓ2 radii (pixel units), time per input, and the Lipschitz
