@@ -191,3 +191,20 @@ def random_head(kind, d, K, seed, *, uniform_priors=False):
     else:
         cov = torch.rand(K, generator=g, dtype=torch.float64) + 0.3
     return GaussianMixtureHead.from_params(mu, cov, pri, kind)
+
+
+def benchmark_module(name):
+    """``benchmarks/<name>.py`` imported as a module (skips, saying why, where the checkout has
+    no benchmarks directory)."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        pytest.skip(f"benchmarks/{name}.py not in this checkout ({path})")
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

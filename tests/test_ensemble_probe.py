@@ -1,11 +1,9 @@
 """benchmarks/ensemble_probe.py: the logit-sum ensemble of prototype models is a tied head on a
 1-Lipschitz encoder (same predictions as summing the members' logits; sound bound; attacked)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import benchmark_module
 
 import gmfast
 from gmfast.head import GaussianMixtureHead
@@ -16,13 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _probe():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ensemble_probe.py"
-    if not path.is_file():
-        pytest.skip(f"benchmarks/ensemble_probe.py not in this checkout ({path})")
-    spec = importlib.util.spec_from_file_location("ensemble_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("ensemble_probe")
 
 
 def _member(seed, K=3, d=8):

@@ -3,13 +3,12 @@ fill): each output is a shift of its input within the range, against an independ
 reference; seeded; off by default without touching the training path; bad values refused;
 and the benchmark's ``--reuse-smoothing`` refuses base models trained with another pipeline."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import benchmark_module
 
 from gmfast.train import recipe, train
 from gmfast.train.layers import mlp_architecture
@@ -133,13 +132,7 @@ def test_recipe_json_keeps_augment(tmp_path):
 
 
 def _benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "certified_accuracy.py"
-    if not path.is_file():
-        pytest.skip(f"benchmarks/certified_accuracy.py not in this checkout ({path})")
-    spec = importlib.util.spec_from_file_location("certified_accuracy_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("certified_accuracy")
 
 
 class StoredSmoothing:
