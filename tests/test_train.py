@@ -233,11 +233,11 @@ def test_margin_loss_is_a_smooth_hinge():
 # ----------------------------------------------------------------------------- train, save, load
 
 
-def _tiny(epochs=3, **kw):
+def _tiny(epochs=3, linear="aol_linear", **kw):
     from gmfast.train.data import load_split
 
     Xtr, ytr, Xte, yte = load_split("digits")
-    r = recipe("digits", architecture=mlp_architecture(64, [64], 16), latent=16, epochs=epochs, **kw)
+    r = recipe("digits", architecture=mlp_architecture(64, [64], 16, linear), latent=16, epochs=epochs, **kw)
     enc, _, hist = train(r, Xtr, ytr, progress=False)
     head = gmfast.train.fit_tied_head(enc, Xtr, ytr, r.shrinkage)
     return r, enc, head, Xte, yte, hist
@@ -371,12 +371,13 @@ def test_cli_contract(tmp_path):
     assert not np.allclose(head.priors_.numpy(), 0.1)
 
 
-def test_pgd_never_flips_inside_certified_radius():
-    _, enc, head, Xte, yte, _ = _tiny(epochs=4)
+@pytest.mark.parametrize("linear", ["aol_linear", "cayley_linear"])
+def test_pgd_never_flips_inside_certified_radius(linear):
+    _, enc, head, Xte, yte, _ = _tiny(epochs=4, linear=linear)
     certifier = gmfast.Certifier(enc, head)
     cert = certifier.certify(Xte)
     b = certifier.lipschitz_bound(tuple(Xte.shape[1:]), points=Xte[:8])
-    assert 0.5 < b.estimate <= b.bound <= 1 + 1e-5  # a trained AOL/MaxMin net: L close to 1, bound sound
+    assert 0.5 < b.estimate <= b.bound <= 1 + 1e-5  # a trained AOL or Cayley/MaxMin net: L close to 1, bound sound
     ok = cert.radius > 0
     assert ok.sum() > 100
     flips = pgd_flips(enc, head, Xte, cert.prediction, cert.radius, steps=20, restarts=2)
