@@ -46,6 +46,12 @@ Per data set (splits: :mod:`gmfast.train.data`):
   the smoothed classifier (failure probability α each), which a deterministic attack does
   not test.
 
+**Targets** (issue 17; :data:`TARGET_RADII`, ``res["targets"]``, printed after each table):
+gmfast's default route against the best smoothing model at each target radius, counted in
+images (a tie is met), on smoothing's images and, where ``benchmarks/smoothing_rest.py``
+extended smoothing models to the whole held-out split (``<stem>_all.tsv``), on all of it
+over those models; clean accuracy (digits) and the ratio of base evaluations per input.
+
 Writes per method a Cohen-format TSV (``idx label predict radius correct time``), the
 certified-accuracy plot per data set, and ``results_<data>.json``; prints the tables (markdown).
 """
@@ -79,6 +85,12 @@ SIGMAS = (0.25, 0.5, 1.0)
 ALPHA = 0.001
 N0 = 100
 RADII = {"digits": (0.0, 0.25, 0.5, 0.75, 1.0), "mnist": (0.0, 0.5, 1.0, 1.58, 2.0)}
+#: Issue 17's targets: at each of these radii gmfast's default route certifies at least as
+#: many held-out images as the best smoothing model; digits also needs clean accuracy ≥
+#: TARGET_CLEAN; every data set ≥ TARGET_EVALUATIONS× fewer base evaluations per input.
+TARGET_RADII = {"digits": (0.25, 0.5, 0.75), "mnist": (0.5, 1.0, 1.58)}
+TARGET_CLEAN = {"digits": 0.95}
+TARGET_EVALUATIONS = 1e4
 #: Published full-MNIST (60k training images) certified accuracy at ε = 1.58, quoted as anchors.
 ANCHORS_MNIST_158 = {"nearest-prototype certificates (published)": 0.73, "GloRo (published)": 0.63,
                      "randomized smoothing (published)": 0.70}
@@ -199,6 +211,11 @@ def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = Fal
     if "smoothing" in methods:
         smoothing_rows(data, r, Xtr, ytr, Xte, yte, out, quick, log, res, marks, reuse_smoothing)
     res["plot"] = str(plot(data, curves, marks, out / f"{data}_certified_accuracy.png"))
+    verdict = targets(data, res, yte, out)
+    if verdict is not None:
+        res["targets"] = verdict
+        for line in targets_lines(data, verdict):
+            log(f"{data}: {line}")
     return res
 
 
@@ -346,7 +363,7 @@ def smoothing_row(data, r, tag, sigma, Xtr, ytr, Xte, yte, sub, n, out, log, res
                              f"{r.architecture} (the same architecture required)")
         ca = gmfast.certified_accuracy((torch.from_numpy(tsv["predict"]), torch.from_numpy(tsv["radius"])),
                                        yte[sub], radii)
-        res["methods"][name] = stored | dict(accuracy_subset=ca.tolist(), reused=True)
+        res["methods"][name] = stored | dict(accuracy_subset=ca.tolist(), reused=True, stem=stem)
         marks[f"{name}, n={n} ({len(sub)} inputs)"] = (np.array(radii), ca)
         log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs (reused from the earlier run's TSV)")
         return
@@ -370,7 +387,7 @@ def smoothing_row(data, r, tag, sigma, Xtr, ytr, Xte, yte, sub, n, out, log, res
     res["methods"][name] = dict(accuracy_subset=ca.tolist(), seconds_per_input=sec, evaluations=N0 + n,
                                 max_radius=max_radius(sigma, n), train_seconds=train_s,
                                 base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size,
-                                augment=rs.augment, architecture=rs.architecture, device=str(dev))
+                                augment=rs.augment, architecture=rs.architecture, device=str(dev), stem=stem)
     # one file per base and σ as soon as it is done, so they can run in separate processes (--sigmas)
     (out / f"{stem}.json").write_text(json.dumps(
         dict(smoothing_subset=res["smoothing_subset"], methods={name: res["methods"][name]}, machine=machine()),
@@ -379,6 +396,84 @@ def smoothing_row(data, r, tag, sigma, Xtr, ytr, Xte, yte, sub, n, out, log, res
     log(f"{data}: {name}: CA {fmt(ca)} on {len(sub)} inputs, {1e3 * sec:.1f} ms/input, max radius "
         f"{max_radius(sigma, n):.3f}, base clean accuracy {100 * clean:.1f}% ({rs.epochs} epochs, batch "
         f"{rs.batch_size}, {train_s:.0f} s)")
+
+
+def smoothing_all(data: str, res: dict, yte, out: Path) -> dict:
+    """``{name: certified accuracy at RADII[data] on the whole held-out split}`` for the
+    smoothing models of ``res`` that ``benchmarks/smoothing_rest.py`` extended to it
+    (``<stem>_all.tsv``, checked to hold every held-out image once, with its label)."""
+    found = {}
+    for name, m in res["methods"].items():
+        path = out / f"{m.get('stem', '')}_all.tsv"
+        if not (name.startswith("smoothing σ=") and "stem" in m and path.is_file()):
+            continue
+        tsv = read_certification_tsv(path)
+        if not (np.array_equal(tsv["idx"], np.arange(len(yte))) and np.array_equal(tsv["label"], yte.numpy())):
+            raise ValueError(f"{path}: expected every one of the {len(yte)} held-out images once, in order, "
+                             "with its label")
+        found[name] = gmfast.certified_accuracy((torch.from_numpy(tsv["predict"]), torch.from_numpy(tsv["radius"])),
+                                                yte, RADII[data]).tolist()
+    return found
+
+
+def _compare(data: str, gm: list, models: dict, n: int) -> list:
+    """Per target radius: gmfast's accuracy ``gm`` against the best of ``models`` (name ->
+    accuracies at RADII[data]) on ``n`` images, compared in images (no float ties)."""
+    radii, rows = list(RADII[data]), []
+    for e in TARGET_RADII[data]:
+        i = radii.index(e)
+        best = max(models, key=lambda k: models[k][i])
+        diff = round(gm[i] * n) - round(models[best][i] * n)
+        rows.append(dict(radius=e, gmfast=gm[i], smoothing=models[best][i], model=best, images_ahead=diff,
+                         met=diff >= 0))
+    return rows
+
+
+def targets(data: str, res: dict, yte, out: Path) -> dict | None:
+    """Issue 17's targets for ``data`` from a run's results (None without both methods):
+    gmfast's default route (``auto``) against the best smoothing model at each target radius
+    on smoothing's images (``subset``) and, where smoothing was extended to the whole split
+    (:func:`smoothing_all`), on all held-out images over those models (``all``); clean
+    accuracy (digits) and the ratio of base evaluations per input."""
+    g = res["methods"].get("gmfast (auto)")
+    models = {k: m["accuracy_subset"] for k, m in res["methods"].items() if k.startswith("smoothing σ=")}
+    if g is None or not models:
+        return None
+    verdict = dict(subset=dict(images=res["smoothing_subset"]["size"],
+                               radii=_compare(data, g["accuracy_subset"], models, res["smoothing_subset"]["size"])))
+    full = smoothing_all(data, res, yte, out)
+    if full and len(yte) != res["smoothing_subset"]["size"]:
+        verdict["all"] = dict(images=len(yte), models=sorted(full), radii=_compare(data, g["accuracy"], full, len(yte)))
+    ratio = min(m["evaluations"] for k, m in res["methods"].items() if k.startswith("smoothing σ=")) / g["evaluations"]
+    verdict["evaluations"] = dict(ratio=ratio, met=ratio >= TARGET_EVALUATIONS)
+    if data in TARGET_CLEAN:
+        verdict["clean"] = dict(accuracy=g["accuracy"][0], target=TARGET_CLEAN[data],
+                                met=g["accuracy"][0] >= TARGET_CLEAN[data])
+    parts = [r["met"] for k in ("subset", "all") if k in verdict for r in verdict[k]["radii"]]
+    verdict["met"] = all(parts) and verdict["evaluations"]["met"] and verdict.get("clean", {}).get("met", True)
+    return verdict
+
+
+def targets_lines(data: str, verdict: dict) -> list:
+    lines = []
+    for key, what in (("subset", "smoothing's images"), ("all", "all held-out images")):
+        if key not in verdict:
+            continue
+        v = verdict[key]
+        models = f", over the {len(v['models'])} models extended to it" if key == "all" else ""
+        for r in v["radii"]:
+            lines.append(f"target r={r['radius']:g} on {what} ({v['images']}{models}): gmfast {100 * r['gmfast']:.1f} "
+                         f"vs best smoothing {100 * r['smoothing']:.1f} ({r['model']}): "
+                         f"{'met' if r['met'] else 'NOT met'} ({r['images_ahead']:+d} images)")
+    if "clean" in verdict:
+        c = verdict["clean"]
+        lines.append(f"target clean accuracy ≥ {100 * c['target']:.0f}%: {100 * c['accuracy']:.1f}% "
+                     f"{'met' if c['met'] else 'NOT met'}")
+    e = verdict["evaluations"]
+    lines.append(f"target ≥ {TARGET_EVALUATIONS:.0e}x fewer base evaluations: {e['ratio']:,.0f}x "
+                 f"{'met' if e['met'] else 'NOT met'}")
+    lines.append("all targets " + ("met" if verdict["met"] else "NOT met"))
+    return lines
 
 
 def plot(data, curves, marks, path):
@@ -502,6 +597,8 @@ def main(argv=None) -> int:
     for data, res in results["data"].items():
         print(f"\n### {data}: held-out {res['n_test']} images, trained on {res['n_train']}")
         print(table(res))
+        if "targets" in res:
+            print("\n" + "\n".join(f"* {line}" for line in targets_lines(data, res["targets"])))
     print(f"\ntotal {results['seconds']:.0f} s\n{results['machine_after']}")
     return 0
 
