@@ -352,11 +352,13 @@ def smoothing_row(data, r, tag, sigma, Xtr, ytr, Xte, yte, sub, n, out, log, res
         # a record written before augmentation existed trained without it; one written before
         # the architecture was recorded trained the MLP recipes had then (LEGACY_ARCHITECTURE)
         stored = previous["methods"][name]
-        budget = {k: stored.get(k, 0 if k == "augment" else None) for k in ("epochs", "batch_size", "augment")}
-        if budget != dict(epochs=r.epochs, batch_size=r.batch_size, augment=r.augment):
+        # (likewise without weight averaging before ``ema`` existed)
+        budget = {k: stored.get(k, 0 if k in ("augment", "ema") else None)
+                  for k in ("epochs", "batch_size", "augment", "ema")}
+        if budget != dict(epochs=r.epochs, batch_size=r.batch_size, augment=r.augment, ema=r.ema):
             raise ValueError(f"--reuse-smoothing: {name}'s base model was trained with {budget}; the recipe "
-                             f"trains {r.epochs} epochs at batch {r.batch_size}, augment {r.augment} (same "
-                             "budget and data pipeline required)")
+                             f"trains {r.epochs} epochs at batch {r.batch_size}, augment {r.augment}, ema {r.ema} "
+                             "(same budget and data pipeline required)")
         if stored.get("architecture", LEGACY_ARCHITECTURE[data]) != r.architecture:
             raise ValueError(f"--reuse-smoothing: {name}'s base model has architecture "
                              f"{stored.get('architecture', LEGACY_ARCHITECTURE[data])}; the recipe's is "
@@ -387,7 +389,8 @@ def smoothing_row(data, r, tag, sigma, Xtr, ytr, Xte, yte, sub, n, out, log, res
     res["methods"][name] = dict(accuracy_subset=ca.tolist(), seconds_per_input=sec, evaluations=N0 + n,
                                 max_radius=max_radius(sigma, n), train_seconds=train_s,
                                 base_clean_accuracy=clean, epochs=rs.epochs, batch_size=rs.batch_size,
-                                augment=rs.augment, architecture=rs.architecture, device=str(dev), stem=stem)
+                                augment=rs.augment, ema=rs.ema, architecture=rs.architecture, device=str(dev),
+                                stem=stem)
     # one file per base and σ as soon as it is done, so they can run in separate processes (--sigmas)
     (out / f"{stem}.json").write_text(json.dumps(
         dict(smoothing_subset=res["smoothing_subset"], methods={name: res["methods"][name]}, machine=machine()),

@@ -358,16 +358,21 @@ def test_cli_contract(tmp_path):
     np.testing.assert_array_equal(np.asarray(rows["radius"]), cert.radius.numpy())
     assert main(["train", "--data", "cifar", "--out", str(out)]) == 2
     # --refit prototypes: the head written is the trained prototype head (equal priors, the
-    # checkpoint's prototypes as means), not a refit (digits' empirical priors are unequal)
+    # checkpoint's prototypes as means), not a refit (digits' empirical priors are unequal);
+    # with --ema, the averaged prototypes are the ones kept
     out2 = tmp_path / "proto"
     assert main(["train", "--data", "digits", "--out", str(out2), "--epochs", "1", "--refit", "prototypes",
-                 "--no-progress"]) == 0
+                 "--ema", "0.9", "--no-progress"]) == 0
     from safetensors.torch import load_file
 
     _, head2 = load(out2)
     np.testing.assert_array_equal(head2.priors_.numpy(), np.full(10, 0.1))
-    np.testing.assert_array_equal(head2.means_.numpy(),
-                                  load_file(str(out2 / "checkpoint.safetensors"))["head.means"].double().numpy())
+    ck = load_file(str(out2 / "checkpoint.safetensors"))
+    np.testing.assert_array_equal(head2.means_.numpy(), ck["ema.head.means"].double().numpy())
+    assert not torch.equal(ck["ema.head.means"], ck["head.means"])
+    import json
+
+    assert json.loads((out2 / "encoder.json").read_text())["recipe"]["ema"] == 0.9
     assert not np.allclose(head.priors_.numpy(), 0.1)
 
 
@@ -463,3 +468,50 @@ def test_checkpoint_resume_continues_the_schedule(tmp_path):
     save_file({"a": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="checkpoint"):
         load_checkpoint(tmp_path / "x.safetensors", fresh, head)
+
+
+def test_ema_is_the_documented_running_average_of_the_live_weights(tmp_path):
+    """``ema``: the returned weights are ``w̄ ← d w̄ + (1 − d) w`` over the live trajectory
+    with ``d = min(ema, (1 + t)/(10 + t))``, recomputed here in float64 from the weights
+    after each optimiser step of the same run without averaging (the average must not
+    change that trajectory); the checkpoint carries both."""
+    from safetensors.torch import load_file
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from gmfast.train.data import load_split
+
+    Xtr, ytr, _, _ = load_split("digits")
+    Xtr, ytr = Xtr[:300], ytr[:300]
+    r = recipe("digits", architecture=mlp_architecture(64, [16], 8, "cayley_linear"), latent=8, epochs=3,
+               batch_size=100)
+    snapshots = []
+    handle = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: snapshots.append([p.detach().double().clone() for p in opt.param_groups[0]["params"]]))
+    try:
+        live_enc, live_head, _ = train(r, Xtr, ytr, progress=False)
+    finally:
+        handle.remove()
+    assert len(snapshots) == 9
+    ck = tmp_path / "ck.safetensors"
+    enc, head, _ = train(r.replace(ema=0.8), Xtr, ytr, progress=False, checkpoint=ck)
+    torch.manual_seed(r.seed)
+    enc0 = build_encoder(r.architecture)
+    head0 = TiedPrototypeHead(r.latent, r.classes, r.covariance, generator=torch.Generator().manual_seed(r.seed))
+    avg = [p.detach().double().clone() for p in list(enc0.parameters()) + list(head0.parameters())]
+    for t, live in enumerate(snapshots):
+        d = min(0.8, (1 + t) / (10 + t))
+        avg = [d * a + (1 - d) * w for a, w in zip(avg, live)]
+    got = list(enc.parameters()) + list(head.parameters())
+    assert len(got) == len(avg)
+    for a, g in zip(avg, got):
+        assert torch.allclose(g.double(), a, rtol=0, atol=1e-6), (g.double() - a).abs().max()
+    # the average is not the live model, and the live trajectory is the unaveraged run's
+    assert any(not torch.allclose(g.double(), w, atol=1e-4) for g, w in zip(got, snapshots[-1]))
+    state = load_file(str(ck))
+    for k, v in live_enc.state_dict().items():
+        assert torch.equal(state["encoder." + k], v)
+        assert torch.equal(state["ema.encoder." + k], enc.state_dict()[k])
+    for k, v in live_head.state_dict().items():
+        assert torch.equal(state["ema.head." + k], head.state_dict()[k])
+    with pytest.raises(ValueError, match="ema"):
+        recipe("digits", ema=1.0)

@@ -174,19 +174,24 @@ class StoredSmoothing:
 
 def test_reuse_smoothing_requires_the_same_augmentation(tmp_path, monkeypatch):
     """``--reuse-smoothing`` compares the stored base model's budget and data pipeline with the
-    recipe: a record without ``augment`` (written before the option) counts as 0."""
+    recipe: a record without ``augment`` or ``ema`` (written before the option) counts as 0."""
     st = StoredSmoothing(tmp_path, monkeypatch)
     r = recipe("mnist")
     st.record(r, architecture=r.architecture)  # an old record: trained without augmentation
     assert st.rows(r)["methods"]["smoothing σ=0.25"]["reused"]
-    with pytest.raises(ValueError, match=r"trained with \{.*'augment': 0\}.*augment 2"):
+    with pytest.raises(ValueError, match=r"trained with \{.*'augment': 0, 'ema': 0\}.*augment 2"):
         st.rows(r.replace(augment=2))
     st.record(r, architecture=r.architecture, augment=2)
     assert st.rows(r.replace(augment=2))["methods"]["smoothing σ=0.25"]["accuracy_subset"][0] == 1.0
-    with pytest.raises(ValueError, match=r"'augment': 2\}.*augment 0"):
+    with pytest.raises(ValueError, match=r"'augment': 2, 'ema': 0\}.*augment 0"):
         st.rows(r)
     with pytest.raises(ValueError, match=r"'epochs': 200.*trains 100 epochs"):
         st.rows(r.replace(augment=2, epochs=100))
+    # weight averaging is part of the training pipeline too (a record without it: none)
+    with pytest.raises(ValueError, match=r"'ema': 0\}.*augment 2, ema 0.99 "):
+        st.rows(r.replace(augment=2, ema=0.99))
+    st.record(r, architecture=r.architecture, augment=2, ema=0.99)
+    assert st.rows(r.replace(augment=2, ema=0.99))["methods"]["smoothing σ=0.25"]["reused"]
 
 
 def test_reuse_smoothing_requires_the_same_architecture(tmp_path, monkeypatch):

@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--covariance", choices=COVARIANCES, default=None, help="training covariance")
     p.add_argument("--augment", type=int, default=None,
                    help="random translation of training images, at most this many pixels (default: the recipe's)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="decay of an exponential moving average of the weights, the model kept (default: the recipe's)")
     p.add_argument("--refit", choices=REFITS, default=None,
                    help="the certified head: refitted by fit_head, or the trained prototypes (default: the recipe's)")
     p.add_argument("--resume", default=None, help="continue from a checkpoint.safetensors of the same recipe")
@@ -46,7 +48,7 @@ def cmd_train(args) -> int:
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be > 0 seconds; got {args.time_budget}")
     overrides = dict(seed=args.seed)
-    for name in ("epochs", "target", "covariance", "refit", "augment"):
+    for name in ("epochs", "target", "covariance", "refit", "augment", "ema"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.covariance == "learned":

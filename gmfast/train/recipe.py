@@ -39,6 +39,12 @@ class Recipe:
     ``(dy, dx)`` drawn uniformly from ``[-augment, augment]`` per image and batch, with zero
     fill, from the recipe's seeded generator (either loss, so smoothing's base classifiers see
     the same data pipeline; the noise is added after the shift).
+    ``ema``: the decay of an exponential moving average of every weight (encoder and
+    prototypes; 0 = off): after each step ``w̄ ← d w̄ + (1 − d) w`` with
+    ``d = min(ema, (1 + t)/(10 + t))`` at step ``t`` (the usual warm-up, so the average is not
+    dominated by the initialisation), and the averaged weights are the trained model (Polyak
+    averaging). It changes the weights only: every layer's constant is still read from the
+    final weights (:func:`gmfast.lipschitz_bound`), so nothing about soundness depends on it.
     ``refit``: the head that is certified, ``"fit_head"`` (refitted on the trained latents
     by :func:`gmfast.fit_head` with ``shrinkage``: ``1.0`` isotropic, ``"ledoit-wolf"``) or
     ``"prototypes"`` (the trained prototypes themselves as a tied head with equal priors:
@@ -59,6 +65,7 @@ class Recipe:
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.0
+    ema: float = 0.0
     shrinkage: object = 1.0
     refit: str = "fit_head"
     clean_weight: float = 0.0
@@ -89,6 +96,8 @@ class Recipe:
                              f"{self.input_shape}, augment {self.augment}")
         if self.refit not in REFITS:
             raise ValueError(f"refit must be one of {REFITS}; got {self.refit!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be a decay in [0, 1) (0 = off); got {self.ema!r}")
         if not self.clean_weight >= 0:
             raise ValueError(f"clean_weight must be >= 0; got {self.clean_weight!r}")
         if not 0 <= self.target_warmup < 1:
@@ -192,6 +201,11 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
     epochs, step, t0 = r.epochs, 0, time.perf_counter()
     history = dict(loss=[], train_accuracy=[], epochs_planned=r.epochs)
     epoch = 0 if resume is None else load_checkpoint(resume, encoder, head)
+    averaged = None
+    if r.ema:  # the running averages start at the (loaded) weights
+        averaged = tuple(copy.deepcopy(m).requires_grad_(False) for m in (encoder, head))
+        if resume is not None:
+            load_checkpoint(resume, *averaged, prefix="ema.", missing_ok=True)
     first, step = epoch, epoch * steps_per_epoch
     bar = tqdm(total=epochs, initial=epoch, disable=not progress, desc=f"train ({r.loss})", unit="epoch")
     while epoch < epochs:
@@ -220,6 +234,10 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if averaged is not None:
+                decay = min(r.ema, (1 + step) / (10 + step))
+                _average_into(averaged[0], encoder, decay)
+                _average_into(averaged[1], head, decay)
             tot += loss.item() * len(idx)
             step += 1
         epoch += 1
@@ -234,7 +252,7 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
                 if log:
                     log(f"time budget {time_budget:g} s: {per_epoch:.2f} s/epoch, training {epochs} epochs")
         if checkpoint is not None:
-            save_checkpoint(checkpoint, encoder, head, r, epoch)
+            save_checkpoint(checkpoint, encoder, head, r, epoch, averaged=averaged)
         bar.set_postfix(loss=f"{tot / n:.4f}", acc=f"{correct / n:.3f}")
         bar.update(1)
         if time_budget is not None and time.perf_counter() - t0 > time_budget and epoch < epochs:
@@ -244,7 +262,18 @@ def train(r: Recipe, X, y, *, time_budget: float | None = None, device=None, pro
     bar.close()
     history["epochs"] = epoch
     history["seconds"] = time.perf_counter() - t0
+    if averaged is not None:
+        encoder, head = averaged
     return encoder.eval(), head.eval(), history
+
+
+def _average_into(avg: nn.Module, live: nn.Module, decay: float) -> None:
+    """``avg ← decay·avg + (1 − decay)·live`` for every parameter; buffers copied."""
+    with torch.no_grad():
+        for a, p in zip(avg.parameters(), live.parameters()):
+            a.lerp_(p, 1.0 - decay)
+        for a, b in zip(avg.buffers(), live.buffers()):
+            a.copy_(b)
 
 
 def fit_tied_head(encoder, X, y, shrinkage, *, batch_size: int = 512, device=None):
@@ -289,19 +318,25 @@ def _state(module: nn.Module, prefix: str) -> dict:
     return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(path, encoder, head, r: Recipe, epoch: int) -> None:
-    """Encoder and prototype-head weights after ``epoch`` (safetensors, written atomically)."""
+def save_checkpoint(path, encoder, head, r: Recipe, epoch: int, *, averaged=None) -> None:
+    """Encoder and prototype-head weights after ``epoch`` (safetensors, written atomically),
+    and ``averaged``'s ``(encoder, head)`` (the ``ema`` running averages) under ``ema.``."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(_state(encoder, "encoder.") | _state(head, "head."), str(tmp),
+    state = _state(encoder, "encoder.") | _state(head, "head.")
+    if averaged is not None:
+        state |= _state(averaged[0], "ema.encoder.") | _state(averaged[1], "ema.head.")
+    save_file(state, str(tmp),
               metadata={"format": FORMAT + "-checkpoint", "epoch": str(epoch), "recipe": json.dumps(r.to_json())})
     tmp.replace(path)
 
 
-def load_checkpoint(path, encoder, head) -> int:
-    """Load a :func:`save_checkpoint` file into ``encoder`` and ``head``; returns its epoch."""
+def load_checkpoint(path, encoder, head, *, prefix: str = "", missing_ok: bool = False) -> int:
+    """Load a :func:`save_checkpoint` file into ``encoder`` and ``head``; returns its epoch.
+    ``prefix="ema."``: the running averages instead (left as they are when the file has none
+    and ``missing_ok``)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -309,11 +344,14 @@ def load_checkpoint(path, encoder, head) -> int:
         if meta.get("format") != FORMAT + "-checkpoint":
             raise ValueError(f"{path}: not a gmfast training checkpoint (format {meta.get('format')!r})")
         state = {k: f.get_tensor(k) for k in f.keys()}
-    for prefix, module in (("encoder.", encoder), ("head.", head)):
-        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if missing_ok and not any(k.startswith(prefix + "encoder.") for k in state):
+        return int(meta["epoch"])
+    for part_name, module in (("encoder.", encoder), ("head.", head)):
+        p = prefix + part_name
+        part = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
         missing, unexpected = module.load_state_dict(part, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path} does not match the recipe's {prefix[:-1]}: missing {missing}, "
+            raise ValueError(f"{path} does not match the recipe's {p[:-1]}: missing {missing}, "
                              f"unexpected {unexpected}")
     return int(meta["epoch"])
 
