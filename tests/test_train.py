@@ -515,3 +515,28 @@ def test_ema_is_the_documented_running_average_of_the_live_weights(tmp_path):
         assert torch.equal(state["ema.head." + k], head.state_dict()[k])
     with pytest.raises(ValueError, match="ema"):
         recipe("digits", ema=1.0)
+
+
+def test_ema_resume_continues_from_the_checkpointed_average(tmp_path):
+    """``resume`` restores the running average from the checkpoint's ``ema.`` tensors (a
+    checkpoint of a run without averaging starts the average at the loaded weights)."""
+    from safetensors.torch import load_file
+
+    from gmfast.train.data import load_split
+
+    Xtr, ytr, _, _ = load_split("digits")
+    Xtr, ytr = Xtr[:200], ytr[:200]
+    r = recipe("digits", architecture=mlp_architecture(64, [16], 8), latent=8, epochs=2, batch_size=100, ema=0.5)
+    ck = tmp_path / "ck.safetensors"
+    train(r, Xtr, ytr, progress=False, checkpoint=ck)
+    state = load_file(str(ck))
+    # nothing left to train: the model returned is the checkpoint's average, not its live weights
+    enc, head, hist = train(r, Xtr, ytr, progress=False, resume=ck)
+    assert hist["epochs"] == 2 and hist["loss"] == []
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, state["ema.encoder." + k])
+    assert torch.equal(head.means, state["ema.head.means"]) and not torch.equal(head.means, state["head.means"])
+    plain = tmp_path / "plain.safetensors"
+    train(r.replace(ema=0.0), Xtr, ytr, progress=False, checkpoint=plain)
+    enc, head, _ = train(r, Xtr, ytr, progress=False, resume=plain)
+    assert torch.equal(head.means, load_file(str(plain))["head.means"])
