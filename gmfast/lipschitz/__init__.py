@@ -46,6 +46,10 @@ Per-op factors (each an upper bound that includes its own float64 rounding):
   ``max 1/|c|``. So input normalisation inside the encoder, ``(x − mean)/std`` with
   constant tensors, has the factor ``max 1/|std|``: **radii are in the scale of the
   encoder's own input** (normalisation done before calling the encoder is not included).
+* :class:`~gmfast.lipschitz.lipnet_rules.PeriodicConv2d` (a circular convolution by a
+  full-size kernel, computed by FFT; e.g. the orthogonal ``gmfast.train.CayleyConv2d``): the
+  norm of the circular convolution by the kernel its forward uses, from that kernel's
+  per-frequency matrices (as for convolutions, DFT rounding included).
 * A submodule with a float attribute ``lipschitz_constant`` is a leaf with that factor (the
   caller vouches for it): the way to wrap a part that has no rule.
 

@@ -13,7 +13,7 @@ from gmfast.lipschitz._norms import (conv_bound as _conv_bound, copy_factor, max
                                      spectral_norm_up, up)
 from gmfast.lipschitz import activations
 from gmfast.lipschitz.errors import UnsupportedOpError
-from gmfast.lipschitz.lipnet_rules import group_sort_factor
+from gmfast.lipschitz.lipnet_rules import group_sort_factor, periodic_conv_factor
 from gmfast.lipschitz.ops import CONVS, LINEAR_INTERPOLATION, MAX_POOLS, arg, rule_class, shape_of
 from gmfast.lipschitz.walk import Analysis
 
@@ -82,6 +82,9 @@ class GlobalBound(Analysis):
 
     def module_group_sort(self, node, mod):
         return self.unary(*group_sort_factor(mod))
+
+    def module_periodic_conv(self, node, mod):
+        return self.unary(*periodic_conv_factor(mod, self.conv_method))
 
     def module_prelu(self, node, mod):
         a = mod.weight.detach().double().abs().max().item()

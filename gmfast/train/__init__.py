@@ -14,7 +14,7 @@ the *trained* weights.
 * :func:`train`, :class:`Recipe`, :func:`recipe`: the pieces.
 """
 
-from gmfast.train.layers import AOLConv2d, AOLLinear, CayleyLinear, GroupSort, MaxMin, build_encoder
+from gmfast.train.layers import AOLConv2d, AOLLinear, CayleyConv2d, CayleyLinear, GroupSort, MaxMin, build_encoder
 from gmfast.train.loss import TiedPrototypeHead, margin_loss, normalised_margins
 from gmfast.train.recipe import (Recipe, certify, final_head, fit_tied_head, load, prototype_head, recipe, run,
                                  save, train)
@@ -38,6 +38,6 @@ def digits_recipe(time_budget: float | None = 60.0, *, seed: int = 0, progress: 
     return encoder, final_head(r, encoder, prototypes, Xtr, ytr), (Xte, yte)
 
 
-__all__ = ["AOLConv2d", "AOLLinear", "CayleyLinear", "GroupSort", "MaxMin", "Recipe", "TiedPrototypeHead",
+__all__ = ["AOLConv2d", "AOLLinear", "CayleyConv2d", "CayleyLinear", "GroupSort", "MaxMin", "Recipe", "TiedPrototypeHead",
            "build_encoder", "certify", "digits_recipe", "final_head", "fit_tied_head", "load", "margin_loss",
            "normalised_margins", "prototype_head", "recipe", "run", "save", "train"]

@@ -15,6 +15,10 @@ parametrisation, used for Lipschitz networks by Trockman & Kolter, *Orthogonaliz
 Convolutional Layers with the Cayley Transform*, ICLR 2021): exactly orthogonal rows or
 columns, so no singular value is lost below 1. On MNIST and digits validation they certify
 more than AOL at the larger radii (``benchmarks/RESULTS.md``, issue 17, round 6).
+:class:`CayleyConv2d` is their convolution (Trockman & Kolter's construction): a circular
+convolution that is orthogonal at every frequency, computed by FFT
+(:class:`~gmfast.lipschitz.lipnet_rules.PeriodicConv2d`, whose rule bounds the norm of the
+full-size kernel the forward uses).
 
 **The certificates never rely on either construction.** Each layer's ``forward`` computes
 ``W_eff`` from its parameters and calls ``F.linear`` / ``F.conv2d`` with it; in the
@@ -40,9 +44,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gmfast.lipschitz.lipnet_rules import GroupSort, MaxMin
+from gmfast.lipschitz.lipnet_rules import GroupSort, MaxMin, PeriodicConv2d
 
-__all__ = ["AOLConv2d", "AOLLinear", "CayleyLinear", "GroupSort", "MaxMin", "build_encoder", "check_architecture"]
+__all__ = ["AOLConv2d", "AOLLinear", "CayleyConv2d", "CayleyLinear", "GroupSort", "MaxMin", "build_encoder",
+           "check_architecture"]
 
 #: Floor of the AOL row sums: keeps the rescaling finite for an all-zero column (that
 #: column then maps to 0, still within the bound).
@@ -149,12 +154,51 @@ class CayleyLinear(nn.Module):
         return f"{self.in_features}->{self.out_features}, bias={self.bias is not None}"
 
 
+class CayleyConv2d(PeriodicConv2d):
+    """Orthogonal circular convolution of ``size × size`` images (Trockman & Kolter 2021).
+
+    ``c = max(in, out)``; the parameter ``V`` (c, c, k, k) is a small kernel. At every
+    frequency ``ω`` of the ``size × size`` grid, ``V̂(ω)`` (its zero-padded 2-D DFT, c × c) gives
+    the skew-Hermitian ``A(ω) = V̂(ω) − V̂(ω)ᴴ`` and the unitary Cayley transform
+    ``Q(ω) = (I + A)⁻¹(I − A)`` (``I + A`` is invertible: ``A``'s eigenvalues are imaginary).
+    The layer's kernel ``K`` (out, in, size, size) is the inverse real DFT of the top-left
+    ``out × in`` blocks of ``Q``, and the forward is the circular convolution by ``K``
+    (:class:`PeriodicConv2d`): orthonormal output channels per frequency (``out ≤ in``) or
+    input channels (``out > in``), so ``‖conv‖₂ = 1`` and, with ``out = in``, the map is
+    orthogonal. Unlike a local convolution, ``K`` spans the whole grid.
+
+    The bound is read from ``K`` (the tracer's ``periodic_conv`` rule), so it never rests on
+    the transform's rounding or on ``K`` being exactly orthogonal.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, size: int, kernel_size: int = 3, bias: bool = True):
+        super().__init__(in_channels, out_channels, size, bias)
+        if not (isinstance(kernel_size, int) and 1 <= kernel_size <= size):
+            raise ValueError(f"kernel_size must be an int in [1, size={size}]; got {kernel_size!r}")
+        c = max(in_channels, out_channels)
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(c, c, kernel_size, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Conv2d's initialisation
+
+    def kernel(self) -> torch.Tensor:
+        n = self.size
+        Vf = torch.fft.rfft2(self.weight, s=(n, n)).permute(2, 3, 0, 1)  # (n, n//2 + 1, c, c)
+        A = Vf - Vf.conj().transpose(-2, -1)
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        Q = torch.linalg.solve(eye + A, eye - A)[..., :self.out_channels, :self.in_channels]
+        return torch.fft.irfft2(Q.permute(2, 3, 0, 1), s=(n, n))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", k={self.kernel_size}"
+
+
 # ----------------------------------------------------------------------------- architecture
 
 _LAYERS = {
     "aol_linear": (AOLLinear, ("in", "out")),
     "aol_conv2d": (AOLConv2d, ("in", "out", "k")),
     "cayley_linear": (CayleyLinear, ("in", "out")),
+    "cayley_conv2d": (CayleyConv2d, ("in", "out", "size", "k")),
     "maxmin": (MaxMin, ()),
     "groupsort": (GroupSort, ("group",)),
     "flatten": (nn.Flatten, ()),
@@ -202,25 +246,32 @@ def mlp_architecture(in_features: int, widths, latent: int, linear: str = "aol_l
 
 
 def conv_architecture(in_channels: int, size: int, channels, latent: int, width: int,
-                      reduce: int | None = None) -> list:
-    """AOL convolutions + MaxMin, each stage followed by a 2x PixelUnshuffle (an isometric
-    downsampling), then AOL linear layers: a small LipConvNet-style encoder.
+                      reduce: int | None = None, conv: str = "aol_conv2d", linear: str = "aol_linear") -> list:
+    """Convolutions of type ``conv`` (``"aol_conv2d"``, 'same' zero padding, or
+    ``"cayley_conv2d"``, circular) + MaxMin, each stage followed by a 2x PixelUnshuffle (an
+    isometric downsampling), then linear layers of type ``linear``: a small
+    LipConvNet-style encoder.
 
-    ``reduce``: one more AOL convolution + MaxMin after the stages, to ``reduce`` channels,
+    ``reduce``: one more convolution + MaxMin after the stages, to ``reduce`` channels,
     before flattening. It keeps the first linear layer narrow: AOL rescales by the row sums
-    of ``|WᵀW|``, an ``in × in`` Gram matrix formed at every step (on MNIST, ``[16, 32]``
-    ends in 128 × 7 × 7 = 6,272 features, a 6,272² Gram per step; ``reduce=32`` makes it
-    1,568).
+    of ``|WᵀW|``, an ``in × in`` Gram matrix formed at every step, and a Cayley layer solves
+    an ``in × in`` system (on MNIST, ``[16, 32]`` ends in 128 × 7 × 7 = 6,272 features;
+    ``reduce=32`` makes it 1,568).
     """
+    if conv not in ("aol_conv2d", "cayley_conv2d"):
+        raise ValueError(f"conv must be 'aol_conv2d' or 'cayley_conv2d'; got {conv!r}")
+
+    def layer(c_in, c_out, s):
+        return {"type": conv, "in": c_in, "out": c_out, "k": 3} | ({"size": s} if conv == "cayley_conv2d" else {})
+
     spec, c, s = [], in_channels, size
     for ch in channels:
         if s % 2:
             raise ValueError(f"conv_architecture: a 2x PixelUnshuffle needs an even size; stage {ch} gets {s}")
-        spec += [{"type": "aol_conv2d", "in": c, "out": ch, "k": 3}, {"type": "maxmin"},
-                 {"type": "pixel_unshuffle", "factor": 2}]
+        spec += [layer(c, ch, s), {"type": "maxmin"}, {"type": "pixel_unshuffle", "factor": 2}]
         c, s = 4 * ch, s // 2
     if reduce is not None:
-        spec += [{"type": "aol_conv2d", "in": c, "out": reduce, "k": 3}, {"type": "maxmin"}]
+        spec += [layer(c, reduce, s), {"type": "maxmin"}]
         c = reduce
     spec.append({"type": "flatten"})
-    return spec + mlp_architecture(c * s * s, [width], latent)[1:]
+    return spec + mlp_architecture(c * s * s, [width], latent, linear)[1:]
