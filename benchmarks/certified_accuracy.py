@@ -5,6 +5,7 @@ against randomized smoothing, on the same held-out images (issue 17).
         [--device cpu|cuda]
     python benchmarks/certified_accuracy.py --data mnist --select '[{"target": 1.0}, ...]' \
         [--select-heads fit_head,prototypes]
+    python benchmarks/certified_accuracy.py --data mnist --recipe-overrides '{"architecture": [...]}' --out DIR
 
 ``--select``: recipe selection only, on the validation split carved from the training split
 (:func:`gmfast.train.data.validation_split`; the held-out split is not read), written to
@@ -196,10 +197,12 @@ def select(data: str, grid: list[dict], out: Path, log, heads=None) -> dict:
 
 
 def run_data(data: str, out: Path, quick: bool, log, reuse_smoothing: bool = False,
-             methods=("gmfast", "smoothing"), reuse_gmfast: bool = False) -> dict:
+             methods=("gmfast", "smoothing"), reuse_gmfast: bool = False, overrides: dict | None = None) -> dict:
+    """The benchmark on ``data`` with its recipe (``overrides`` replace recipe fields: a
+    candidate recipe, whose smoothing bases then have its architecture too)."""
     Xtr, ytr, Xte, yte = load_split(data)
     radii = RADII[data]
-    r = recipe(data)
+    r = recipe(data, **(overrides or {}))
     if quick:
         r = r.replace(epochs=max(3, r.epochs // 20))
     res = dict(data=data, n_train=len(Xtr), n_test=len(Xte), radii=radii, recipe=r.to_json(), methods={})
@@ -563,6 +566,9 @@ def main(argv=None) -> int:
                          "of an earlier run in --out instead of re-running smoothing")
     ap.add_argument("--reuse-gmfast", action="store_true",
                     help="load the gmfast model saved in --out by an earlier run (same recipe) instead of training")
+    ap.add_argument("--recipe-overrides", default=None,
+                    help="the benchmark with a candidate recipe: a JSON object of recipe fields, e.g. "
+                         "'{\"architecture\": [...]}' (use a separate --out: the files are named as the recipe's)")
     ap.add_argument("--select", default=None,
                     help="instead of the benchmark: recipe selection on the validation split, a JSON list of "
                          "recipe overrides, e.g. '[{\"target\": 0.4}, {\"target\": 0.6}]'")
@@ -579,6 +585,9 @@ def main(argv=None) -> int:
     methods = tuple(args.methods.split(","))
     if not methods or not set(methods) <= {"gmfast", "smoothing"}:
         raise ValueError(f"--methods: expected a comma-separated subset of gmfast,smoothing; got {args.methods!r}")
+    overrides = json.loads(args.recipe_overrides) if args.recipe_overrides is not None else None
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"--recipe-overrides: expected a JSON object of recipe fields; got {args.recipe_overrides!r}")
     torch.set_num_threads(args.threads)
     set_device(args.device)
     out = Path(args.out)
@@ -593,7 +602,7 @@ def main(argv=None) -> int:
     for data in args.data.split(","):
         results["data"][data] = run_data(data, out, args.quick, lambda s: print(s, flush=True),
                                            reuse_smoothing=args.reuse_smoothing, methods=methods,
-                                           reuse_gmfast=args.reuse_gmfast)
+                                           reuse_gmfast=args.reuse_gmfast, overrides=overrides)
     results["seconds"] = time.perf_counter() - t0
     results["machine_after"] = machine()
     (out / f"results_{'_'.join(results['data'])}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")

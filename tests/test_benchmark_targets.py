@@ -89,3 +89,30 @@ def test_targets_clean_accuracy_and_missing_methods(tmp_path):
     assert "target clean accuracy ≥ 95%: 94.0% NOT met" in bench.targets_lines("digits", v)
     del res["methods"]["gmfast (auto)"]
     assert bench.targets("digits", res, yte, tmp_path) is None
+
+
+def test_recipe_overrides_reach_the_benchmark_run(tmp_path, monkeypatch):
+    """``--recipe-overrides``: a candidate recipe's fields reach ``run_data`` (which builds the
+    recipe with them, smoothing bases included); anything but a JSON object is refused."""
+    bench = _bench()
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_data(data, out, quick, log, **kw):
+        seen[data] = kw["overrides"]
+        raise Stop
+
+    monkeypatch.setattr(bench, "run_data", fake_run_data)
+    monkeypatch.setattr(bench.torch, "set_num_threads", lambda n: None)  # main sets the process's threads
+    monkeypatch.setitem(bench.DEVICE, "device", bench.DEVICE["device"])  # and its device: restored after
+    with pytest.raises(Stop):
+        bench.main(["--data", "mnist", "--out", str(tmp_path), "--threads", "1", "--device", "cpu",
+                    "--recipe-overrides", '{"target": 0.9, "epochs": 7}'])
+    assert seen == {"mnist": {"target": 0.9, "epochs": 7}}
+    with pytest.raises(Stop):
+        bench.main(["--data", "digits", "--out", str(tmp_path), "--threads", "1", "--device", "cpu"])
+    assert seen["digits"] is None
+    with pytest.raises(ValueError, match="--recipe-overrides: expected a JSON object of recipe fields"):
+        bench.main(["--data", "mnist", "--out", str(tmp_path), "--recipe-overrides", "[1]"])
