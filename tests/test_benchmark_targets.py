@@ -30,7 +30,8 @@ def test_targets_compare_in_images_with_the_best_model_per_radius(tmp_path):
     a = [0.9, 0.75, 0.2, 0.0, 0.0]
     b = [0.8, 0.7, 0.6, 0.6, 0.0]
     gm_sub = [0.95, 0.75, 0.6, 0.55, 0.1]  # tie at 0.5 and 1.0, one image short at 1.58
-    res = _results(bench, yte, sub, [0.9] * 5, gm_sub, {"smoothing σ=0.25": ("s25", a), "smoothing σ=0.5": ("s50", b)})
+    res = _results(bench, yte, sub, [0.9] * 5, gm_sub,
+                   {"smoothing σ=0.25": ("s25", a), "smoothing σ=0.5": ("s50", b)})
     v = bench.targets("mnist", res, yte, tmp_path)
     rows = {r["radius"]: r for r in v["subset"]["radii"]}
     assert [r["radius"] for r in v["subset"]["radii"]] == [0.5, 1.0, 1.58]

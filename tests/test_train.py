@@ -485,8 +485,10 @@ def test_ema_is_the_documented_running_average_of_the_live_weights(tmp_path):
     r = recipe("digits", architecture=mlp_architecture(64, [16], 8, "cayley_linear"), latent=8, epochs=3,
                batch_size=100)
     snapshots = []
-    handle = register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: snapshots.append([p.detach().double().clone() for p in opt.param_groups[0]["params"]]))
+    def record(opt, args, kwargs):
+        snapshots.append([p.detach().double().clone() for p in opt.param_groups[0]["params"]])
+
+    handle = register_optimizer_step_post_hook(record)
     try:
         live_enc, live_head, _ = train(r, Xtr, ytr, progress=False)
     finally:

@@ -38,6 +38,6 @@ def digits_recipe(time_budget: float | None = 60.0, *, seed: int = 0, progress: 
     return encoder, final_head(r, encoder, prototypes, Xtr, ytr), (Xte, yte)
 
 
-__all__ = ["AOLConv2d", "AOLLinear", "CayleyConv2d", "CayleyLinear", "GroupSort", "MaxMin", "Recipe", "TiedPrototypeHead",
-           "build_encoder", "certify", "digits_recipe", "final_head", "fit_tied_head", "load", "margin_loss",
-           "normalised_margins", "prototype_head", "recipe", "run", "save", "train"]
+__all__ = ["AOLConv2d", "AOLLinear", "CayleyConv2d", "CayleyLinear", "GroupSort", "MaxMin", "Recipe",
+           "TiedPrototypeHead", "build_encoder", "certify", "digits_recipe", "final_head", "fit_tied_head", "load",
+           "margin_loss", "normalised_margins", "prototype_head", "recipe", "run", "save", "train"]
