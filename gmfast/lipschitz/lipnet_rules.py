@@ -93,8 +93,8 @@ class PeriodicConv2d(nn.Module):
         self.in_channels, self.out_channels, self.size = in_channels, out_channels, size
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
-    def kernel(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def kernel(self) -> torch.Tensor:  # pragma: no cover - abstract: subclasses define the kernel
+        raise NotImplementedError(f"{type(self).__name__} must define kernel() (c_out, c_in, size, size)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.size
@@ -105,6 +105,9 @@ class PeriodicConv2d(nn.Module):
         if tuple(K.shape) != (self.out_channels, self.in_channels, n, n):
             raise ValueError(f"{type(self).__name__}.kernel() has shape {tuple(K.shape)}; expected "
                              f"{(self.out_channels, self.in_channels, n, n)}")
+        # rfft2(K), not a subclass's own spectrum: the operator is the convolution by the real
+        # K that the rule bounds (a spectrum built per frequency need not be Hermitian-
+        # consistent in floating point, and irfft2's reading of one that is not is the FFT's)
         Y = torch.einsum("oiuv,biuv->bouv", torch.fft.rfft2(K), torch.fft.rfft2(x.to(K.dtype)))
         y = torch.fft.irfft2(Y, s=(n, n))
         return y if self.bias is None else y + self.bias[:, None, None]
