@@ -186,6 +186,23 @@ def test_maxmin_values_and_errors():
         GroupSort(1)
 
 
+def test_maxmin_fast_path_is_the_sort_and_routes_gradients_as_a_permutation():
+    """Group size 2 takes a compare-and-select path: the values are the sort's, bit for bit,
+    ties and signed zeros included, and each output's gradient lands on exactly one input."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300, 8, 5, 3, generator=g)
+    x[::3, 1] = x[::3, 0]  # exact ties
+    x[1::7, 2], x[1::7, 3] = 0.0, -0.0
+    ref = torch.sort(x.reshape(300, 4, 2, 5, 3), dim=2, descending=True).values.reshape(x.shape)
+    assert torch.equal(MaxMin()(x), ref) and torch.equal(GroupSort(2)(x.double()), ref.double())
+    xr = x.clone().requires_grad_(True)
+    w = torch.randn(x.shape, generator=g)
+    (MaxMin()(xr) * w).sum().backward()
+    # the gradient is a permutation of w within each pair
+    pairs = lambda t: t.reshape(300, 4, 2, 5, 3)
+    assert torch.equal(pairs(xr.grad).sort(2).values, pairs(w).sort(2).values)
+
+
 def test_groupsort_subclass_overriding_forward_is_refused():
     class Bad(GroupSort):
         def forward(self, x):
