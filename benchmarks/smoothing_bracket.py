@@ -1,7 +1,7 @@
 """What smoothing's CERTIFY at n = 10⁵ would certify, bracketed from far fewer samples (issue 17).
 
     python benchmarks/smoothing_bracket.py --recipe-overrides JSON --sigma σ --out DIR \\
-        [--base FILE.safetensors] [--data mnist] [--delta 0.001]
+        [--tag TAG] [--base FILE.safetensors] [--data mnist] [--delta 0.001]
 
 A smoothing comparison for a candidate recipe needs smoothing bases of the candidate's
 architecture, and CERTIFY at n = 10⁵ on 200 images costs 2·10⁷ base evaluations per σ: ~25 min
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
                     help="safetensors state dict of the base (nn.Sequential(encoder, prototypes)); trained and "
                          "written there when missing")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tag", default="", help="names the files, as the benchmark's base tags ('aol': the AOL MLP)")
     ap.add_argument("--delta", type=float, default=0.001)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -152,7 +153,8 @@ def main(argv=None) -> int:
     overrides = json.loads(args.recipe_overrides)
     Xtr, ytr, Xte, yte = load_split(args.data)
     rs = recipe(args.data, **overrides).replace(loss="ce", noise=args.sigma)  # as the benchmark's smoothing bases
-    path = Path(args.base) if args.base else out / f"{args.data}_base_sigma{args.sigma}.safetensors"
+    tag = args.tag + "_" if args.tag else ""
+    path = Path(args.base) if args.base else out / f"{args.data}_base_{tag}sigma{args.sigma}.safetensors"
     t = time.perf_counter()
     if path.is_file():
         base = _load_base(path, rs)
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     rec = dict(data=args.data, sigma=args.sigma, recipe=rs.to_json(), base=str(path), trained=trained,
                train_seconds=train_s, base_clean_accuracy=clean, seconds=sec, subset=sub.tolist(),
                **{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in b.items()})
-    stem = f"{args.data}_bracket_sigma{args.sigma}"
+    stem = f"{args.data}_bracket_{tag}sigma{args.sigma}"
     (out / f"{stem}.json").write_text(json.dumps(rec, default=float) + "\n")
     fmt = lambda a: " / ".join(f"{100 * v:.1f}" for v in a)  # noqa: E731
     print(f"{args.data} σ={args.sigma}: base clean {100 * clean:.1f}%; CERTIFY(n={b['n']}) expected certified "
