@@ -2,14 +2,20 @@
 checked on a linear base whose ``p_A`` is known in closed form (``Φ(d/σ)`` at signed
 distance ``d`` from the boundary) and against the mean of many real CERTIFY runs."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from helpers import benchmark_module
+from safetensors.torch import save_file
 from scipy import stats
 from torch import nn
 
 from gmfast.smoothing import Smooth
+from gmfast.train import recipe
+from gmfast.train.layers import build_encoder, mlp_architecture
+from gmfast.train.loss import TiedPrototypeHead
 
 
 def _sb():
@@ -106,3 +112,21 @@ def test_bracket_refuses_bad_arguments():
         sb.bracket(sm, X, y, [0.0], checkpoints=(100, 100))
     with pytest.raises(ValueError, match="labels"):
         sb.bracket(sm, X, y[:-1], [0.0])
+
+
+def test_cli_loads_a_stored_base_and_writes_its_record(tmp_path):
+    """The command line on MNIST's smoothing subset with a stored (untrained, small) base:
+    the record names the recipe, the images and the bracket, and the base is not retrained."""
+    sb = _sb()
+    over = {"architecture": mlp_architecture(784, [16], 8, linear="cayley_linear"), "latent": 8}
+    rs = recipe("mnist", **over).replace(loss="ce", noise=0.5)
+    torch.manual_seed(0)
+    base = nn.Sequential(build_encoder(rs.architecture), TiedPrototypeHead(rs.latent, rs.classes, rs.covariance))
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
+    assert sb.main(["--sigma", "0.5", "--recipe-overrides", json.dumps(over), "--base", str(path),
+                    "--tag", "t", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "mnist_bracket_t_sigma0.5.json").read_text())
+    assert rec["trained"] is False and rec["recipe"]["noise"] == 0.5 and len(rec["subset"]) == 200
+    lo, est, hi = (np.asarray(rec[k]) for k in ("accuracy_lower", "accuracy_estimate", "accuracy_upper"))
+    assert lo.shape == (5,) and np.all(lo <= est) and np.all(est <= hi)
