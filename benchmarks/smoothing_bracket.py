@@ -85,7 +85,7 @@ def bracket(smooth: Smooth, X: torch.Tensor, y: torch.Tensor, radii, *, n: int =
     checkpoints = list(checkpoints)
     if not checkpoints or any(b <= a for a, b in zip(checkpoints, checkpoints[1:])) or checkpoints[0] < 1:
         raise ValueError(f"checkpoints must be strictly increasing positive ints; got {checkpoints}")
-    B, R = len(X), len(radii)
+    B = len(X)
     y = torch.as_tensor(y).reshape(-1)
     if len(y) != B:
         raise ValueError(f"X has {B} inputs but y has {len(y)} labels")
@@ -96,6 +96,7 @@ def bracket(smooth: Smooth, X: torch.Tensor, y: torch.Tensor, radii, *, n: int =
     correct = (c_a == y).numpy() & (first.invalid == 0).numpy()
     k = first.counts.gather(1, c_a[:, None])[:, 0].numpy().astype(np.int64)
     m = np.full(B, checkpoints[0], dtype=np.int64)
+    spent = first.samples.numpy().copy()  # base evaluations per input, selection included
     active = np.ones(B, dtype=bool)
     lo = hi = est = p_lo = p_hi = None
     for j, m_j in enumerate(checkpoints):
@@ -107,6 +108,7 @@ def bracket(smooth: Smooth, X: torch.Tensor, y: torch.Tensor, radii, *, n: int =
                                         batch_size=batch_size)
             k[idx] += more.counts.gather(1, c_a[idx][:, None])[:, 0].numpy()
             m[idx] = m_j
+            spent[idx] += more.samples.numpy()
             correct[idx] &= (more.invalid == 0).numpy()
         p_lo, p_hi = clopper_pearson_interval(k, m, level)
         w = correct[:, None].astype(np.float64)
@@ -117,7 +119,7 @@ def bracket(smooth: Smooth, X: torch.Tensor, y: torch.Tensor, radii, *, n: int =
     return dict(radii=list(radii), n=n, n0=n0, alpha=alpha, delta=delta, checkpoints=checkpoints, tol=tol,
                 k_eps=k_eps.tolist(), c_a=c_a.numpy(), k=k, m=m, p_lo=p_lo, p_hi=p_hi, lower=lo, estimate=est,
                 upper=hi, accuracy_lower=lo.mean(0), accuracy_estimate=est.mean(0), accuracy_upper=hi.mean(0),
-                evaluations=int(n0 * B + m.sum()))
+                evaluations=int(spent.sum()))
 
 
 def _benchmark():

@@ -81,7 +81,9 @@ def test_bracket_covers_the_closed_form_expectation():
     assert np.allclose(b["accuracy_lower"], b["lower"].mean(0)) and np.all(b["accuracy_lower"] <= b["accuracy_upper"])
     assert (b["accuracy_upper"] - b["accuracy_lower"]).max() < 0.25
     assert b["m"].min() == 500 and b["m"].max() == 8000  # far inputs stop at once, borderline ones go on
-    assert b["evaluations"] == 100 * len(X) + b["m"].sum()
+    # selection, estimation, and the one discarded selection draw of each later checkpoint
+    later = sum((b["m"] >= c).sum() for c in (2000, 8000))
+    assert b["evaluations"] == 100 * len(X) + b["m"].sum() + later
 
 
 def test_bracket_covers_the_mean_of_real_certify_runs():
