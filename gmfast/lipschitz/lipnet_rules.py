@@ -54,7 +54,7 @@ class GroupSort(nn.Module):
         n, c = x.shape[0], x.shape[1]
         groups = x.reshape(n, c // self.group_size, self.group_size, *x.shape[2:])
         if self.group_size == 2:
-            # the same values as the sort, 2-4x faster on the CPU (no strided sort of size-2
+            # the same values as the sort, about 2x faster on the CPU (no strided sort of size-2
             # rows); the mask routes each gradient to one entry, a permutation, as the sort does
             a, b = groups[:, :, 0], groups[:, :, 1]
             first = a >= b
