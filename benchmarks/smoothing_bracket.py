@@ -159,16 +159,16 @@ def main(argv=None) -> int:
     rs = recipe(args.data, **overrides).replace(loss="ce", noise=args.sigma)  # as the benchmark's smoothing bases
     tag = args.tag + "_" if args.tag else ""
     path = Path(args.base) if args.base else out / f"{args.data}_base_{tag}sigma{args.sigma}.safetensors"
-    t = time.perf_counter()
+    train_s = None
     if path.is_file():
         base = _load_base(path, rs)
-        trained = False
     else:
+        t = time.perf_counter()
         enc, proto, _ = train(rs, Xtr, ytr, progress=False)
         base = nn.Sequential(enc, proto).eval()
-        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
-        trained = True
-    train_s = time.perf_counter() - t
+        train_s = time.perf_counter() - t
+        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path),
+                  metadata={"recipe": json.dumps(rs.to_json(), sort_keys=True)})
     with torch.no_grad():
         clean = (base(Xte).argmax(1) == yte).float().mean().item()
     sub = torch.arange(len(yte)) if args.all else bench.subset(yte, bench.PER_CLASS[args.data])
@@ -177,12 +177,12 @@ def main(argv=None) -> int:
     b = bracket(Smooth(base, num_classes=10, sigma=args.sigma, seed=0), Xte[sub], yte[sub], radii,
                 n=bench.SMOOTHING_N[args.data], n0=bench.N0, alpha=bench.ALPHA, delta=args.delta)
     sec = time.perf_counter() - t
-    rec = dict(data=args.data, sigma=args.sigma, recipe=rs.to_json(), base=str(path), trained=trained,
+    rec = dict(data=args.data, sigma=args.sigma, recipe=rs.to_json(), base=str(path), trained=train_s is not None,
                train_seconds=train_s, base_clean_accuracy=clean, seconds=sec, subset=sub.tolist(),
                **{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in b.items()})
     stem = f"{args.data}_bracket_{tag}sigma{args.sigma}{'_all' if args.all else ''}"
     (out / f"{stem}.json").write_text(json.dumps(rec, default=float) + "\n")
-    fmt = lambda a: " / ".join(f"{100 * v:.1f}" for v in a)  # noqa: E731
+    fmt = bench.fmt
     print(f"{args.data} σ={args.sigma}: base clean {100 * clean:.1f}%; CERTIFY(n={b['n']}) expected certified "
           f"accuracy at {radii}: lower {fmt(b['accuracy_lower'])}, estimate {fmt(b['accuracy_estimate'])}, upper "
           f"{fmt(b['accuracy_upper'])} ({b['evaluations'] / len(sub):.0f} evaluations per input, {sec:.0f} s)")
@@ -192,11 +192,18 @@ def main(argv=None) -> int:
 def _load_base(path, rs):
     """The base as :func:`gmfast.train.train` builds it (encoder, tied prototypes), with the
     weights stored at ``path``."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from gmfast.train.layers import build_encoder
     from gmfast.train.loss import TiedPrototypeHead
 
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get("recipe")
+    if stored is None:  # a base saved by other means: its weights must fit, its training is not checked
+        print(f"{path}: no recipe recorded; the base's training recipe is not checked", flush=True)
+    elif json.loads(stored) != json.loads(json.dumps(rs.to_json())):
+        raise ValueError(f"{path} was trained with recipe {stored}; expected {json.dumps(rs.to_json(), sort_keys=True)}")
     base = nn.Sequential(build_encoder(rs.architecture), TiedPrototypeHead(rs.latent, rs.classes, rs.covariance))
     base.load_state_dict(load_file(str(path)))
     return base.eval()

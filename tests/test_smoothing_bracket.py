@@ -125,10 +125,23 @@ def test_cli_loads_a_stored_base_and_writes_its_record(tmp_path):
     torch.manual_seed(0)
     base = nn.Sequential(build_encoder(rs.architecture), TiedPrototypeHead(rs.latent, rs.classes, rs.covariance))
     path = tmp_path / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path),
+              metadata={"recipe": json.dumps(rs.to_json(), sort_keys=True)})  # as the script writes it
     assert sb.main(["--sigma", "0.5", "--recipe-overrides", json.dumps(over), "--base", str(path),
                     "--tag", "t", "--out", str(tmp_path)]) == 0
     rec = json.loads((tmp_path / "mnist_bracket_t_sigma0.5.json").read_text())
     assert rec["trained"] is False and rec["recipe"]["noise"] == 0.5 and len(rec["subset"]) == 200
     lo, est, hi = (np.asarray(rec[k]) for k in ("accuracy_lower", "accuracy_estimate", "accuracy_upper"))
     assert lo.shape == (5,) and np.all(lo <= est) and np.all(est <= hi)
+
+
+def test_cli_refuses_a_base_trained_with_another_recipe(tmp_path):
+    sb = _sb()
+    over = {"architecture": mlp_architecture(784, [16], 8, linear="cayley_linear"), "latent": 8}
+    other = recipe("mnist", **over).replace(loss="ce", noise=1.0)  # the base of σ = 1.0
+    base = nn.Sequential(build_encoder(other.architecture), TiedPrototypeHead(other.latent, other.classes))
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path),
+              metadata={"recipe": json.dumps(other.to_json(), sort_keys=True)})
+    with pytest.raises(ValueError, match="was trained with recipe"):
+        sb.main(["--sigma", "0.5", "--recipe-overrides", json.dumps(over), "--base", str(path), "--out", str(tmp_path)])
