@@ -59,9 +59,9 @@ CHECKPOINTS = (1_000, 4_000, 16_000)
 def count_thresholds(sigma: float, radii, n: int, alpha: float) -> np.ndarray:
     """``k_ε`` for each radius: the least ``N_A`` in ``0..n`` whose CERTIFY radius reaches ``ε``
     and does not abstain (``n + 1`` when none does)."""
-    k = np.arange(n + 1)
-    r = _radius(clopper_pearson_lower(k, n, alpha), sigma)  # the radius CERTIFY returns for N_A = k
-    certified = clopper_pearson_lower(k, n, alpha) > 0.5
+    p_lower = clopper_pearson_lower(np.arange(n + 1), n, alpha)
+    r = _radius(p_lower, sigma)  # the radius CERTIFY returns for N_A = k
+    certified = p_lower > 0.5
     out = []
     for eps in radii:
         ok = np.flatnonzero(certified & (r >= eps))
@@ -98,7 +98,6 @@ def bracket(smooth: Smooth, X: torch.Tensor, y: torch.Tensor, radii, *, n: int =
     m = np.full(B, checkpoints[0], dtype=np.int64)
     spent = first.samples.numpy().copy()  # base evaluations per input, selection included
     active = np.ones(B, dtype=bool)
-    lo = hi = est = p_lo = p_hi = None
     for j, m_j in enumerate(checkpoints):
         if j:  # fresh estimation samples for the undecided inputs (n0 = 1 selection draw is discarded)
             idx = np.flatnonzero(active)
