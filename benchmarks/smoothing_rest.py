@@ -50,7 +50,8 @@ def _benchmark():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sigma", type=float, required=True)
-    ap.add_argument("--tag", default="", help="base tag ('' = the recipe's architecture, 'aol' = the AOL MLP)")
+    ap.add_argument("--tag", default="", help="base tag ('' = the recipe's base, else a key of the benchmark's "
+                                               "EXTRA_BASES: 'aol', 'noaug', 'aol_noaug')")
     ap.add_argument("--out", default="benchmarks/certified_accuracy")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -66,8 +67,11 @@ def main(argv=None):
     sub = bench.subset(yte, plan["per_class"]).numpy()
     if not np.array_equal(tsv["idx"], sub):
         raise ValueError(f"{stem}.tsv is not on the benchmark's subset")
+    # the base is retrained as the record says it was trained (a record without a field
+    # predates it: the MLP of then, no augmentation, no weight averaging)
     arch = stored.get("architecture", bench.LEGACY_ARCHITECTURE["mnist"])
-    r = recipe("mnist", architecture=arch).replace(loss="ce", noise=sigma)
+    r = recipe("mnist", architecture=arch, augment=stored.get("augment", 0), ema=stored.get("ema", 0.0)).replace(
+        loss="ce", noise=sigma)
     if (r.epochs, r.batch_size) != (stored["epochs"], stored["batch_size"]):
         raise ValueError(f"stored base trained {stored['epochs']} epochs at batch {stored['batch_size']}; the recipe "
                          f"now has {r.epochs} at {r.batch_size}")

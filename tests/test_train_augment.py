@@ -69,7 +69,7 @@ def test_translate_is_seeded_and_zero_is_the_identity():
 
 
 def test_augment_values_are_checked():
-    assert recipe("digits").augment == 0 and recipe("mnist").augment == 0  # off by default
+    assert recipe("digits").augment == 0 and recipe("mnist").augment == 1  # MNIST: 1-pixel shifts (round 9)
     assert recipe("mnist", augment=2).augment == 2
     for bad in (-1, 1.5, True, "2", None):
         with pytest.raises(ValueError, match=r"augment must be an int >= 0.*got"):
@@ -176,7 +176,7 @@ def test_reuse_smoothing_requires_the_same_augmentation(tmp_path, monkeypatch):
     """``--reuse-smoothing`` compares the stored base model's budget and data pipeline with the
     recipe: a record without ``augment`` or ``ema`` (written before the option) counts as 0."""
     st = StoredSmoothing(tmp_path, monkeypatch)
-    r = recipe("mnist")
+    r = recipe("mnist", augment=0)
     st.record(r, architecture=r.architecture)  # an old record: trained without augmentation
     assert st.rows(r)["methods"]["smoothing σ=0.25"]["reused"]
     with pytest.raises(ValueError, match=r"trained with \{.*'augment': 0, 'ema': 0\}.*augment 2"):
@@ -200,8 +200,8 @@ def test_reuse_smoothing_requires_the_same_architecture(tmp_path, monkeypatch):
     from gmfast.train.layers import conv_architecture, mlp_architecture
 
     st = StoredSmoothing(tmp_path, monkeypatch)
-    mlp = recipe("mnist", architecture=mlp_architecture(784, [256, 256, 256], 64))
-    conv = recipe("mnist", architecture=conv_architecture(1, 28, [16, 32], 64, 256, reduce=32))
+    mlp = recipe("mnist", architecture=mlp_architecture(784, [256, 256, 256], 64), augment=0)
+    conv = recipe("mnist", architecture=conv_architecture(1, 28, [16, 32], 64, 256, reduce=32), augment=0)
     st.record(mlp)  # an old record: the MLP
     assert st.rows(mlp)["methods"]["smoothing σ=0.25"]["reused"]
     with pytest.raises(ValueError, match=r"architecture .*'aol_linear', 'in': 784.*the same architecture required"):
@@ -231,12 +231,12 @@ def test_smoothing_of_every_base_and_the_best_per_radius(tmp_path, monkeypatch):
     from gmfast.train.layers import mlp_architecture
 
     st = StoredSmoothing(tmp_path, monkeypatch)
-    r = recipe("mnist")
+    r = recipe("mnist", augment=0)  # the records below have no augment field: trained without
     aol = mlp_architecture(784, [256, 256, 256], 64)
     assert r.architecture != aol  # the recipe is Cayley since round 6
-    monkeypatch.setattr(st.bench, "EXTRA_BASES", {"mnist": {"aol": aol}})
-    assert st.bench.smoothing_bases("mnist", r) == [("", r.architecture), ("aol", aol)]
-    assert st.bench.smoothing_bases("mnist", r.replace(architecture=aol)) == [("", aol)]  # no duplicate
+    monkeypatch.setattr(st.bench, "EXTRA_BASES", {"mnist": {"aol": dict(architecture=aol)}})
+    assert st.bench.smoothing_bases("mnist", r) == [("", r), ("aol", r.replace(architecture=aol))]
+    assert st.bench.smoothing_bases("mnist", r.replace(architecture=aol)) == [("", r.replace(architecture=aol))]
     st.record(r, architecture=r.architecture)
     st.tsv("aol", torch.full((len(st.sub),), 0.6))  # the AOL base certifies larger radii here
     st.record(r, tag="aol", architecture=aol)
@@ -252,3 +252,35 @@ def test_smoothing_of_every_base_and_the_best_per_radius(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"AOL base's base model has architecture .*cayley_linear.*the same "
                                          "architecture required"):
         st.rows(r)
+
+
+def test_smoothing_variants_cover_architecture_and_augmentation(tmp_path, monkeypatch):
+    """The benchmark's own variants: on MNIST the AOL base and, for a recipe that augments,
+    both bases without the augmentation too (each variant once, none equal to the recipe),
+    each under its own name and file; a stored record of the no-augmentation variant that
+    was trained with the augmentation is refused."""
+    from gmfast.train.layers import mlp_architecture
+
+    bench = _benchmark()
+    aol = mlp_architecture(784, [256, 256, 256], 64)
+    r = recipe("mnist")
+    tags = {t: (b.architecture == aol, b.augment) for t, b in bench.smoothing_bases("mnist", r.replace(augment=1))}
+    assert tags == {"": (False, 1), "aol": (True, 1), "noaug": (False, 0), "aol_noaug": (True, 0)}
+    tags0 = {t: (b.architecture == aol, b.augment) for t, b in bench.smoothing_bases("mnist", r.replace(augment=0))}
+    assert tags0 == {"": (False, 0), "aol": (True, 0)}  # the no-augmentation variants are these same models
+    assert [t for t, _ in bench.smoothing_bases("digits", recipe("digits"))] == ["", "aol"]
+    assert bench.smoothing_name("aol_noaug", 0.5) == "smoothing σ=0.5, AOL base, no augmentation"
+    assert bench.smoothing_stem("mnist", "aol_noaug", 0.25) == "mnist_smoothing_aol_noaug_sigma0.25"
+
+    st = StoredSmoothing(tmp_path, monkeypatch)
+    monkeypatch.setattr(st.bench, "EXTRA_BASES", {"mnist": {"noaug": dict(augment=0)}})
+    ra = r.replace(augment=1)
+    st.record(ra, architecture=ra.architecture, augment=1)
+    st.tsv("noaug", torch.full((len(st.sub),), 0.6))
+    st.record(ra, tag="noaug", architecture=ra.architecture)  # a record without the field: no augmentation
+    res = st.rows(ra)
+    assert set(res["methods"]) == {"smoothing σ=0.25", "smoothing σ=0.25, no augmentation"}
+    assert res["smoothing_best"] == [float(e <= 0.6) for e in st.bench.RADII["mnist"]]
+    st.record(ra, tag="noaug", architecture=ra.architecture, augment=1)  # the file holds an augmented base
+    with pytest.raises(ValueError, match=r"no augmentation's base model was trained with .*'augment': 1.*augment 0"):
+        st.rows(ra)

@@ -1,0 +1,193 @@
+"""Probe (issue 17, MNIST ε = 0.5): do several prototypes per class certify more?
+
+    python benchmarks/multiproto_probe.py --per-class M [--overrides JSON] --out FILE.json
+
+The recipe's encoder (``gmfast.train.recipe("mnist")``) trained with ``M`` prototypes per
+class instead of one; the classifier is the nearest prototype's class (the hard limit of a
+mixture of ``M`` isotropic Gaussians per class with a shared variance). Its certificate in
+the latent space: with ``P`` the prototypes of the predicted class and ``Q`` all others,
+
+    R(z) = max_{p ∈ P} min_{q ∈ Q} (‖z − q‖² − ‖z − p‖²) / (2‖p − q‖)
+
+(each term is the distance from ``z`` to the bisector of ``p`` and ``q``; inside the ball of
+radius ``R`` some ``p`` of the predicted class stays nearer than every ``q``, so the
+predicted class cannot change; exact for ``M = 1``): the certificate of
+:class:`gmfast.multiproto.MultiPrototypeHead`, which computes it here (rounding included),
+divided by the encoder's sound Lipschitz bound ``L``. Trained with the recipe's offset loss on the margins of the *nearest* own
+prototype against every other-class prototype (for ``M = 1`` exactly the recipe's loss);
+own prototypes start at the ``k``-means centres (``k = M``) of their class's latents under
+the initial encoder, and for the first 80% of the epochs a prototype that is the nearest own
+prototype of no training image of its class restarts, after the epoch, at the latent of its
+class's worst-served training image (the smallest margin).
+
+Validation split only (:func:`gmfast.train.data.validation_split`): this says whether the
+direction is worth building into the library (a new head type, its kernels and tests), not
+a benchmark figure. Every certificate is attacked with PGD (hard classifier, 40 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from gmfast.lipschitz import lipschitz_bound
+from gmfast.train import recipe
+from gmfast.train.data import validation_split
+from gmfast.train.layers import build_encoder
+from gmfast.train.recipe import _lr_at
+
+RADII = (0.0, 0.5, 1.0, 1.58, 2.0)
+
+
+def margins(z, protos, owner, y):
+    """``(B, K·M)`` margins of each row's nearest own prototype against every prototype
+    (``+inf`` on own prototypes), and the index of that nearest own prototype."""
+    d2 = torch.cdist(z, protos) ** 2
+    own = owner[None, :] == y[:, None]
+    pstar = d2.masked_fill(~own, float("inf")).argmin(dim=1)
+    p = protos[pstar]
+    gap = (p[:, None, :] - protos[None, :, :]).norm(dim=-1)
+    r = (d2 - d2.gather(1, pstar[:, None])) / (2 * gap.masked_fill(own, 1.0))
+    return r.masked_fill(own, float("inf")), pstar
+
+
+def as_head(protos, owner):
+    """The trained nearest-prototype classifier as a :class:`gmfast.multiproto.MultiPrototypeHead`
+    (components the prototypes, covariance ``I``, equal priors and weights): its ``certify``
+    is the library's sound best-component radius, the ``R`` of the module docstring with
+    float rounding accounted for."""
+    from gmfast.multiproto import MultiPrototypeHead, _Fit
+
+    P = protos.detach().double()
+    K = int(owner.max()) + 1
+    means = [P[owner == k] for k in range(K)]
+    weights = [torch.full((len(m),), 1.0 / len(m), dtype=torch.float64) for m in means]
+    head = MultiPrototypeHead(n_components=max(len(m) for m in means))
+    head._set(_Fit(means, weights, torch.eye(P.shape[1], dtype=torch.float64)),
+              torch.full((K,), 1.0 / K, dtype=torch.float64), 0.0, [], 0, True)
+    return head
+
+
+def pgd(enc, protos, owner, X, pred, R, steps=40):
+    """Flips found inside ``0.999 R`` by ℓ2 PGD on the hard classifier's score gap."""
+    flips = torch.zeros(len(X), dtype=torch.bool)
+    todo = torch.nonzero(R > 0).flatten()
+    for s in range(0, len(todo), 250):
+        idx = todo[s:s + 250]
+        x0, c, rad = X[idx], pred[idx], 0.999 * R[idx].float()
+        delta = torch.zeros_like(x0, requires_grad=True)
+        own = owner[None, :] == c[:, None]
+        for _ in range(steps + 1):
+            z = enc(x0 + delta)
+            d2 = torch.cdist(z, protos) ** 2
+            with torch.no_grad():  # the check in float64, as the certificate classifies
+                exact = ((z.double()[:, None, :] - protos.double()[None]) ** 2).sum(-1)
+                flips[idx] |= owner[exact.argmin(1)] != c
+            if _ == steps:
+                break
+            gap = (-d2.masked_fill(own, float("inf"))).amax(1) - (-d2.masked_fill(~own, float("inf"))).amax(1)
+            g, = torch.autograd.grad(gap.sum(), delta)
+            with torch.no_grad():
+                gn = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
+                delta += (2.5 * rad / steps).view(-1, *[1] * (g.dim() - 1)) * g / gn
+                dn = delta.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1))
+                delta *= torch.clamp(rad.view_as(dn) / dn.clamp_min(1e-12), max=1.0)
+    return flips
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-class", type=int, required=True)
+    ap.add_argument("--overrides", default="{}")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    r = recipe("mnist", **json.loads(args.overrides))
+    M, K = args.per_class, r.classes
+    Xfit, yfit, Xval, yval = validation_split("mnist")
+    torch.manual_seed(r.seed)
+    g = torch.Generator().manual_seed(r.seed)
+    enc = build_encoder(r.architecture)
+    with torch.no_grad():
+        enc.eval()
+        init = []
+        for k in range(K):
+            zk = enc(Xfit[yfit == k])
+            c = zk[torch.randperm(len(zk), generator=g)[:M]].clone()
+            for _ in range(20):  # Lloyd's k-means on the class's initial latents
+                a = torch.cdist(zk, c).argmin(1)
+                for m in range(M):
+                    if (a == m).any():
+                        c[m] = zk[a == m].mean(0)
+            init.append(c)
+    protos = torch.nn.Parameter(torch.cat(init))
+    owner = torch.arange(K).repeat_interleave(M)
+    opt = torch.optim.Adam(list(enc.parameters()) + [protos], lr=r.lr)
+    n, bs = len(Xfit), r.batch_size
+    total, step, t0 = r.epochs * math.ceil(n / bs), 0, time.perf_counter()
+    for epoch in range(r.epochs):
+        enc.train()
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, bs):
+            idx = perm[i:i + bs]
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, total, r.lr)
+            rj, _ = margins(enc(Xfit[idx]), protos, owner, yfit[idx])
+            others = (-r.temperature * (rj - r.target)).masked_fill(torch.isinf(rj), float("-inf"))
+            zero = torch.zeros_like(others[:, :1])
+            loss = torch.logsumexp(torch.cat([zero, others], 1), 1).mean() / r.temperature
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        with torch.no_grad():
+            enc.eval()
+            zf = torch.cat([enc(Xfit[i:i + 500]) for i in range(0, n, 500)])
+            rf, pstar = margins(zf, protos, owner, yfit)
+            used = torch.bincount(pstar, minlength=K * M) > 0
+            if epoch < 0.8 * r.epochs:  # a prototype no sample of its class is nearest to restarts
+                worst = rf.amin(1)      # at the latent of its class's worst-served training sample
+                for j in torch.nonzero(~used).flatten().tolist():
+                    cls = torch.nonzero(yfit == owner[j]).flatten()
+                    pick = cls[worst[cls].argmin()]
+                    protos[j] = zf[pick]
+                    worst[pick] = float("inf")
+            used = int(used.sum())
+        if epoch % 20 == 19 or epoch == 0:
+            print(f"epoch {epoch + 1}: loss {loss.item():.4f}, prototypes used on the fit split {used}/{K * M} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    seconds = time.perf_counter() - t0
+    enc.eval()
+    L = float(lipschitz_bound(enc, r.input_shape, cache=False))
+    P = protos.detach()
+    head = as_head(P, owner)
+    out = {}
+    for name, X, y in (("validation", Xval, yval), ("fit", Xfit, yfit)):
+        with torch.no_grad():
+            z = torch.cat([enc(X[i:i + 500]) for i in range(0, len(X), 500)])
+        cert = head.certify(z.double())
+        pred, R = cert.prediction, cert.radius / (L * (1 + 1e-12))
+        ca = [float(((pred == y) & (R >= e) if e > 0 else (pred == y)).double().mean()) for e in RADII]
+        row = dict(certified_accuracy=ca)
+        if name == "validation":
+            row["pgd_flips"] = int(pgd(enc, P, owner, X, pred, R).sum())
+            used = torch.bincount(torch.cdist(z, P).argmin(1), minlength=K * M)
+            row["prototypes_used"] = int((used > 0).sum())
+        out[name] = row
+        print(f"M={M} {name}: CA " + " / ".join(f"{100 * a:.1f}" for a in ca) + f" at r = {RADII}"
+              + (f"; PGD flips {row['pgd_flips']}/{len(X)}; prototypes used {row['prototypes_used']}/{K * M}"
+                 if name == "validation" else ""), flush=True)
+    rec = dict(per_class=M, overrides=json.loads(args.overrides), lipschitz_bound=L, seconds=seconds, radii=RADII,
+               **out)
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
