@@ -20,6 +20,10 @@ the initial encoder, and for the first 80% of the epochs a prototype that is the
 prototype of no training image of its class restarts, after the epoch, at the latent of its
 class's worst-served training image (the smallest margin).
 
+The recipe's random shifts (``augment``) are applied as :func:`gmfast.train.train` applies
+them (the stored runs pass ``{"augment": 0}``: they predate the shifts); other training
+options of the recipe are refused, not ignored.
+
 Validation split only (:func:`gmfast.train.data.validation_split`): this says whether the
 direction is worth building into the library (a new head type, its kernels and tests), not
 a benchmark figure. Every certificate is attacked with PGD (hard classifier, 40 steps).
@@ -39,7 +43,7 @@ from gmfast.lipschitz import lipschitz_bound
 from gmfast.train import recipe
 from gmfast.train.data import validation_split
 from gmfast.train.layers import build_encoder
-from gmfast.train.recipe import _lr_at
+from gmfast.train.recipe import _lr_at, translate
 
 RADII = (0.0, 0.5, 1.0, 1.58, 2.0)
 
@@ -108,6 +112,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     r = recipe("mnist", **json.loads(args.overrides))
+    unsupported = {k: getattr(r, k) for k in ("noise", "ema", "clean_weight", "target_warmup", "weight_decay")
+                   if getattr(r, k)} | ({"covariance": r.covariance} if r.covariance != "isotropic" else {})
+    if r.loss != "margin" or unsupported:
+        raise ValueError(f"the probe trains the margin loss with isotropic prototypes, shifts (augment) and nothing "
+                         f"else; the recipe has loss {r.loss!r} and {unsupported}")
     M, K = args.per_class, r.classes
     Xfit, yfit, Xval, yval = validation_split("mnist")
     torch.manual_seed(r.seed)
@@ -137,7 +146,8 @@ def main(argv=None):
             idx = perm[i:i + bs]
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, r.lr)
-            rj, _ = margins(enc(Xfit[idx]), protos, owner, yfit[idx])
+            xb = translate(Xfit[idx], r.augment, g) if r.augment else Xfit[idx]
+            rj, _ = margins(enc(xb), protos, owner, yfit[idx])
             others = (-r.temperature * (rj - r.target)).masked_fill(torch.isinf(rj), float("-inf"))
             zero = torch.zeros_like(others[:, :1])
             loss = torch.logsumexp(torch.cat([zero, others], 1), 1).mean() / r.temperature

@@ -56,7 +56,7 @@ def test_command_line_end_to_end(tmp_path):
     probe = _probe()
     from gmfast.train.layers import mlp_architecture
 
-    over = dict(architecture=mlp_architecture(784, [16], 8, "cayley_linear"), latent=8, epochs=1, augment=0)
+    over = dict(architecture=mlp_architecture(784, [16], 8, "cayley_linear"), latent=8, epochs=1)  # shifts on
     out = tmp_path / "probe.json"
     assert probe.main(["--per-class", "2", "--overrides", json.dumps(over), "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
@@ -64,3 +64,9 @@ def test_command_line_end_to_end(tmp_path):
     for split in ("validation", "fit"):
         ca = rec[split]["certified_accuracy"]
         assert all(a >= b for a, b in zip(ca, ca[1:])) and ca[0] > 0.3  # one epoch is far above chance
+
+
+def test_command_line_refuses_options_it_does_not_train_with(tmp_path):
+    probe = _probe()
+    with pytest.raises(ValueError, match=r"the recipe has loss 'margin' and \{'noise': 0.25\}"):
+        probe.main(["--per-class", "2", "--overrides", '{"noise": 0.25}', "--out", str(tmp_path / "x.json")])
