@@ -39,10 +39,12 @@ import time
 
 import torch
 
+import gmfast
 from gmfast.lipschitz import lipschitz_bound
 from gmfast.train import recipe
 from gmfast.train.data import validation_split
 from gmfast.train.layers import build_encoder
+from gmfast.train.loss import margin_loss
 from gmfast.train.recipe import _lr_at, translate
 
 RADII = (0.0, 0.5, 1.0, 1.58, 2.0)
@@ -148,9 +150,7 @@ def main(argv=None):
                 group["lr"] = _lr_at(step, total, r.lr)
             xb = translate(Xfit[idx], r.augment, g) if r.augment else Xfit[idx]
             rj, _ = margins(enc(xb), protos, owner, yfit[idx])
-            others = (-r.temperature * (rj - r.target)).masked_fill(torch.isinf(rj), float("-inf"))
-            zero = torch.zeros_like(others[:, :1])
-            loss = torch.logsumexp(torch.cat([zero, others], 1), 1).mean() / r.temperature
+            loss = margin_loss(rj, r.target, r.temperature)  # the recipe's offset loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -181,8 +181,9 @@ def main(argv=None):
         with torch.no_grad():
             z = torch.cat([enc(X[i:i + 500]) for i in range(0, len(X), 500)])
         cert = head.certify(z.double())
+        # input radius R/L, deflated far beyond the float64 division's rounding
         pred, R = cert.prediction, cert.radius / (L * (1 + 1e-12))
-        ca = [float(((pred == y) & (R >= e) if e > 0 else (pred == y)).double().mean()) for e in RADII]
+        ca = gmfast.certified_accuracy((pred, R), y, RADII).tolist()
         row = dict(certified_accuracy=ca)
         if name == "validation":
             row["pgd_flips"] = int(pgd(enc, P, owner, X, pred, R).sum())
