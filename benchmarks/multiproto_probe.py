@@ -26,7 +26,8 @@ options of the recipe are refused, not ignored.
 
 Validation split only (:func:`gmfast.train.data.validation_split`): this says whether the
 direction is worth building into the library (a new head type, its kernels and tests), not
-a benchmark figure. Every certificate is attacked with PGD (hard classifier, 40 steps).
+a benchmark figure. Every certificate is attacked by :func:`gmfast.train.attack.pgd_flips` (40
+steps, 3 restarts; ascent on the head's class log-joint, flips judged by its decision rule).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch
 import gmfast
 from gmfast.lipschitz import lipschitz_bound
 from gmfast.train import recipe
+from gmfast.train.attack import pgd_flips
 from gmfast.train.data import validation_split
 from gmfast.train.layers import build_encoder
 from gmfast.train.loss import margin_loss
@@ -77,33 +79,6 @@ def as_head(protos, owner):
     head._set(_Fit(means, weights, torch.eye(P.shape[1], dtype=torch.float64)),
               torch.full((K,), 1.0 / K, dtype=torch.float64), 0.0, [], 0, True)
     return head
-
-
-def pgd(enc, protos, owner, X, pred, R, steps=40):
-    """Flips found inside ``0.999 R`` by ℓ2 PGD on the hard classifier's score gap."""
-    flips = torch.zeros(len(X), dtype=torch.bool)
-    todo = torch.nonzero(R > 0).flatten()
-    for s in range(0, len(todo), 250):
-        idx = todo[s:s + 250]
-        x0, c, rad = X[idx], pred[idx], 0.999 * R[idx].float()
-        delta = torch.zeros_like(x0, requires_grad=True)
-        own = owner[None, :] == c[:, None]
-        for _ in range(steps + 1):
-            z = enc(x0 + delta)
-            d2 = torch.cdist(z, protos) ** 2
-            with torch.no_grad():  # the check in float64, as the certificate classifies
-                exact = ((z.double()[:, None, :] - protos.double()[None]) ** 2).sum(-1)
-                flips[idx] |= owner[exact.argmin(1)] != c
-            if _ == steps:
-                break
-            gap = (-d2.masked_fill(own, float("inf"))).amax(1) - (-d2.masked_fill(~own, float("inf"))).amax(1)
-            g, = torch.autograd.grad(gap.sum(), delta)
-            with torch.no_grad():
-                gn = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
-                delta += (2.5 * rad / steps).view(-1, *[1] * (g.dim() - 1)) * g / gn
-                dn = delta.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1))
-                delta *= torch.clamp(rad.view_as(dn) / dn.clamp_min(1e-12), max=1.0)
-    return flips
 
 
 def main(argv=None):
@@ -186,7 +161,7 @@ def main(argv=None):
         ca = gmfast.certified_accuracy((pred, R), y, RADII).tolist()
         row = dict(certified_accuracy=ca)
         if name == "validation":
-            row["pgd_flips"] = int(pgd(enc, P, owner, X, pred, R).sum())
+            row["pgd_flips"] = int(pgd_flips(enc, head, X, pred, R, steps=40, restarts=3).sum())
             used = torch.bincount(torch.cdist(z, P).argmin(1), minlength=K * M)
             row["prototypes_used"] = int((used > 0).sum())
         out[name] = row
